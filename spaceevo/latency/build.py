@@ -1,0 +1,94 @@
+"""Building a device's latency table for a hyperspace, and calibrating its predictor."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
+from spaceevo.latency.fingerprint import DeviceFingerprint
+from spaceevo.latency.predictor import Calibration, CalibrationSample, LatencyPredictor
+from spaceevo.latency.segments import required_segments
+from spaceevo.latency.table import LatencyTable, measure_segments
+from spaceevo.space import Architecture, CandidateSpace, Hyperspace
+
+CALIBRATION_SEED = 0
+CALIBRATION_GROUP = 4
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    table_path: str
+    hyperspace: str
+    segments_required: int
+    segments_measured_now: int
+    calibration_samples: int
+    seconds: float
+
+
+def sample_architectures(
+    space: Hyperspace | CandidateSpace, count: int, seed: int
+) -> list[Architecture]:
+    """``count`` random subnets: of a candidate space, or of random candidate spaces of a hyperspace."""
+    rng = random.Random(seed)
+    archs = []
+    for _ in range(count):
+        candidate = space if isinstance(space, CandidateSpace) else space.random_candidate_space(rng)
+        archs.append(candidate.resolve(candidate.random_subnet(rng)))
+    return archs
+
+
+def build_latency_table(
+    hyperspace: Hyperspace,
+    fingerprint: DeviceFingerprint,
+    root: Path,
+    *,
+    workers: int = 2,
+    calibration_samples: int = 30,
+    show_progress: bool = True,
+) -> tuple[LatencyPredictor, BuildReport]:
+    """Measure every missing segment of ``hyperspace`` and calibrate; resumable at every step."""
+    start = time.perf_counter()
+    table = LatencyTable.open(root, fingerprint, create=True)
+    required = required_segments(hyperspace)
+    missing = table.missing(required)
+    with tqdm(total=len(required), initial=len(required) - len(missing), desc="segments", unit="seg",
+              disable=not show_progress, dynamic_ncols=True) as bar:
+        measure_segments(table, missing, workers=workers, progress=bar.update)
+    table.compact()
+
+    path = Calibration.path_for(table, hyperspace)
+    calibration = Calibration.load(path) if path.exists() else Calibration(hyperspace=hyperspace.name)
+    predictor = LatencyPredictor(table, calibration)
+    done = {(s.space, s.subnet) for s in calibration.samples}
+    archs = [
+        a for a in sample_architectures(hyperspace, calibration_samples, CALIBRATION_SEED)
+        if (a.space.encoding, a.subnet.encode()) not in done
+    ]
+    with tqdm(total=calibration_samples, initial=calibration_samples - len(archs), desc="calibration",
+              unit="subnet", disable=not show_progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(archs), CALIBRATION_GROUP):
+            group = archs[i : i + CALIBRATION_GROUP]
+            stats = measure_models([subnet_models(a, fingerprint).int8 for a in group], fingerprint, WHOLE_MEASURE)
+            for arch, st in zip(group, stats):
+                total, cuts, elements = predictor.segment_features(arch)
+                calibration.samples.append(
+                    CalibrationSample(arch.space.encoding, arch.subnet.encode(), st.median_ms, total, cuts, elements)
+                )
+            calibration.save(path)
+            bar.update(len(group))
+    calibration.fit()
+    calibration.save(path)
+    report = BuildReport(
+        table_path=str(table.path),
+        hyperspace=hyperspace.name,
+        segments_required=len(required),
+        segments_measured_now=len(missing),
+        calibration_samples=len(calibration.samples),
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    return predictor, report

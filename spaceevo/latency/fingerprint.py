@@ -1,0 +1,118 @@
+"""Device fingerprint: what a latency figure is only valid for.
+
+A latency table, a search result or an exported model records the fingerprint it was measured on;
+a table from another fingerprint is never used silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from spaceevo.errors import UsageError
+
+ISA_FLAGS = {
+    "avx2": "avx2",
+    "avx512f": "avx512",
+    "avx512_vnni": "avx512_vnni",
+    "avx_vnni": "avx_vnni",
+    "amx_int8": "amx_int8",
+    "asimd": "neon",
+    "asimddp": "neon_dotprod",
+    "i8mm": "neon_i8mm",
+}
+DEVICES = {"cpu": "CPUExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class DeviceFingerprint:
+    """CPU model, ISA flags, ONNX Runtime version, execution provider and thread count."""
+
+    cpu_model: str
+    isa: tuple[str, ...]
+    machine: str
+    ort_version: str
+    provider: str
+    threads: int
+
+    @property
+    def has_vnni(self) -> bool:
+        return any(f in self.isa for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+    @property
+    def reduce_range(self) -> bool:
+        """7-bit weights on x86 without VNNI (AVX2, AVX-512 without VNNI), per ONNX Runtime's advice."""
+        return self.machine in ("x86_64", "AMD64") and not self.has_vnni
+
+    @property
+    def slug(self) -> str:
+        """Folder name: readable prefix plus a hash of every field."""
+        cpu = re.sub(r"[^a-z0-9]+", "-", self.cpu_model.lower()).strip("-")[:32] or "cpu"
+        isa = "-".join(self.isa) or "noisa"
+        digest = hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:8]
+        return f"{cpu}_{isa}_ort{self.ort_version}_t{self.threads}_{digest}"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["isa"] = list(self.isa)
+        data["slug"] = self.slug
+        data["reduce_range"] = self.reduce_range
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeviceFingerprint":
+        return cls(
+            cpu_model=data["cpu_model"],
+            isa=tuple(data["isa"]),
+            machine=data["machine"],
+            ort_version=data["ort_version"],
+            provider=data["provider"],
+            threads=int(data["threads"]),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.cpu_model} [{', '.join(self.isa) or 'no SIMD flags'}], ONNX Runtime "
+            f"{self.ort_version} {self.provider}, {self.threads} thread(s), "
+            f"reduce_range={self.reduce_range}"
+        )
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "hardware", "cpu model") and value.strip():
+                model = value.strip()
+            elif key in ("flags", "features"):
+                flags.update(value.split())
+    return model, flags
+
+
+def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerprint:
+    """Fingerprint of this host for ``device`` (``cpu`` = ONNX Runtime's CPU execution provider)."""
+    if device not in DEVICES:
+        raise UsageError(f"unknown device '{device}'; allowed: {', '.join(DEVICES)}")
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    provider = DEVICES[device]
+    if provider not in ort.get_available_providers():
+        raise UsageError(f"ONNX Runtime here has no {provider}; available: {ort.get_available_providers()}")
+    model, flags = _cpu_info()
+    isa = tuple(sorted({name for flag, name in ISA_FLAGS.items() if flag in flags}))
+    return DeviceFingerprint(
+        cpu_model=model,
+        isa=isa,
+        machine=platform.machine(),
+        ort_version=ort.__version__,
+        provider=provider,
+        threads=threads,
+    )

@@ -1,0 +1,146 @@
+"""Subnet latency prediction from a segment table plus a fitted boundary-cost model.
+
+Summing stand-alone segment latencies over-predicts a whole INT8 network: every cut adds what a
+whole network does not pay (a layout transpose pair on the uint8 tensor at the cut and one session
+call). The predictor removes it with a model fitted on whole subnets measured end to end:
+
+    predicted_ms = Σ segment_ms − Σ_cuts (per_cut_ms + per_element_ms · elements_at_cut) + intercept_ms
+
+The fit is least squares on relative error over calibration subnets (a seed disjoint from the one
+``spaceevo latency validate`` uses), stored next to the table with the samples it was fitted on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spaceevo.errors import ArtifactError
+from spaceevo.io import atomic_write_text
+from spaceevo.latency.segments import network_segments
+from spaceevo.latency.table import LatencyTable
+from spaceevo.space import Architecture, Hyperspace
+
+
+@dataclass(frozen=True)
+class BoundaryModel:
+    """Cost a cut between two segments adds when they are timed stand-alone."""
+
+    per_cut_ms: float = 0.0
+    per_element_ms: float = 0.0
+    intercept_ms: float = 0.0
+
+    def correction_ms(self, cuts: int, cut_elements: int) -> float:
+        return self.intercept_ms - self.per_cut_ms * cuts - self.per_element_ms * cut_elements
+
+
+@dataclass
+class CalibrationSample:
+    space: str
+    subnet: str
+    measured_ms: float
+    segments_ms: float
+    cuts: int
+    cut_elements: int
+
+
+@dataclass
+class Calibration:
+    """Whole-subnet measurements of one hyperspace and the boundary model fitted on them."""
+
+    hyperspace: str
+    samples: list[CalibrationSample] = field(default_factory=list)
+    model: BoundaryModel = field(default_factory=BoundaryModel)
+
+    @staticmethod
+    def path_for(table: LatencyTable, hyperspace: Hyperspace) -> Path:
+        return table.folder / f"calibration-{hyperspace.name}.json"
+
+    @classmethod
+    def load(cls, path: Path) -> "Calibration":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(
+                hyperspace=data["hyperspace"],
+                samples=[CalibrationSample(**s) for s in data["samples"]],
+                model=BoundaryModel(**data["model"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ArtifactError(f"{path}: unreadable calibration ({error})") from None
+
+    def save(self, path: Path) -> None:
+        data = {
+            "hyperspace": self.hyperspace,
+            "model": asdict(self.model),
+            "samples": [asdict(s) for s in self.samples],
+        }
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+    def fit(self) -> BoundaryModel:
+        """Least squares on relative error: measured ≈ segments + intercept − a·cuts − b·elements."""
+        if len(self.samples) < 3:
+            self.model = BoundaryModel()
+            return self.model
+        measured = np.array([s.measured_ms for s in self.samples])
+        residual = measured - np.array([s.segments_ms for s in self.samples])
+        design = np.column_stack(
+            [
+                np.ones(len(self.samples)),
+                -np.array([s.cuts for s in self.samples], dtype=float),
+                -np.array([s.cut_elements for s in self.samples], dtype=float),
+            ]
+        )
+        weights = 1.0 / measured
+        coef, *_ = np.linalg.lstsq(design * weights[:, None], residual * weights, rcond=None)
+        self.model = BoundaryModel(intercept_ms=float(coef[0]), per_cut_ms=float(coef[1]), per_element_ms=float(coef[2]))
+        return self.model
+
+
+@dataclass(frozen=True)
+class Prediction:
+    int8_ms: float
+    segments_ms: float
+    cuts: int
+    cut_elements: int
+
+
+class LatencyPredictor:
+    """Predicts INT8 latency of subnets of one hyperspace on the table's device."""
+
+    def __init__(self, table: LatencyTable, calibration: Calibration):
+        self.table = table
+        self.calibration = calibration
+
+    @classmethod
+    def load(cls, table: LatencyTable, hyperspace: Hyperspace) -> "LatencyPredictor":
+        path = Calibration.path_for(table, hyperspace)
+        if not path.exists():
+            raise ArtifactError(
+                f"the latency table at {table.folder} is not calibrated for '{hyperspace.name}'; "
+                f"run 'spaceevo latency build --space {hyperspace.name} --device cpu'"
+            )
+        return cls(table, Calibration.load(path))
+
+    def segment_features(self, arch: Architecture) -> tuple[float, int, int]:
+        """Sum of segment latencies, number of cuts, and uint8 elements crossing the cuts."""
+        segments = network_segments(arch)
+        missing = [s.key for s in segments if s.key not in self.table]
+        if missing:
+            raise ArtifactError(
+                f"the latency table at {self.table.folder} lacks {len(missing)} segment(s) of this subnet "
+                f"(e.g. {missing[0]}); run 'spaceevo latency build --space {arch.space.hyperspace.name} --device cpu'"
+            )
+        total = sum(self.table.ms(s.key) for s in segments)
+        cut_elements = sum(s.output_elements for s in segments[:-1])
+        return total, len(segments) - 1, cut_elements
+
+    def predict(self, arch: Architecture) -> Prediction:
+        total, cuts, elements = self.segment_features(arch)
+        corrected = total + self.calibration.model.correction_ms(cuts, elements)
+        return Prediction(int8_ms=max(corrected, 1e-6), segments_ms=total, cuts=cuts, cut_elements=elements)
+
+    def predict_ms(self, arch: Architecture) -> float:
+        return self.predict(arch).int8_ms
