@@ -1,0 +1,1 @@
+"""Quantization: ONNX export of FP32 and INT8 (QDQ) models."""
