@@ -467,7 +467,7 @@ class CandidateSpace:
             specs = []
             for position, choice in enumerate(blocks):
                 stride = stage.stride if position == 0 else 1
-                shortcut = _shortcut(stage.block_type, position, in_channels, choice.width, stride)
+                shortcut = shortcut_kind(stage.block_type, position, in_channels, choice.width, stride)
                 spec = BlockSpec(
                     block_type=stage.block_type.name,
                     in_channels=in_channels,
@@ -495,7 +495,7 @@ class CandidateSpace:
         )
 
 
-def _shortcut(block: BlockTypeSpec, position: int, in_channels: int, out_channels: int, stride: int) -> str:
+def shortcut_kind(block: BlockTypeSpec, position: int, in_channels: int, out_channels: int, stride: int) -> str:
     """Residual rule: none for plain convs and for the first inverted-residual block of a stage;
     ResNet blocks always have one (projected where shapes differ); later blocks add their input,
     through a 1x1 projection when the width changes inside the stage."""

@@ -28,8 +28,8 @@ from spaceevo.space import (
     Hyperspace,
     conv_output_size,
     format_number,
+    shortcut_kind,
 )
-from spaceevo.space import _shortcut as shortcut_rule
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def required_segments(hyperspace: Hyperspace) -> list[Segment]:
                         se=block_type.se,
                         expand_of=block_type.expand_of,
                         input_size=in_size,
-                        shortcut=shortcut_rule(block_type, 0 if first_in_stage else 1, cin, cout, stride),
+                        shortcut=shortcut_kind(block_type, 0 if first_in_stage else 1, cin, cout, stride),
                     )
                     segment = Segment(
                         in_channels=cin, input_size=in_size, first=is_first_stage and first_in_stage, block=spec

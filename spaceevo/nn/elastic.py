@@ -1,0 +1,415 @@
+"""Elastic (weight-sharing) layers and blocks of the supernet.
+
+Every elastic layer allocates its weights once, at the largest size any subnet of the candidate
+space can ask for, and a subnet uses *leading slices* of them: the first ``c`` input/output channels
+and the centred ``k x k`` crop of the largest kernel (as in Once-for-All). Sharing the leading slices
+is what lets one training run serve every subnet.
+
+Each elastic piece can hand back its static twin (``to_static``) with *copied* weight slices, so a
+subnet extracted from the supernet is a plain :mod:`spaceevo.nn.static` network that computes exactly
+what the supernet computed on that path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import Conv2dNormActivation
+
+from spaceevo.nn.layers import activation
+from spaceevo.nn.static import Block, Head, SqueezeExcite, conv_bn, se_channels
+from spaceevo.space import BlockSpec, BlockTypeSpec, HeadSpec, StageChoices, shortcut_kind
+
+
+def _copy(target: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``target``'s own storage (strict: names and shapes must match)."""
+    target.load_state_dict(tensors, strict=True)
+
+
+class ElasticConv2d(nn.Module):
+    """A conv whose active input/output channels and kernel are chosen per call.
+
+    The weight is ``(max_out, max_in, K, K)`` (``(max_channels, 1, K, K)`` when depthwise); a call uses
+    ``weight[:out, :in]`` cropped to the centred ``k x k`` window, with 'same' padding ``k // 2``.
+    A depthwise conv has as many groups as active channels, so its output width is its input width.
+    """
+
+    def __init__(
+        self,
+        max_in_channels: int,
+        max_out_channels: int,
+        max_kernel: int = 1,
+        stride: int = 1,
+        depthwise: bool = False,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if depthwise and max_in_channels != max_out_channels:
+            raise ValueError("a depthwise conv needs as many input as output channels")
+        if max_kernel % 2 == 0:
+            raise ValueError(f"kernel sizes must be odd, got {max_kernel}")
+        self.max_in_channels = max_in_channels
+        self.max_out_channels = max_out_channels
+        self.max_kernel = max_kernel
+        self.stride = stride
+        self.depthwise = depthwise
+        in_per_group = 1 if depthwise else max_in_channels
+        self.weight = nn.Parameter(torch.empty(max_out_channels, in_per_group, max_kernel, max_kernel))
+        self.bias = nn.Parameter(torch.empty(max_out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise like :class:`torch.nn.Conv2d` of the largest size."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def weight_slice(self, in_channels: int, out_channels: int, kernel: int) -> torch.Tensor:
+        """The active weight: leading channels, centred kernel crop (a view, not a copy)."""
+        if self.depthwise and in_channels != out_channels:
+            raise ValueError(f"depthwise conv: {in_channels} input channels but {out_channels} output channels")
+        if in_channels > self.max_in_channels or out_channels > self.max_out_channels or kernel > self.max_kernel:
+            raise ValueError(
+                f"active conv ({in_channels}->{out_channels}, k{kernel}) exceeds the allocated "
+                f"{self.max_in_channels}->{self.max_out_channels}, k{self.max_kernel}"
+            )
+        start = (self.max_kernel - kernel) // 2
+        weight = self.weight[:out_channels] if self.depthwise else self.weight[:out_channels, :in_channels]
+        return weight[:, :, start : start + kernel, start : start + kernel]
+
+    def bias_slice(self, out_channels: int) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[:out_channels]
+
+    def forward(self, x: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
+        in_channels = x.shape[1]
+        return F.conv2d(
+            x,
+            self.weight_slice(in_channels, out_channels, kernel),
+            self.bias_slice(out_channels),
+            stride=self.stride,
+            padding=kernel // 2,
+            groups=in_channels if self.depthwise else 1,
+        )
+
+    def to_static(self, in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
+        """A plain :class:`torch.nn.Conv2d` holding copies of the active weight slices."""
+        conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel,
+            stride=self.stride,
+            padding=kernel // 2,
+            groups=in_channels if self.depthwise else 1,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        tensors = {"weight": self.weight_slice(in_channels, out_channels, kernel)}
+        if self.bias is not None:
+            tensors["bias"] = self.bias_slice(out_channels)
+        _copy(conv, tensors)
+        return conv
+
+    def extra_repr(self) -> str:
+        kind = ", depthwise" if self.depthwise else ""
+        return (
+            f"max {self.max_in_channels}->{self.max_out_channels}, max_kernel={self.max_kernel}, "
+            f"stride={self.stride}{kind}, bias={self.bias is not None}"
+        )
+
+
+class ElasticBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the leading ``C`` channels of its largest-size parameters and statistics.
+
+    It is a :class:`torch.nn.BatchNorm2d` (of the largest width), so code that resets or recalibrates
+    BN statistics finds it. In training mode only the active slice of the running statistics moves:
+    the slices handed to :func:`torch.nn.functional.batch_norm` are views that it updates in place.
+    """
+
+    def __init__(self, max_channels: int, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(max_channels, eps=eps, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        factor = 0.0
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return F.batch_norm(
+            x,
+            self.running_mean[:channels],
+            self.running_var[:channels],
+            self.weight[:channels],
+            self.bias[:channels],
+            training=self.training,
+            momentum=factor,
+            eps=self.eps,
+        )
+
+    def to_static(self, channels: int) -> nn.BatchNorm2d:
+        """A plain :class:`torch.nn.BatchNorm2d` holding copies of the active slices."""
+        bn = nn.BatchNorm2d(
+            channels, eps=self.eps, momentum=self.momentum, device=self.weight.device, dtype=self.weight.dtype
+        )
+        _copy(
+            bn,
+            {
+                "weight": self.weight[:channels],
+                "bias": self.bias[:channels],
+                "running_mean": self.running_mean[:channels],
+                "running_var": self.running_var[:channels],
+                "num_batches_tracked": self.num_batches_tracked,
+            },
+        )
+        return bn
+
+
+class ElasticConvBN(nn.Module):
+    """Elastic conv (no bias) + elastic BatchNorm + optional activation, the twin of :func:`conv_bn`."""
+
+    def __init__(
+        self,
+        max_in_channels: int,
+        max_out_channels: int,
+        max_kernel: int = 1,
+        stride: int = 1,
+        depthwise: bool = False,
+        act: str = "none",
+    ):
+        super().__init__()
+        self.conv = ElasticConv2d(max_in_channels, max_out_channels, max_kernel, stride, depthwise)
+        self.bn = ElasticBatchNorm2d(max_out_channels)
+        self.act_name = act
+        self.act = None if act == "none" else activation(act)
+
+    def forward(self, x: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
+        x = self.bn(self.conv(x, out_channels, kernel))
+        return x if self.act is None else self.act(x)
+
+    def to_static(self, in_channels: int, out_channels: int, kernel: int) -> Conv2dNormActivation:
+        """The :func:`conv_bn` layer of this active configuration, weights copied."""
+        groups = in_channels if self.conv.depthwise else 1
+        static = conv_bn(in_channels, out_channels, kernel, self.conv.stride, groups=groups, act=self.act_name)
+        static.to(device=self.conv.weight.device, dtype=self.conv.weight.dtype)
+        static[0].load_state_dict(self.conv.to_static(in_channels, out_channels, kernel).state_dict())
+        static[1].load_state_dict(self.bn.to_static(out_channels).state_dict())
+        static[1].momentum = self.bn.momentum
+        return static
+
+
+class ElasticSqueezeExcite(nn.Module):
+    """The SE gate of :class:`SqueezeExcite` on a variable width: squeeze to ``se_channels(C)``."""
+
+    def __init__(self, max_channels: int, max_squeeze: int):
+        super().__init__()
+        self.reduce = ElasticConv2d(max_channels, max_squeeze, bias=True)
+        self.act = nn.ReLU(inplace=True)
+        self.expand = ElasticConv2d(max_squeeze, max_channels, bias=True)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        scale = self.reduce(F.adaptive_avg_pool2d(x, 1), se_channels(channels), 1)
+        scale = self.gate(self.expand(self.act(scale), channels, 1))
+        return x * scale
+
+    def to_static(self, channels: int) -> SqueezeExcite:
+        """A :class:`SqueezeExcite` on ``channels`` with the active slices copied."""
+        squeeze = se_channels(channels)
+        se = SqueezeExcite(channels, squeeze).to(device=self.reduce.weight.device, dtype=self.reduce.weight.dtype)
+        se.reduce.load_state_dict(self.reduce.to_static(channels, squeeze, 1).state_dict())
+        se.expand.load_state_dict(self.expand.to_static(squeeze, channels, 1).state_dict())
+        return se
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One layer of a block's body: which widths (``in``/``mid``/``out``) it maps, whether it uses
+    the block's kernel (else 1x1), strides, is depthwise, is activated, or is the SE gate."""
+
+    cin: str
+    cout: str
+    spatial: bool = False
+    strided: bool = False
+    depthwise: bool = False
+    act: bool = False
+    se: bool = False
+
+
+def _body_plan(block_type: str, se: bool) -> list[_Layer]:
+    """The body of each block type, layer by layer, in the order of ``static._body_layers``."""
+    if block_type == "conv":
+        return [_Layer("in", "out", spatial=True, strided=True, act=True)]
+    if block_type == "mbv1_dual":
+        return [
+            _Layer("in", "in", spatial=True, strided=True, depthwise=True, act=True),
+            _Layer("in", "out", act=True),
+            _Layer("out", "out", spatial=True, depthwise=True, act=True),
+            _Layer("out", "out", act=True),
+        ]
+    if block_type in ("mbv2", "mbv3_se"):
+        layers = [
+            _Layer("in", "mid", act=True),
+            _Layer("mid", "mid", spatial=True, strided=True, depthwise=True, act=True),
+        ]
+        if se:
+            layers.append(_Layer("mid", "mid", se=True))
+        return layers + [_Layer("mid", "out")]
+    if block_type in ("resnet", "resnet_se"):
+        layers = [
+            _Layer("in", "mid", act=True),
+            _Layer("mid", "mid", spatial=True, strided=True, act=True),
+            _Layer("mid", "out"),
+        ]
+        if se:
+            layers.append(_Layer("out", "out", se=True))
+        return layers
+    if block_type == "fused_mbconv":
+        return [_Layer("in", "mid", spatial=True, strided=True, act=True), _Layer("mid", "out")]
+    raise ValueError(f"unknown block type {block_type!r}")
+
+
+def _mid_channels(block: BlockTypeSpec, in_channels: int, out_channels: int, expand: float) -> int:
+    """Hidden width of a block with these widths, by :attr:`BlockSpec.mid_channels` itself."""
+    spec = BlockSpec(
+        block.name, in_channels, out_channels, 1, expand, 1, block.activation, block.se, block.expand_of, 1, "none"
+    )
+    return spec.mid_channels
+
+
+class ElasticBlock(nn.Module):
+    """The elastic twin of a static :class:`Block` at one position of one stage.
+
+    It holds weights for the largest configuration it can meet: every input width in ``in_widths``
+    (the previous stage's widths for a stage's first block, the stage's own widths afterwards), every
+    output width, kernel and expand ratio of ``choices``. A 1x1 projection shortcut exists when some
+    configuration needs one and runs only when the active :class:`BlockSpec` asks for it.
+    """
+
+    def __init__(self, choices: StageChoices, position: int, in_widths: Sequence[int]):
+        super().__init__()
+        block = choices.block_type
+        self.block_type = block.name
+        self.stride = choices.stride if position == 0 else 1
+        self.plan = _body_plan(block.name, block.se)
+        widths = {
+            "in": sorted(set(in_widths)),
+            "out": sorted(set(choices.widths)),
+            "mid": sorted(
+                {
+                    _mid_channels(block, cin, cout, e)
+                    for cin in in_widths
+                    for cout in choices.widths
+                    for e in choices.expand_ratios
+                }
+            ),
+        }
+        max_kernel = max(choices.kernels)
+        layers: list[nn.Module] = []
+        for layer in self.plan:
+            if layer.se:
+                squeeze = max(se_channels(c) for c in widths[layer.cin])
+                layers.append(ElasticSqueezeExcite(max(widths[layer.cin]), squeeze))
+            else:
+                layers.append(
+                    ElasticConvBN(
+                        max(widths[layer.cin]),
+                        max(widths[layer.cout]),
+                        max_kernel if layer.spatial else 1,
+                        self.stride if layer.strided else 1,
+                        depthwise=layer.depthwise,
+                        act=block.activation if layer.act else "none",
+                    )
+                )
+        self.body = nn.ModuleList(layers)
+        needs_projection = any(
+            shortcut_kind(block, position, cin, cout, self.stride) == "projection"
+            for cin in in_widths
+            for cout in choices.widths
+        )
+        self.shortcut = (
+            ElasticConvBN(max(in_widths), max(choices.widths), 1, self.stride) if needs_projection else None
+        )
+        self.post_act = activation(block.activation) if block.name.startswith("resnet") else None
+
+    def _check(self, spec: BlockSpec) -> None:
+        if spec.block_type != self.block_type or spec.stride != self.stride:
+            raise ValueError(
+                f"elastic {self.block_type} block (stride {self.stride}) cannot run {spec.key}"
+            )
+        if spec.shortcut == "projection" and self.shortcut is None:
+            raise ValueError(f"elastic {self.block_type} block has no projection shortcut for {spec.key}")
+
+    def _dims(self, spec: BlockSpec) -> dict[str, int]:
+        return {"in": spec.in_channels, "mid": spec.mid_channels, "out": spec.out_channels}
+
+    def forward(self, x: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
+        self._check(spec)
+        dims = self._dims(spec)
+        out = x
+        for layer, module in zip(self.plan, self.body):
+            out = module(out) if layer.se else module(out, dims[layer.cout], spec.kernel if layer.spatial else 1)
+        if spec.shortcut == "projection":
+            out = out + self.shortcut(x, spec.out_channels, 1)
+        elif spec.shortcut == "identity":
+            out = out + x
+        if self.post_act is not None:
+            out = self.post_act(out)
+        return out
+
+    def to_static(self, spec: BlockSpec) -> Block:
+        """The static :class:`Block` of ``spec`` with this block's active weight slices copied in."""
+        self._check(spec)
+        dims = self._dims(spec)
+        weight = next(self.parameters())
+        static = Block(spec).to(device=weight.device, dtype=weight.dtype)
+        for index, (layer, module) in enumerate(zip(self.plan, self.body)):
+            if layer.se:
+                source = module.to_static(dims[layer.cin])
+            else:
+                source = module.to_static(dims[layer.cin], dims[layer.cout], spec.kernel if layer.spatial else 1)
+            static.body[index].load_state_dict(source.state_dict())
+        if static.shortcut is not None:
+            static.shortcut.load_state_dict(
+                self.shortcut.to_static(spec.in_channels, spec.out_channels, 1).state_dict()
+            )
+        return static
+
+
+class ElasticHead(nn.Module):
+    """The elastic twin of :class:`Head`: only the first 1x1 conv's input width varies."""
+
+    def __init__(self, in_widths: Sequence[int], head: HeadSpec, num_classes: int):
+        super().__init__()
+        self.spec = head
+        self.num_classes = num_classes
+        self.final_expand = ElasticConvBN(max(in_widths), head.widths[0], 1, act=head.activation)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_mix = nn.Sequential(nn.Conv2d(head.widths[0], head.widths[1], 1), activation(head.activation))
+        self.classifier = nn.Linear(head.widths[1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.feature_mix(self.pool(self.final_expand(x, self.spec.widths[0], 1)))
+        return self.classifier(torch.flatten(x, 1))
+
+    def to_static(self, in_channels: int) -> Head:
+        """The static :class:`Head` for ``in_channels`` input channels, weights copied."""
+        weight = self.classifier.weight
+        static = Head(in_channels, self.spec, self.num_classes).to(device=weight.device, dtype=weight.dtype)
+        static.final_expand.load_state_dict(
+            self.final_expand.to_static(in_channels, self.spec.widths[0], 1).state_dict()
+        )
+        _copy(static.feature_mix, self.feature_mix.state_dict())
+        _copy(static.classifier, self.classifier.state_dict())
+        return static
