@@ -351,22 +351,33 @@ def test_killed_build_resumes_without_remeasuring(tmp_path, tiny_required):
 
 
 def test_calibration_fit_recovers_boundary_model():
-    truth = BoundaryModel(per_cut_ms=0.021, per_element_ms=3.5e-6, intercept_ms=0.13)
+    truth = BoundaryModel(scale=0.93, per_cut_ms=0.021, per_element_ms=3.5e-6, intercept_ms=0.13)
     rng = random.Random(3)
     calibration = Calibration(hyperspace="tiny")
     for i in range(12):
         cuts = rng.randint(4, 14)
         elements = rng.randint(5_000, 80_000)
         segments_ms = rng.uniform(1.0, 5.0)
-        measured = segments_ms + truth.correction_ms(cuts, elements)
+        measured = truth.apply(segments_ms, cuts, elements)
         calibration.samples.append(CalibrationSample("tiny-1111-0000", f"s{i}", measured, segments_ms, cuts, elements))
     fitted = calibration.fit()
     assert calibration.model == fitted
     np.testing.assert_allclose(
-        [fitted.intercept_ms, fitted.per_cut_ms, fitted.per_element_ms],
-        [truth.intercept_ms, truth.per_cut_ms, truth.per_element_ms],
+        [fitted.scale, fitted.intercept_ms, fitted.per_cut_ms, fitted.per_element_ms],
+        [truth.scale, truth.intercept_ms, truth.per_cut_ms, truth.per_element_ms],
         rtol=1e-6,
     )
+
+
+def test_small_calibration_fits_only_cut_cost_and_intercept():
+    truth = BoundaryModel(per_cut_ms=0.01, intercept_ms=0.05)
+    calibration = Calibration(hyperspace="tiny")
+    for i, (cuts, segments_ms) in enumerate([(4, 1.0), (7, 2.5), (10, 1.7), (13, 3.1)]):
+        measured = truth.apply(segments_ms, cuts, 50_000)
+        calibration.samples.append(CalibrationSample("tiny-1111-0000", f"s{i}", measured, segments_ms, cuts, 50_000))
+    fitted = calibration.fit()
+    assert fitted.scale == 1.0 and fitted.per_element_ms == 0.0
+    np.testing.assert_allclose([fitted.intercept_ms, fitted.per_cut_ms], [0.05, 0.01], rtol=1e-6)
 
 
 def test_calibration_with_too_few_samples_is_identity():
@@ -378,7 +389,7 @@ def synthetic_predictor(tmp_path, arch) -> tuple[LatencyPredictor, dict[str, flo
     table = LatencyTable.create(tmp_path, fake_fingerprint())
     made_up = {s.key: 0.05 + 0.01 * i for i, s in enumerate(network_segments(arch))}
     table.append([TableEntry(k, ms, 0.0) for k, ms in made_up.items()])
-    model = BoundaryModel(per_cut_ms=0.004, per_element_ms=2e-7, intercept_ms=0.03)
+    model = BoundaryModel(scale=0.95, per_cut_ms=0.004, per_element_ms=2e-7, intercept_ms=0.03)
     calibration = Calibration(hyperspace="tiny", model=model)
     calibration.save(Calibration.path_for(table, arch.space.hyperspace))
     return LatencyPredictor(table, calibration), made_up, model
@@ -391,7 +402,12 @@ def test_predictor_sums_segments_minus_boundary_cost(tmp_path):
     blocks = arch.blocks
     cuts = len(blocks)  # between consecutive blocks and before the head
     elements = sum(b.out_channels * b.output_size * b.output_size for b in blocks)
-    expected = sum(made_up.values()) + model.intercept_ms - model.per_cut_ms * cuts - model.per_element_ms * elements
+    expected = (
+        model.scale * sum(made_up.values())
+        + model.intercept_ms
+        - model.per_cut_ms * cuts
+        - model.per_element_ms * elements
+    )
 
     prediction = predictor.predict(arch)
     assert prediction.cuts == cuts and prediction.cut_elements == elements

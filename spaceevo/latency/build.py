@@ -18,6 +18,8 @@ from spaceevo.space import Architecture, CandidateSpace, Hyperspace
 
 CALIBRATION_SEED = 0
 CALIBRATION_GROUP = 4
+#: Segments whose round medians moved more than this during their timing are timed once more.
+NOISY_SPREAD = 0.25
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class BuildReport:
     hyperspace: str
     segments_required: int
     segments_measured_now: int
+    segments_retimed_noisy: int
+    median_spread: float
     calibration_samples: int
     seconds: float
 
@@ -59,7 +63,13 @@ def build_latency_table(
     with tqdm(total=len(required), initial=len(required) - len(missing), desc="segments", unit="seg",
               disable=not show_progress, dynamic_ncols=True) as bar:
         measure_segments(table, missing, workers=workers, progress=bar.update)
+    measured_now = {s.key for s in missing}
+    noisy = [s for s in missing if table.entries[s.key].spread > NOISY_SPREAD]
+    with tqdm(total=len(noisy), desc="re-timing noisy segments", unit="seg",
+              disable=not show_progress or not noisy, dynamic_ncols=True) as bar:
+        measure_segments(table, noisy, workers=workers, progress=bar.update)
     table.compact()
+    spreads = sorted(table.entries[s.key].spread for s in required)
 
     path = Calibration.path_for(table, hyperspace)
     calibration = Calibration.load(path) if path.exists() else Calibration(hyperspace=hyperspace.name)
@@ -87,7 +97,9 @@ def build_latency_table(
         table_path=str(table.path),
         hyperspace=hyperspace.name,
         segments_required=len(required),
-        segments_measured_now=len(missing),
+        segments_measured_now=len(measured_now),
+        segments_retimed_noisy=len(noisy),
+        median_spread=round(spreads[len(spreads) // 2], 4),
         calibration_samples=len(calibration.samples),
         seconds=round(time.perf_counter() - start, 1),
     )

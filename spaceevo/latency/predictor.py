@@ -4,7 +4,8 @@ Summing stand-alone segment latencies over-predicts a whole INT8 network: every 
 whole network does not pay (a layout transpose pair on the uint8 tensor at the cut and one session
 call). The predictor removes it with a model fitted on whole subnets measured end to end:
 
-    predicted_ms = Σ segment_ms − Σ_cuts (per_cut_ms + per_element_ms · elements_at_cut) + intercept_ms
+    predicted_ms = scale · Σ segment_ms − Σ_cuts (per_cut_ms + per_element_ms · elements_at_cut)
+                   + intercept_ms
 
 The fit is least squares on relative error over calibration subnets (a seed disjoint from the one
 ``spaceevo latency validate`` uses), stored next to the table with the samples it was fitted on.
@@ -29,12 +30,19 @@ from spaceevo.space import Architecture, Hyperspace
 class BoundaryModel:
     """Cost a cut between two segments adds when they are timed stand-alone."""
 
+    scale: float = 1.0
     per_cut_ms: float = 0.0
     per_element_ms: float = 0.0
     intercept_ms: float = 0.0
 
-    def correction_ms(self, cuts: int, cut_elements: int) -> float:
-        return self.intercept_ms - self.per_cut_ms * cuts - self.per_element_ms * cut_elements
+    def apply(self, segments_ms: float, cuts: int, cut_elements: int) -> float:
+        """Whole-network latency from the sum of its segments and its cuts."""
+        return (
+            self.scale * segments_ms
+            + self.intercept_ms
+            - self.per_cut_ms * cuts
+            - self.per_element_ms * cut_elements
+        )
 
 
 @dataclass
@@ -80,22 +88,32 @@ class Calibration:
         atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
     def fit(self) -> BoundaryModel:
-        """Least squares on relative error: measured ≈ segments + intercept − a·cuts − b·elements."""
+        """Least squares on relative error of ``BoundaryModel.apply`` over the samples.
+
+        With fewer than 8 samples only the per-cut cost and intercept are fitted (scale 1, no
+        per-element term), so a small calibration cannot overfit.
+        """
         if len(self.samples) < 3:
             self.model = BoundaryModel()
             return self.model
         measured = np.array([s.measured_ms for s in self.samples])
-        residual = measured - np.array([s.segments_ms for s in self.samples])
-        design = np.column_stack(
-            [
-                np.ones(len(self.samples)),
-                -np.array([s.cuts for s in self.samples], dtype=float),
-                -np.array([s.cut_elements for s in self.samples], dtype=float),
-            ]
-        )
+        segments = np.array([s.segments_ms for s in self.samples])
+        cuts = -np.array([s.cuts for s in self.samples], dtype=float)
+        elements = -np.array([s.cut_elements for s in self.samples], dtype=float)
         weights = 1.0 / measured
-        coef, *_ = np.linalg.lstsq(design * weights[:, None], residual * weights, rcond=None)
-        self.model = BoundaryModel(intercept_ms=float(coef[0]), per_cut_ms=float(coef[1]), per_element_ms=float(coef[2]))
+        if len(self.samples) < 8:
+            design = np.column_stack([np.ones(len(measured)), cuts])
+            coef, *_ = np.linalg.lstsq(design * weights[:, None], (measured - segments) * weights, rcond=None)
+            self.model = BoundaryModel(intercept_ms=float(coef[0]), per_cut_ms=float(coef[1]))
+            return self.model
+        design = np.column_stack([segments, np.ones(len(measured)), cuts, elements])
+        coef, *_ = np.linalg.lstsq(design * weights[:, None], measured * weights, rcond=None)
+        self.model = BoundaryModel(
+            scale=float(coef[0]),
+            intercept_ms=float(coef[1]),
+            per_cut_ms=float(coef[2]),
+            per_element_ms=float(coef[3]),
+        )
         return self.model
 
 
@@ -139,7 +157,7 @@ class LatencyPredictor:
 
     def predict(self, arch: Architecture) -> Prediction:
         total, cuts, elements = self.segment_features(arch)
-        corrected = total + self.calibration.model.correction_ms(cuts, elements)
+        corrected = self.calibration.model.apply(total, cuts, elements)
         return Prediction(int8_ms=max(corrected, 1e-6), segments_ms=total, cuts=cuts, cut_elements=elements)
 
     def predict_ms(self, arch: Architecture) -> float:
