@@ -60,6 +60,7 @@ def _latency_build(args: argparse.Namespace) -> None:
         args.tables,
         workers=args.workers,
         calibration_samples=args.calibration_samples,
+        max_segments=args.max_segments,
     )
     _emit(args, report.__dict__)
 
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=_positive_int, default=2, help="processes that export and quantize segments")
     build.add_argument("--calibration-samples", type=_positive_int, default=30,
                        help="whole subnets measured to fit the boundary-cost model (default: 30)")
+    build.add_argument("--max-segments", type=_positive_int, default=4000,
+                       help="measure at most this many segments; larger hyperspaces are sampled and the rest "
+                            "estimated by regression (default: 4000, which covers tiny exhaustively)")
     build.add_argument("--json", action="store_true", help="print JSON on stdout")
     build.set_defaults(handler=_latency_build)
 

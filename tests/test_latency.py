@@ -498,3 +498,58 @@ def test_build_calibrate_and_validate_end_to_end(tmp_path):
         calibrated.append(abs(row.predicted_ms - truth) / truth)
         uncalibrated.append(abs(segments_ms - truth) / truth)
     assert statistics.fmean(calibrated) <= statistics.fmean(uncalibrated), (calibrated, uncalibrated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression for sampled tables
+
+
+def test_segment_regressor_recovers_linear_latency_model():
+    from spaceevo.latency.regression import FEATURES, SegmentRegressor, group_key, segment_features
+
+    segments = required_segments(load_hyperspace("tiny"))
+    truth = np.array([0.01, 0.8, 2.0, 0.5, 0.3, 0.1])
+    assert len(truth) == len(FEATURES)
+    measured = [(s, float(segment_features(s) @ truth)) for s in segments[::3]]
+    model = SegmentRegressor.fit(measured)
+    unseen = [s for s in segments[1::3] if model.covers(s)]
+    assert unseen
+    for segment in unseen[:200]:
+        assert model.predict(segment) == pytest.approx(float(segment_features(segment) @ truth), rel=1e-6)
+    assert all((coef >= 0).all() for coef in model.coefficients.values())
+    assert {group_key(s) for s, _ in measured} >= set(model.coefficients)
+
+
+def test_nnls_drops_negative_coefficients():
+    from spaceevo.latency.regression import _nnls
+
+    rng = np.random.default_rng(0)
+    design = rng.uniform(0, 1, size=(50, 3))
+    target = design @ np.array([1.0, -2.0, 0.5])
+    coef = _nnls(design, target)
+    assert (coef >= 0).all() and coef[1] == 0.0
+
+
+def test_sampled_table_predicts_missing_segments_with_regression(tmp_path):
+    from spaceevo.latency.predictor import fit_regressor
+    from spaceevo.latency.regression import PER_GROUP, group_key, sample_segments, segment_features
+
+    hyperspace = load_hyperspace("tiny")
+    segments = required_segments(hyperspace)
+    truth = np.array([0.02, 0.9, 1.5, 0.4, 0.2, 0.05])
+    table = LatencyTable.create(tmp_path, fake_fingerprint())
+    sample = sample_segments(segments, 1500)
+    assert len(sample) == 1500 and sample == sample_segments(segments, 1500)
+    sizes: dict[str, int] = {}
+    for s in segments:
+        sizes[group_key(s)] = sizes.get(group_key(s), 0) + 1
+    for key, size in sizes.items():
+        assert sum(group_key(s) == key for s in sample) >= min(size, PER_GROUP)
+    table.append([TableEntry(s.key, float(segment_features(s) @ truth), 0.0) for s in sample])
+    regressor = fit_regressor(table, hyperspace)
+    assert regressor is not None
+    predictor = LatencyPredictor(table, Calibration(hyperspace="tiny"), regressor)
+    space = load_space("tiny-2135-1010")
+    arch = space.resolve(space.max_subnet())
+    expected = sum(float(segment_features(s) @ truth) for s in network_segments(arch))
+    assert predictor.predict(arch).segments_ms == pytest.approx(expected, rel=1e-6)

@@ -55,6 +55,7 @@ def build_table(
     *,
     workers: int = 2,
     calibration_samples: int = 30,
+    max_segments: int = 4000,
     show_progress: bool = True,
 ) -> BuildReport:
     """Measure (or complete) this device's latency table for a hyperspace and calibrate it."""
@@ -65,6 +66,7 @@ def build_table(
         Path(root) if root else default_root(),
         workers=workers,
         calibration_samples=calibration_samples,
+        max_segments=max_segments,
         show_progress=show_progress,
     )
     return report

@@ -11,12 +11,14 @@ from tqdm import tqdm
 
 from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.predictor import Calibration, CalibrationSample, LatencyPredictor
+from spaceevo.latency.predictor import Calibration, CalibrationSample, LatencyPredictor, fit_regressor
+from spaceevo.latency.regression import sample_segments
 from spaceevo.latency.segments import required_segments
 from spaceevo.latency.table import LatencyTable, measure_segments
 from spaceevo.space import Architecture, CandidateSpace, Hyperspace
 
 CALIBRATION_SEED = 0
+SAMPLE_SEED = 0
 CALIBRATION_GROUP = 4
 #: Segments whose round medians moved more than this during their timing are timed once more.
 NOISY_SPREAD = 0.25
@@ -26,7 +28,9 @@ NOISY_SPREAD = 0.25
 class BuildReport:
     table_path: str
     hyperspace: str
+    segments_possible: int
     segments_required: int
+    sampled: bool
     segments_measured_now: int
     segments_retimed_noisy: int
     median_spread: float
@@ -53,12 +57,21 @@ def build_latency_table(
     *,
     workers: int = 2,
     calibration_samples: int = 30,
+    max_segments: int = 4000,
     show_progress: bool = True,
 ) -> tuple[LatencyPredictor, BuildReport]:
-    """Measure every missing segment of ``hyperspace`` and calibrate; resumable at every step."""
+    """Measure the missing segments of ``hyperspace`` and calibrate; resumable at every step.
+
+    A hyperspace with more than ``max_segments`` possible segments is sampled: a seeded subset,
+    stratified by segment kind, is measured (the same subset on every re-run) and the predictor
+    estimates the rest with a per-kind regression fitted on it.
+    """
     start = time.perf_counter()
     table = LatencyTable.open(root, fingerprint, create=True)
-    required = required_segments(hyperspace)
+    possible = required_segments(hyperspace)
+    required = possible
+    if len(possible) > max_segments:
+        required = sample_segments(possible, max_segments, SAMPLE_SEED)
     missing = table.missing(required)
     with tqdm(total=len(required), initial=len(required) - len(missing), desc="segments", unit="seg",
               disable=not show_progress, dynamic_ncols=True) as bar:
@@ -73,7 +86,7 @@ def build_latency_table(
 
     path = Calibration.path_for(table, hyperspace)
     calibration = Calibration.load(path) if path.exists() else Calibration(hyperspace=hyperspace.name)
-    predictor = LatencyPredictor(table, calibration)
+    predictor = LatencyPredictor(table, calibration, fit_regressor(table, hyperspace))
     done = {(s.space, s.subnet) for s in calibration.samples}
     archs = [
         a for a in sample_architectures(hyperspace, calibration_samples, CALIBRATION_SEED)
@@ -96,7 +109,9 @@ def build_latency_table(
     report = BuildReport(
         table_path=str(table.path),
         hyperspace=hyperspace.name,
+        segments_possible=len(possible),
         segments_required=len(required),
+        sampled=len(required) < len(possible),
         segments_measured_now=len(measured_now),
         segments_retimed_noisy=len(noisy),
         median_spread=round(spreads[len(spreads) // 2], 4),

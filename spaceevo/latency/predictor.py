@@ -21,7 +21,8 @@ import numpy as np
 
 from spaceevo.errors import ArtifactError
 from spaceevo.io import atomic_write_text
-from spaceevo.latency.segments import network_segments
+from spaceevo.latency.regression import SegmentRegressor
+from spaceevo.latency.segments import Segment, network_segments, required_segments
 from spaceevo.latency.table import LatencyTable
 from spaceevo.space import Architecture, Hyperspace
 
@@ -126,11 +127,16 @@ class Prediction:
 
 
 class LatencyPredictor:
-    """Predicts INT8 latency of subnets of one hyperspace on the table's device."""
+    """Predicts INT8 latency of subnets of one hyperspace on the table's device.
 
-    def __init__(self, table: LatencyTable, calibration: Calibration):
+    A segment's latency is its table entry; when the table was sampled (large hyperspaces), a
+    segment it lacks is estimated by a :class:`SegmentRegressor` fitted on the measured ones.
+    """
+
+    def __init__(self, table: LatencyTable, calibration: Calibration, regressor: SegmentRegressor | None = None):
         self.table = table
         self.calibration = calibration
+        self.regressor = regressor
 
     @classmethod
     def load(cls, table: LatencyTable, hyperspace: Hyperspace) -> "LatencyPredictor":
@@ -140,18 +146,22 @@ class LatencyPredictor:
                 f"the latency table at {table.folder} is not calibrated for '{hyperspace.name}'; "
                 f"run 'spaceevo latency build --space {hyperspace.name} --device cpu'"
             )
-        return cls(table, Calibration.load(path))
+        return cls(table, Calibration.load(path), fit_regressor(table, hyperspace))
+
+    def segment_ms(self, segment: Segment) -> float:
+        if segment.key in self.table:
+            return self.table.ms(segment.key)
+        if self.regressor is not None and self.regressor.covers(segment):
+            return self.regressor.predict(segment)
+        raise ArtifactError(
+            f"the latency table at {self.table.folder} lacks segment {segment.key} and has no model for "
+            f"its kind; run 'spaceevo latency build --space SPACE --device cpu' for this subnet's hyperspace"
+        )
 
     def segment_features(self, arch: Architecture) -> tuple[float, int, int]:
         """Sum of segment latencies, number of cuts, and uint8 elements crossing the cuts."""
         segments = network_segments(arch)
-        missing = [s.key for s in segments if s.key not in self.table]
-        if missing:
-            raise ArtifactError(
-                f"the latency table at {self.table.folder} lacks {len(missing)} segment(s) of this subnet "
-                f"(e.g. {missing[0]}); run 'spaceevo latency build --space {arch.space.hyperspace.name} --device cpu'"
-            )
-        total = sum(self.table.ms(s.key) for s in segments)
+        total = sum(self.segment_ms(s) for s in segments)
         cut_elements = sum(s.output_elements for s in segments[:-1])
         return total, len(segments) - 1, cut_elements
 
@@ -162,3 +172,12 @@ class LatencyPredictor:
 
     def predict_ms(self, arch: Architecture) -> float:
         return self.predict(arch).int8_ms
+
+
+def fit_regressor(table: LatencyTable, hyperspace: Hyperspace) -> SegmentRegressor | None:
+    """A regressor for the segments of ``hyperspace`` the table lacks; None when it lacks none."""
+    required = required_segments(hyperspace)
+    measured = [(s, table.ms(s.key)) for s in required if s.key in table]
+    if len(measured) == len(required):
+        return None
+    return SegmentRegressor.fit(measured)

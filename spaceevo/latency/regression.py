@@ -23,6 +23,7 @@ import numpy as np
 from spaceevo.latency.segments import Segment
 from spaceevo.nn.cost import block_layers, head_layers
 
+PER_GROUP = 30
 FEATURES = ("intercept", "dense_macs", "dw_macs", "input_elements", "output_elements", "activation_elements")
 MIN_SAMPLES = 12
 
@@ -106,3 +107,27 @@ class SegmentRegressor:
         if coef is None:
             coef = self.fallback[key.split(":")[0]]
         return float(segment_features(segment) @ coef)
+
+
+def sample_segments(segments: list[Segment], budget: int, seed: int = 0) -> list[Segment]:
+    """A stratified sample of ``budget`` segments: every group gets up to :data:`PER_GROUP` members
+    (all of a small group, such as the stem or the head), even if that exceeds the budget; the rest
+    of the budget is drawn uniformly. Deterministic for a seed, so a resumed build measures the same
+    sample. Sorted by key."""
+    import random
+
+    if len(segments) <= budget:
+        return sorted(segments, key=lambda s: s.key)
+    rng = random.Random(seed)
+    groups: dict[str, list[Segment]] = defaultdict(list)
+    for segment in sorted(segments, key=lambda s: s.key):
+        groups[group_key(segment)].append(segment)
+    chosen: dict[str, Segment] = {}
+    for key in sorted(groups):
+        members = groups[key]
+        for segment in members if len(members) <= PER_GROUP else rng.sample(members, PER_GROUP):
+            chosen[segment.key] = segment
+    rest = [s for s in sorted(segments, key=lambda s: s.key) if s.key not in chosen]
+    for segment in rng.sample(rest, max(0, min(len(rest), budget - len(chosen)))):
+        chosen[segment.key] = segment
+    return [chosen[k] for k in sorted(chosen)]
