@@ -27,6 +27,10 @@ class EncodingError(UsageError):
     """A candidate-space or subnet string does not fit its space."""
 
 
+class DataError(UsageError):
+    """The data set named by ``--data`` is unknown, missing, incomplete or unreadable."""
+
+
 class DeviceMismatchError(SpaceEvoError):
     """An artifact was produced on another device fingerprint and must not be used here."""
 
