@@ -143,9 +143,11 @@ def test_measure_interleaved_returns_sane_stats():
 
 
 def test_spread_definition():
-    st = LatencyStats(median_ms=2.0, min_ms=1.0, round_medians_ms=(1.0, 2.0, 3.0))
-    assert st.spread == pytest.approx(1.0)
+    st = LatencyStats(median_ms=2.0, min_ms=1.0, round_medians_ms=(1.0, 2.0, 2.0, 3.0, 5.0))
+    # inclusive quartiles of (1, 2, 2, 3, 5) are 2 and 3: IQR 1 over median 2
+    assert st.spread == pytest.approx(0.5)
     assert LatencyStats(0.0, 0.0, (0.0,)).spread == 0.0
+    assert LatencyStats(1.0, 1.0, (1.0,)).spread == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,3 +555,58 @@ def test_sampled_table_predicts_missing_segments_with_regression(tmp_path):
     arch = space.resolve(space.max_subnet())
     expected = sum(float(segment_features(s) @ truth) for s in network_segments(arch))
     assert predictor.predict(arch).segments_ms == pytest.approx(expected, rel=1e-6)
+
+
+class ScriptedTimer:
+    """Stands in for a Timer: returns scripted per-call latencies (the last one repeats)."""
+
+    def __init__(self, script: list[float]):
+        self.script = list(script)
+
+    def run_once(self) -> float:
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+    def round(self, runs: int, min_round_s: float) -> list[float]:
+        return [self.run_once() for _ in range(runs)]
+
+
+class PhasedTimer:
+    """A model whose latency is ``base_ms`` times the machine's current phase factor."""
+
+    def __init__(self, base_ms: float, machine: dict):
+        self.base_ms = base_ms
+        self.machine = machine
+
+    def run_once(self) -> float:
+        return self.base_ms * self.machine["factor"]
+
+    def round(self, runs: int, min_round_s: float) -> list[float]:
+        self.machine["calls"] += 1
+        # the machine switches between its usual speed and a 1.7x slower phase every few rounds
+        self.machine["factor"] = 1.7 if (self.machine["calls"] // 7) % 3 == 2 else 1.0
+        return [self.run_once() for _ in range(runs)]
+
+
+def test_stable_meter_expresses_rounds_in_reference_units():
+    from spaceevo.latency.measure import StableMeter
+
+    machine = {"factor": 1.0, "calls": 0}
+    meter = StableMeter(PhasedTimer(0.1, machine), canonical_ms=0.1)
+    config = MeasureConfig(warmup=0, rounds=12, runs_per_round=3, min_round_s=0.0)
+    stats = meter.measure([PhasedTimer(0.5, machine), PhasedTimer(2.0, machine)], config)
+    # raw medians are inflated by the slow phase in some rounds; normalised ones are not
+    assert stats[0].median_ms == pytest.approx(0.5, rel=0.02)
+    assert stats[1].median_ms == pytest.approx(2.0, rel=0.02)
+    assert len(stats[1].round_medians_ms) == config.rounds
+
+
+def test_stable_meter_settles_canonical_scale_once():
+    from spaceevo.latency.measure import StableMeter
+
+    machine = {"factor": 1.0, "calls": 0}
+    meter = StableMeter(PhasedTimer(0.2, machine))
+    baseline = meter.settle(seconds=0.0)
+    assert meter.canonical_ms == baseline and baseline in (pytest.approx(0.2), pytest.approx(0.34))
+    fixed = StableMeter(PhasedTimer(0.2, machine), canonical_ms=0.25)
+    fixed.settle(seconds=0.0)
+    assert fixed.canonical_ms == 0.25

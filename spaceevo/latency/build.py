@@ -12,6 +12,7 @@ from tqdm import tqdm
 from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
 from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.predictor import Calibration, CalibrationSample, LatencyPredictor, fit_regressor
+from spaceevo.latency.reference import stable_meter
 from spaceevo.latency.regression import sample_segments
 from spaceevo.latency.segments import required_segments
 from spaceevo.latency.table import LatencyTable, measure_segments
@@ -20,8 +21,6 @@ from spaceevo.space import Architecture, CandidateSpace, Hyperspace
 CALIBRATION_SEED = 0
 SAMPLE_SEED = 0
 CALIBRATION_GROUP = 4
-#: Segments whose round medians moved more than this during their timing are timed once more.
-NOISY_SPREAD = 0.25
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,6 @@ class BuildReport:
     segments_required: int
     sampled: bool
     segments_measured_now: int
-    segments_retimed_noisy: int
     median_spread: float
     calibration_samples: int
     seconds: float
@@ -73,14 +71,12 @@ def build_latency_table(
     if len(possible) > max_segments:
         required = sample_segments(possible, max_segments, SAMPLE_SEED)
     missing = table.missing(required)
+    meter = stable_meter(fingerprint, table.reference_ms)
+    if table.reference_ms is None:
+        table.set_reference(meter.baseline_ms)
     with tqdm(total=len(required), initial=len(required) - len(missing), desc="segments", unit="seg",
               disable=not show_progress, dynamic_ncols=True) as bar:
-        measure_segments(table, missing, workers=workers, progress=bar.update)
-    measured_now = {s.key for s in missing}
-    noisy = [s for s in missing if table.entries[s.key].spread > NOISY_SPREAD]
-    with tqdm(total=len(noisy), desc="re-timing noisy segments", unit="seg",
-              disable=not show_progress or not noisy, dynamic_ncols=True) as bar:
-        measure_segments(table, noisy, workers=workers, progress=bar.update)
+        measure_segments(table, missing, workers=workers, progress=bar.update, meter=meter)
     table.compact()
     spreads = sorted(table.entries[s.key].spread for s in required)
 
@@ -96,7 +92,8 @@ def build_latency_table(
               unit="subnet", disable=not show_progress, dynamic_ncols=True) as bar:
         for i in range(0, len(archs), CALIBRATION_GROUP):
             group = archs[i : i + CALIBRATION_GROUP]
-            stats = measure_models([subnet_models(a, fingerprint).int8 for a in group], fingerprint, WHOLE_MEASURE)
+            models = [subnet_models(a, fingerprint).int8 for a in group]
+            stats = measure_models(models, fingerprint, WHOLE_MEASURE, meter)
             for arch, st in zip(group, stats):
                 total, cuts, elements = predictor.segment_features(arch)
                 calibration.samples.append(
@@ -112,8 +109,7 @@ def build_latency_table(
         segments_possible=len(possible),
         segments_required=len(required),
         sampled=len(required) < len(possible),
-        segments_measured_now=len(measured_now),
-        segments_retimed_noisy=len(noisy),
+        segments_measured_now=len(missing),
         median_spread=round(spreads[len(spreads) // 2], 4),
         calibration_samples=len(calibration.samples),
         seconds=round(time.perf_counter() - start, 1),

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.measure import LatencyStats, MeasureConfig, Timer, measure_interleaved
+from spaceevo.latency.measure import LatencyStats, MeasureConfig, StableMeter, Timer
 from spaceevo.nn.static import build_static
 from spaceevo.quant.export import export_fp32, quantize_ptq
 from spaceevo.space import Architecture
 
-WHOLE_MEASURE = MeasureConfig(warmup=10, rounds=7, runs_per_round=10, min_round_s=0.02)
+WHOLE_MEASURE = MeasureConfig(warmup=10, rounds=15, runs_per_round=5, min_round_s=0.01)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,13 @@ def subnet_models(arch: Architecture, fingerprint: DeviceFingerprint, seed: int 
 
 
 def measure_models(
-    models: Sequence[onnx.ModelProto | bytes], fingerprint: DeviceFingerprint, config: MeasureConfig = WHOLE_MEASURE
+    models: Sequence[onnx.ModelProto | bytes],
+    fingerprint: DeviceFingerprint,
+    config: MeasureConfig = WHOLE_MEASURE,
+    meter: StableMeter | None = None,
 ) -> list[LatencyStats]:
-    """Time several models interleaved (round-robin) so machine drift affects them alike."""
-    return measure_interleaved([Timer(m, fingerprint) for m in models], config)
+    """Time several models interleaved (round-robin), guarded by the reference model."""
+    from spaceevo.latency.reference import stable_meter
+
+    meter = meter or stable_meter(fingerprint)
+    return meter.measure([Timer(m, fingerprint) for m in models], config)

@@ -4,6 +4,15 @@ Sessions use graph optimisation level ALL (QDQ fusion and layout transforms), ex
 threads and sequential execution. A measurement is several rounds of timed runs after a warm-up;
 the figure is the median over rounds of each round's median, robust to the spikes of a shared
 machine. Variants that are compared are measured interleaved (round-robin), never one after another.
+
+Shared (virtual) machines also have *phases*: for tens of milliseconds to seconds a core runs
+markedly faster or slower (measured here: the same model at 0.35 and 0.57 ms a few seconds apart,
+with no steal time), long enough to shift every model of an interleaved group together.
+:class:`StableMeter` therefore times a fixed reference model before and after every round and
+expresses each round in reference units: ``ms = (subject / reference) · canonical_ms``, where
+``canonical_ms`` is the reference's latency in the machine's usual state (stored with a latency
+table, so the table, its calibration and its validation share one scale). The raw median is kept
+alongside (``raw_median_ms``).
 """
 
 from __future__ import annotations
@@ -37,12 +46,15 @@ class LatencyStats:
     median_ms: float
     min_ms: float
     round_medians_ms: tuple[float, ...]
+    raw_median_ms: float | None = None
 
     @property
     def spread(self) -> float:
-        """(max - min) / median of the round medians: how much this figure moved during the run."""
-        values = self.round_medians_ms
-        return (max(values) - min(values)) / self.median_ms if self.median_ms > 0 else 0.0
+        """Interquartile range of the round medians over their median: how much the figure moved."""
+        if self.median_ms <= 0 or len(self.round_medians_ms) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.round_medians_ms, n=4, method="inclusive")
+        return (q3 - q1) / self.median_ms
 
 
 def make_session(model: onnx.ModelProto | bytes | str, fingerprint: DeviceFingerprint) -> ort.InferenceSession:
@@ -111,3 +123,54 @@ def measure_model(
 ) -> LatencyStats:
     """Latency of one model on the fingerprinted device."""
     return measure_interleaved([Timer(model, fingerprint)], config)[0]
+
+
+class StableMeter:
+    """Interleaved measurement expressed in units of a reference model (see the module docstring)."""
+
+    def __init__(self, reference: Timer, canonical_ms: float | None = None):
+        self.reference = reference
+        self.canonical_ms = canonical_ms
+        self.baseline_ms: float | None = None
+
+    def settle(self, seconds: float = 2.0, runs: int = 20) -> float:
+        """Median of the reference's round medians over ``seconds`` of wall time; the canonical
+        reference latency unless one was given (e.g. by a latency table)."""
+        for _ in range(20):
+            self.reference.run_once()
+        medians: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(medians) < 5:
+            medians.append(statistics.median(self.reference.round(runs, 0.0)))
+        self.baseline_ms = statistics.median(medians)
+        if self.canonical_ms is None:
+            self.canonical_ms = self.baseline_ms
+        return self.baseline_ms
+
+    def measure(self, timers: Sequence[Timer], config: MeasureConfig) -> list[LatencyStats]:
+        if self.canonical_ms is None:
+            self.settle()
+        assert self.canonical_ms is not None
+        for timer in timers:
+            for _ in range(config.warmup):
+                timer.run_once()
+        reference_runs = max(config.runs_per_round, 5)
+        raw: list[list[float]] = [[] for _ in timers]
+        normalised: list[list[float]] = [[] for _ in timers]
+        for _ in range(config.rounds):
+            before = statistics.median(self.reference.round(reference_runs, 0.0))
+            medians = [statistics.median(t.round(config.runs_per_round, config.min_round_s)) for t in timers]
+            after = statistics.median(self.reference.round(reference_runs, 0.0))
+            scale = self.canonical_ms / ((before + after) / 2)
+            for i, median in enumerate(medians):
+                raw[i].append(median)
+                normalised[i].append(median * scale)
+        return [
+            LatencyStats(
+                median_ms=statistics.median(n),
+                min_ms=min(n),
+                round_medians_ms=tuple(n),
+                raw_median_ms=statistics.median(r),
+            )
+            for n, r in zip(normalised, raw)
+        ]

@@ -5,12 +5,17 @@ space it came from), stored as ``<root>/<fingerprint slug>/segments.jsonl``: a h
 fingerprint and versions, then one line per measured segment. Building is resumable: each finished
 batch is appended and fsynced, a killed build leaves at most one truncated last line (dropped on
 load), and a re-run measures only the keys that are missing. Compaction rewrites the file atomically.
+
+Figures are in the scale of the reference model (:mod:`spaceevo.latency.reference`): the header's
+``reference_ms`` is the reference's usual latency when the table was started, and every entry,
+calibration sample and validation measurement made against this table is expressed on it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import platform
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -21,17 +26,20 @@ from typing import Callable, Iterable, Sequence
 from spaceevo.errors import ArtifactError, DeviceMismatchError
 from spaceevo.io import atomic_write_text
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.measure import MeasureConfig, Timer, measure_interleaved
+from spaceevo.latency.measure import MeasureConfig, StableMeter, Timer
 from spaceevo.latency.segments import Segment, segment_model
 
 FORMAT = "spaceevo-latency-table/1"
 TABLE_FILE = "segments.jsonl"
 DEFAULT_ROOT_ENV = "SPACEEVO_LATENCY_TABLES"
 
-#: How segments are timed in a table build: short, interleaved in groups, robust medians.
-TABLE_MEASURE = MeasureConfig(warmup=5, rounds=5, runs_per_round=10, min_round_s=0.005)
-GROUP_SIZE = 8
+#: How segments are timed in a table build: interleaved in groups, many short rounds per segment
+#: so each figure spans the whole group's timing window, each round in reference units.
+TABLE_MEASURE = MeasureConfig(warmup=5, rounds=10, runs_per_round=4, min_round_s=0.0)
+GROUP_SIZE = 16
 CHUNK_SIZE = 64
+#: Relative difference between two passes above which a segment is timed a third time.
+DISAGREEMENT = 0.10
 
 
 def default_root() -> Path:
@@ -83,6 +91,17 @@ class LatencyTable:
 
     def ms(self, key: str) -> float:
         return self.entries[key].ms
+
+    @property
+    def reference_ms(self) -> float | None:
+        """The reference model's usual latency: the scale every figure of this table is on."""
+        value = self.header.get("reference_ms")
+        return float(value) if value else None
+
+    def set_reference(self, reference_ms: float) -> None:
+        """Fix the table's scale (once, when it is started) and persist it."""
+        self.header["reference_ms"] = round(reference_ms, 6)
+        self.compact()
 
     def missing(self, segments: Iterable[Segment]) -> list[Segment]:
         return [s for s in segments if s.key not in self.entries]
@@ -188,31 +207,65 @@ def _build_models(args: tuple[list[Segment], bool]) -> list[bytes]:
     return [segment_model(s, reduce_range=reduce_range) for s in segments]
 
 
+def _timed_passes(timers: Sequence[Timer], meter: StableMeter) -> list[tuple[float, float]]:
+    """(ms, disagreement) per timer from two passes with different group compositions, plus a
+    third pass for the timers whose first two figures disagree by more than :data:`DISAGREEMENT`.
+
+    Groups are timed in windows of a fraction of a second; two differently composed passes make a
+    figure depend on two such windows, and a third settles the cases they disagree on.
+    """
+    count = len(timers)
+    groups = max(1, -(-count // GROUP_SIZE))
+    figures: list[list[float]] = [[] for _ in timers]
+    for layout in (
+        [list(range(g * GROUP_SIZE, min(count, (g + 1) * GROUP_SIZE))) for g in range(groups)],
+        [list(range(g, count, groups)) for g in range(groups)],
+    ):
+        for members in layout:
+            for i, stats in zip(members, meter.measure([timers[i] for i in members], TABLE_MEASURE)):
+                figures[i].append(stats.median_ms)
+    disputed = [i for i, f in enumerate(figures) if abs(f[0] - f[1]) / min(f) > DISAGREEMENT]
+    for start in range(0, len(disputed), GROUP_SIZE):
+        members = disputed[start : start + GROUP_SIZE]
+        for i, stats in zip(members, meter.measure([timers[i] for i in members], TABLE_MEASURE)):
+            figures[i].append(stats.median_ms)
+    return [(statistics.median(f), (max(f) - min(f)) / statistics.median(f)) for f in figures]
+
+
 def measure_segments(
     table: LatencyTable,
     segments: Sequence[Segment],
     *,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
+    meter: StableMeter | None = None,
 ) -> None:
-    """Export, quantize and time ``segments``, appending to ``table`` as batches finish.
+    """Export, quantize and time ``segments``, appending to ``table`` as they finish.
 
     Models are built in ``workers`` processes a chunk at a time; timing happens while the workers
-    are idle, in interleaved groups, so building never disturbs a measurement.
+    are idle (:func:`_timed_passes`, on the table's reference scale), so building never disturbs a
+    measurement. Entries are appended a group at a time.
     """
+    from spaceevo.latency.reference import stable_meter
+
     fingerprint = table.fingerprint
     chunks = [list(segments[i : i + CHUNK_SIZE]) for i in range(0, len(segments), CHUNK_SIZE)]
     if not chunks:
         return
+    if meter is None:
+        meter = stable_meter(fingerprint, table.reference_ms)
+        if table.reference_ms is None:
+            table.set_reference(meter.baseline_ms)
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for chunk in chunks:
             per_worker = max(1, -(-len(chunk) // max(1, workers)))
             parts = [chunk[i : i + per_worker] for i in range(0, len(chunk), per_worker)]
             models = [m for built in pool.map(_build_models, [(p, fingerprint.reduce_range) for p in parts]) for m in built]
+            figures = _timed_passes([Timer(m, fingerprint) for m in models], meter)
             for start in range(0, len(chunk), GROUP_SIZE):
                 group = chunk[start : start + GROUP_SIZE]
-                timers = [Timer(m, fingerprint) for m in models[start : start + GROUP_SIZE]]
-                stats = measure_interleaved(timers, TABLE_MEASURE)
-                table.append([TableEntry(s.key, st.median_ms, st.spread) for s, st in zip(group, stats)])
+                table.append(
+                    [TableEntry(s.key, ms, spread) for s, (ms, spread) in zip(group, figures[start : start + GROUP_SIZE])]
+                )
                 if progress is not None:
                     progress(len(group))

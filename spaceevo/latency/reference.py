@@ -1,0 +1,48 @@
+"""The reference model every guarded measurement times alongside its subjects.
+
+A fixed, mid-sized INT8 block (MobileNetV2, 32 channels, 16x16, uint8 in and out): cheap to time,
+and sensitive to the same machine phases as the segments and subnets it guards.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from spaceevo.latency.fingerprint import DeviceFingerprint
+from spaceevo.latency.measure import StableMeter, Timer
+from spaceevo.latency.segments import Segment, segment_model
+from spaceevo.space import BlockSpec
+
+REFERENCE_SEGMENT = Segment(
+    in_channels=32,
+    input_size=16,
+    first=False,
+    block=BlockSpec(
+        block_type="mbv2",
+        in_channels=32,
+        out_channels=32,
+        kernel=3,
+        expand=4.0,
+        stride=1,
+        activation="relu6",
+        se=False,
+        expand_of="input",
+        input_size=16,
+        shortcut="identity",
+    ),
+)
+
+
+@lru_cache(maxsize=4)
+def reference_model(reduce_range: bool) -> bytes:
+    return segment_model(REFERENCE_SEGMENT, reduce_range=reduce_range)
+
+
+def stable_meter(
+    fingerprint: DeviceFingerprint, canonical_ms: float | None = None, settle_s: float = 2.0
+) -> StableMeter:
+    """A settled :class:`StableMeter` for this device, on the scale of ``canonical_ms`` if given
+    (a latency table's reference latency), else of the reference's latency measured now."""
+    meter = StableMeter(Timer(reference_model(fingerprint.reduce_range), fingerprint), canonical_ms)
+    meter.settle(settle_s)
+    return meter
