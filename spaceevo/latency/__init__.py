@@ -12,6 +12,7 @@ from spaceevo.latency.build import BuildReport, build_latency_table
 from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
 from spaceevo.latency.fingerprint import DeviceFingerprint, device_fingerprint
 from spaceevo.latency.predictor import LatencyPredictor, Prediction
+from spaceevo.latency.reference import stable_meter
 from spaceevo.latency.table import LatencyTable, default_root
 from spaceevo.latency.validate import VALIDATION_SEED, ValidationReport, validate_predictor
 from spaceevo.space import CandidateSpace, Hyperspace, Subnet, load_space, require_candidate_space
@@ -102,14 +103,26 @@ def predict_latency(
 
 
 def measure_latency(
-    space: str | CandidateSpace, subnet: str | Subnet, device: str = "cpu", threads: int = 1
+    space: str | CandidateSpace,
+    subnet: str | Subnet,
+    device: str = "cpu",
+    threads: int = 1,
+    root: str | Path | None = None,
 ) -> dict:
-    """Build the subnet, export FP32 and INT8 ONNX, and time both interleaved on the device."""
+    """Build the subnet, export FP32 and INT8 ONNX, and time both interleaved on the device.
+
+    ``fp32_ms``/``int8_ms`` are on the reference scale of this device's latency table when one
+    exists (so they compare with predictions), else on the reference's speed measured now;
+    ``*_raw_ms`` are the plain wall-clock medians.
+    """
     candidate = require_candidate_space(_space(space), "latency measure")
     arch = candidate.resolve(_subnet(candidate, subnet))
     fingerprint = device_fingerprint(device, threads)
+    table_path = (Path(root) if root else default_root()) / fingerprint.slug / "segments.jsonl"
+    canonical = LatencyTable.load(table_path, fingerprint).reference_ms if table_path.exists() else None
+    meter = stable_meter(fingerprint, canonical)
     models = subnet_models(arch, fingerprint)
-    fp32, int8 = measure_models([models.fp32, models.int8], fingerprint, WHOLE_MEASURE)
+    fp32, int8 = measure_models([models.fp32, models.int8], fingerprint, WHOLE_MEASURE, meter)
     return {
         "space": candidate.encoding,
         "subnet": arch.subnet.encode(),
@@ -117,8 +130,10 @@ def measure_latency(
         "fp32_ms": round(fp32.median_ms, 4),
         "int8_ms": round(int8.median_ms, 4),
         "int8_speedup": round(fp32.median_ms / int8.median_ms, 3),
-        "fp32_spread": round(fp32.spread, 3),
+        "fp32_raw_ms": round(fp32.raw_median_ms, 4),
+        "int8_raw_ms": round(int8.raw_median_ms, 4),
         "int8_spread": round(int8.spread, 3),
+        "scale": "latency table" if canonical else "reference measured now",
     }
 
 
