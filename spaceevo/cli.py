@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu"], help="ONNX Runtime execution provider (default: cpu)")
     parser.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
@@ -74,7 +84,7 @@ def _latency_predict(args: argparse.Namespace) -> None:
 def _latency_measure(args: argparse.Namespace) -> None:
     from spaceevo.latency import measure_latency
 
-    _emit(args, measure_latency(args.space, args.subnet, args.device, args.threads))
+    _emit(args, measure_latency(args.space, args.subnet, args.device, args.threads, args.tables))
 
 
 def _latency_validate(args: argparse.Namespace) -> None:
@@ -88,6 +98,26 @@ def _latency_validate(args: argparse.Namespace) -> None:
         print(json.dumps(data, indent=2))
         return
     _print_table([(k, round(v, 4) if isinstance(v, float) else v) for k, v in data.items()])
+
+
+# ---- train -----------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> None:
+    from spaceevo.train.loop import train_supernet
+
+    result = train_supernet(
+        args.space,
+        args.run,
+        data=args.data,
+        budget=args.budget,
+        epochs=args.epochs,
+        qat_epochs=args.qat_epochs,
+        seed=args.seed,
+        resume=args.resume,
+        threads=args.threads,
+    )
+    _emit(args, result.summary())
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -138,6 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="print JSON on stdout")
     validate.add_argument("--rows", action="store_true", help="with --json, include every subnet's figures")
     validate.set_defaults(handler=_latency_validate)
+
+    from spaceevo.train.config import BUDGETS  # dataclasses only: keeps --help fast
+
+    train = commands.add_parser(
+        "train", help="train the quantized-for-all supernet of a candidate space (sandwich rule, then LSQ+ QAT; resumable)"
+    )
+    train.add_argument("--space", required=True, help="candidate-space encoding, e.g. tiny-1111-0000")
+    train.add_argument("--data", default="embedded",
+                       help="data set: embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
+    train.add_argument("--run", required=True, help="run directory (config.json, checkpoints/last.pt, log.jsonl)")
+    train.add_argument("--budget", default="default", choices=list(BUDGETS),
+                       help="preset of every training setting (default: default; smoke: a few steps, for checks)")
+    train.add_argument("--epochs", type=_non_negative_int, default=None, help="FP32 epochs (default: from the budget)")
+    train.add_argument("--qat-epochs", type=_non_negative_int, default=None,
+                       help="LSQ+ quantization-aware epochs after the FP32 ones (default: from the budget)")
+    train.add_argument("--seed", type=_non_negative_int, default=None, help="training seed (default: 0)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --run from its last finished epoch")
+    train.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch intra-op threads per process (default: torch's choice, one per core)")
+    train.add_argument("--json", action="store_true", help="print JSON on stdout")
+    train.set_defaults(
+        handler=_train,
+        interrupt_hint="interrupted; finished epochs are saved, run the same command with --resume to continue",
+    )
     return parser
 
 
@@ -151,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spaceevo: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("spaceevo: interrupted; finished work is saved, run the same command again to resume", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", "interrupted; finished work is saved, run the same command again to resume")
+        print(f"spaceevo: {hint}", file=sys.stderr)
         return 130
     return 0
 

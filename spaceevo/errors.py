@@ -41,3 +41,11 @@ class ArtifactError(SpaceEvoError):
     """An artifact in a run directory or table folder is missing or unreadable."""
 
     exit_code = 3
+
+
+class RunMismatchError(UsageError):
+    """A run directory holds a run of another space, hyperspace, data set or configuration."""
+
+
+class TrainingDivergedError(SpaceEvoError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept unchanged."""

@@ -113,15 +113,18 @@ def test_predict_with_an_uncalibrated_table_says_how_to_build(capsys, tmp_path):
     assert code == 3 and "spaceevo latency build --space tiny" in err
 
 
-def test_measure_prints_json(capsys):
-    code, out, err = run_cli(capsys, "latency", "measure", "--space", "tiny-1111-0000", "--subnet", "min", "--json")
+def test_measure_prints_json(capsys, tmp_path):
+    code, out, err = run_cli(
+        capsys, "latency", "measure", "--space", "tiny-1111-0000", "--subnet", "min", "--json", "--tables", str(tmp_path)
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["space"] == "tiny-1111-0000"
     assert data["subnet"].endswith("_r24")
     assert data["fp32_ms"] > 0 and data["int8_ms"] > 0 and data["int8_speedup"] > 0
     assert data["int8_speedup"] == pytest.approx(data["fp32_ms"] / data["int8_ms"], rel=0.01)
-    assert data["fp32_spread"] >= 0 and data["int8_spread"] >= 0
+    assert data["fp32_raw_ms"] > 0 and data["int8_raw_ms"] > 0 and data["int8_spread"] >= 0
+    assert data["scale"] == "reference measured now"  # no table under --tables
     assert "reduce_range" in data["device"]
 
 

@@ -7,7 +7,9 @@ is what lets one training run serve every subnet.
 
 Each elastic piece can hand back its static twin (``to_static``) with *copied* weight slices, so a
 subnet extracted from the supernet is a plain :mod:`spaceevo.nn.static` network that computes exactly
-what the supernet computed on that path.
+what the supernet computed on that path. Quantization points
+(:class:`~spaceevo.nn.layers.QuantPoint`) sit under the same names as in the static twins; a weight
+point is allocated for the largest output width and quantizes the active slice.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import Conv2dNormActivation
 
-from spaceevo.nn.layers import activation
-from spaceevo.nn.static import Block, Head, SqueezeExcite, conv_bn, se_channels
+from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint
+from spaceevo.nn.static import Block, ConvBN, Head, SqueezeExcite, mix_activation, post_add_activation, se_channels
 from spaceevo.space import BlockSpec, BlockTypeSpec, HeadSpec, StageChoices, shortcut_kind
 
 
@@ -37,6 +38,7 @@ class ElasticConv2d(nn.Module):
     The weight is ``(max_out, max_in, K, K)`` (``(max_channels, 1, K, K)`` when depthwise); a call uses
     ``weight[:out, :in]`` cropped to the centred ``k x k`` window, with 'same' padding ``k // 2``.
     A depthwise conv has as many groups as active channels, so its output width is its input width.
+    The active weight passes through ``weight_quant``, per output channel.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class ElasticConv2d(nn.Module):
         in_per_group = 1 if depthwise else max_in_channels
         self.weight = nn.Parameter(torch.empty(max_out_channels, in_per_group, max_kernel, max_kernel))
         self.bias = nn.Parameter(torch.empty(max_out_channels)) if bias else None
+        self.weight_quant = QuantPoint("weight", max_out_channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,16 +94,16 @@ class ElasticConv2d(nn.Module):
         in_channels = x.shape[1]
         return F.conv2d(
             x,
-            self.weight_slice(in_channels, out_channels, kernel),
+            self.weight_quant(self.weight_slice(in_channels, out_channels, kernel)),
             self.bias_slice(out_channels),
             stride=self.stride,
             padding=kernel // 2,
             groups=in_channels if self.depthwise else 1,
         )
 
-    def to_static(self, in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
-        """A plain :class:`torch.nn.Conv2d` holding copies of the active weight slices."""
-        conv = nn.Conv2d(
+    def to_static(self, in_channels: int, out_channels: int, kernel: int) -> QuantizableConv2d:
+        """A plain (FP32) conv holding copies of the active weight slices."""
+        conv = QuantizableConv2d(
             in_channels,
             out_channels,
             kernel,
@@ -172,7 +175,7 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
 
 
 class ElasticConvBN(nn.Module):
-    """Elastic conv (no bias) + elastic BatchNorm + optional activation, the twin of :func:`conv_bn`."""
+    """Elastic conv (no bias) + elastic BatchNorm + activation, the twin of :class:`ConvBN`."""
 
     def __init__(
         self,
@@ -186,21 +189,19 @@ class ElasticConvBN(nn.Module):
         super().__init__()
         self.conv = ElasticConv2d(max_in_channels, max_out_channels, max_kernel, stride, depthwise)
         self.bn = ElasticBatchNorm2d(max_out_channels)
-        self.act_name = act
-        self.act = None if act == "none" else activation(act)
+        self.act = Activation(act)
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
-        x = self.bn(self.conv(x, out_channels, kernel))
-        return x if self.act is None else self.act(x)
+        return self.act(self.bn(self.conv(x, out_channels, kernel)))
 
-    def to_static(self, in_channels: int, out_channels: int, kernel: int) -> Conv2dNormActivation:
-        """The :func:`conv_bn` layer of this active configuration, weights copied."""
+    def to_static(self, in_channels: int, out_channels: int, kernel: int) -> ConvBN:
+        """The :class:`ConvBN` layer of this active configuration, weights copied."""
         groups = in_channels if self.conv.depthwise else 1
-        static = conv_bn(in_channels, out_channels, kernel, self.conv.stride, groups=groups, act=self.act_name)
+        static = ConvBN(in_channels, out_channels, kernel, self.conv.stride, groups=groups, act=self.act.name)
         static.to(device=self.conv.weight.device, dtype=self.conv.weight.dtype)
-        static[0].load_state_dict(self.conv.to_static(in_channels, out_channels, kernel).state_dict())
-        static[1].load_state_dict(self.bn.to_static(out_channels).state_dict())
-        static[1].momentum = self.bn.momentum
+        static.conv.load_state_dict(self.conv.to_static(in_channels, out_channels, kernel).state_dict())
+        static.bn.load_state_dict(self.bn.to_static(out_channels).state_dict())
+        static.bn.momentum = self.bn.momentum
         return static
 
 
@@ -209,16 +210,18 @@ class ElasticSqueezeExcite(nn.Module):
 
     def __init__(self, max_channels: int, max_squeeze: int):
         super().__init__()
+        self.pool_quant = QuantPoint()
         self.reduce = ElasticConv2d(max_channels, max_squeeze, bias=True)
-        self.act = nn.ReLU(inplace=True)
+        self.act = Activation("relu")
         self.expand = ElasticConv2d(max_squeeze, max_channels, bias=True)
-        self.gate = nn.Hardsigmoid()
+        self.gate = Activation("hardsigmoid")
+        self.out_quant = QuantPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
-        scale = self.reduce(F.adaptive_avg_pool2d(x, 1), se_channels(channels), 1)
+        scale = self.reduce(self.pool_quant(F.adaptive_avg_pool2d(x, 1)), se_channels(channels), 1)
         scale = self.gate(self.expand(self.act(scale), channels, 1))
-        return x * scale
+        return self.out_quant(x * scale)
 
     def to_static(self, channels: int) -> SqueezeExcite:
         """A :class:`SqueezeExcite` on ``channels`` with the active slices copied."""
@@ -294,7 +297,8 @@ class ElasticBlock(nn.Module):
     It holds weights for the largest configuration it can meet: every input width in ``in_widths``
     (the previous stage's widths for a stage's first block, the stage's own widths afterwards), every
     output width, kernel and expand ratio of ``choices``. A 1x1 projection shortcut exists when some
-    configuration needs one and runs only when the active :class:`BlockSpec` asks for it.
+    configuration needs one and runs only when the active :class:`BlockSpec` asks for it; so does
+    ``post_act`` (the residual add's activation and quantization point).
     """
 
     def __init__(self, choices: StageChoices, position: int, in_widths: Sequence[int]):
@@ -333,15 +337,13 @@ class ElasticBlock(nn.Module):
                     )
                 )
         self.body = nn.ModuleList(layers)
-        needs_projection = any(
-            shortcut_kind(block, position, cin, cout, self.stride) == "projection"
-            for cin in in_widths
-            for cout in choices.widths
-        )
+        shortcuts = {
+            shortcut_kind(block, position, cin, cout, self.stride) for cin in in_widths for cout in choices.widths
+        }
         self.shortcut = (
-            ElasticConvBN(max(in_widths), max(choices.widths), 1, self.stride) if needs_projection else None
+            ElasticConvBN(max(in_widths), max(choices.widths), 1, self.stride) if "projection" in shortcuts else None
         )
-        self.post_act = activation(block.activation) if block.name.startswith("resnet") else None
+        self.post_act = post_add_activation(block.name, block.activation) if shortcuts != {"none"} else None
 
     def _check(self, spec: BlockSpec) -> None:
         if spec.block_type != self.block_type or spec.stride != self.stride:
@@ -361,11 +363,9 @@ class ElasticBlock(nn.Module):
         for layer, module in zip(self.plan, self.body):
             out = module(out) if layer.se else module(out, dims[layer.cout], spec.kernel if layer.spatial else 1)
         if spec.shortcut == "projection":
-            out = out + self.shortcut(x, spec.out_channels, 1)
+            out = self.post_act(out + self.shortcut(x, spec.out_channels, 1))
         elif spec.shortcut == "identity":
-            out = out + x
-        if self.post_act is not None:
-            out = self.post_act(out)
+            out = self.post_act(out + x)
         return out
 
     def to_static(self, spec: BlockSpec) -> Block:
@@ -396,12 +396,17 @@ class ElasticHead(nn.Module):
         self.num_classes = num_classes
         self.final_expand = ElasticConvBN(max(in_widths), head.widths[0], 1, act=head.activation)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_mix = nn.Sequential(nn.Conv2d(head.widths[0], head.widths[1], 1), activation(head.activation))
-        self.classifier = nn.Linear(head.widths[1], num_classes)
+        self.pool_quant = QuantPoint()
+        self.feature_mix = QuantizableConv2d(head.widths[0], head.widths[1], 1)
+        self.mix_act = mix_activation(head.activation)
+        self.features_quant = QuantPoint()
+        self.classifier = QuantizableLinear(head.widths[1], num_classes)
+        self.logits_quant = QuantPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.feature_mix(self.pool(self.final_expand(x, self.spec.widths[0], 1)))
-        return self.classifier(torch.flatten(x, 1))
+        x = self.pool_quant(self.pool(self.final_expand(x, self.spec.widths[0], 1)))
+        x = self.mix_act(self.feature_mix(x))
+        return self.logits_quant(self.classifier(self.features_quant(torch.flatten(x, 1))))
 
     def to_static(self, in_channels: int) -> Head:
         """The static :class:`Head` for ``in_channels`` input channels, weights copied."""
@@ -410,6 +415,7 @@ class ElasticHead(nn.Module):
         static.final_expand.load_state_dict(
             self.final_expand.to_static(in_channels, self.spec.widths[0], 1).state_dict()
         )
-        _copy(static.feature_mix, self.feature_mix.state_dict())
-        _copy(static.classifier, self.classifier.state_dict())
+        for name in ("feature_mix", "classifier"):
+            layer = getattr(self, name)
+            _copy(getattr(static, name), {"weight": layer.weight, "bias": layer.bias})
         return static

@@ -1,40 +1,43 @@
 """Static (plain PyTorch) networks built from a resolved :class:`~spaceevo.space.Architecture`.
 
-These are what gets exported and deployed. Every block is a composition of
-:class:`torchvision.ops.Conv2dNormActivation` layers, so BatchNorm folds into the conv at export and
-ONNX Runtime's QDQ fusion sees the usual Conv→(Relu|Clip) patterns. Module names
-(``stages.<stage>.<block>``) are the name scopes the latency engine uses to attribute ONNX nodes.
+These are what gets exported and deployed. Every conv with BatchNorm is a :class:`ConvBN`
+(conv, BN, activation), so BatchNorm folds into the conv at export and ONNX Runtime's QDQ fusion
+sees the usual Conv→(Relu|Clip) patterns. The :class:`~spaceevo.nn.layers.QuantPoint` s mark the
+tensors ONNX Runtime keeps in INT8 and sit under the same names as in the elastic supernet
+(:mod:`spaceevo.quant.qat` documents the placement). Module names (``stages.<stage>.<block>``) are
+the name scopes the latency engine uses to attribute ONNX nodes.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import Conv2dNormActivation
 
-from spaceevo.nn.layers import activation
+from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint
 from spaceevo.space import Architecture, BlockSpec, HeadSpec, make_divisible
 
 
-def conv_bn(
-    in_channels: int,
-    out_channels: int,
-    kernel: int = 1,
-    stride: int = 1,
-    groups: int = 1,
-    act: str = "none",
-) -> Conv2dNormActivation:
-    """Conv (same padding, no bias) + BatchNorm + optional activation."""
-    return Conv2dNormActivation(
-        in_channels,
-        out_channels,
-        kernel_size=kernel,
-        stride=stride,
-        groups=groups,
-        norm_layer=nn.BatchNorm2d,
-        activation_layer=None if act == "none" else (lambda inplace=True: activation(act)),
-        inplace=None,
-    )
+class ConvBN(nn.Module):
+    """Conv (same padding, no bias) + BatchNorm + :class:`~spaceevo.nn.layers.Activation`."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act: str = "none",
+    ):
+        super().__init__()
+        self.conv = QuantizableConv2d(
+            in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = Activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
 
 
 class SqueezeExcite(nn.Module):
@@ -43,14 +46,16 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, squeeze: int):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.reduce = nn.Conv2d(channels, squeeze, 1)
-        self.act = nn.ReLU(inplace=True)
-        self.expand = nn.Conv2d(squeeze, channels, 1)
-        self.gate = nn.Hardsigmoid()
+        self.pool_quant = QuantPoint()
+        self.reduce = QuantizableConv2d(channels, squeeze, 1)
+        self.act = Activation("relu")
+        self.expand = QuantizableConv2d(squeeze, channels, 1)
+        self.gate = Activation("hardsigmoid")
+        self.out_quant = QuantPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
-        return x * scale
+        scale = self.gate(self.expand(self.act(self.reduce(self.pool_quant(self.pool(x))))))
+        return self.out_quant(x * scale)
 
 
 def se_channels(channels: int) -> int:
@@ -58,27 +63,31 @@ def se_channels(channels: int) -> int:
     return make_divisible(channels / 4)
 
 
+def post_add_activation(block_type: str, activation: str) -> Activation:
+    """What follows a residual add: the ResNet blocks' activation, nothing for inverted residuals;
+    either way with the quantization point of the sum."""
+    return Activation(activation if block_type.startswith("resnet") else "none")
+
+
 class Block(nn.Module):
-    """One static block: a ``body`` of layers, an optional shortcut, an optional post-add activation."""
+    """One static block: a ``body`` of layers, an optional shortcut, and after the residual add its
+    activation (ResNet) and quantization point, ``post_act``."""
 
     def __init__(self, spec: BlockSpec):
         super().__init__()
         self.spec = spec
         self.body = nn.Sequential(*_body_layers(spec))
         if spec.shortcut == "projection":
-            self.shortcut = conv_bn(spec.in_channels, spec.out_channels, 1, spec.stride)
+            self.shortcut = ConvBN(spec.in_channels, spec.out_channels, 1, spec.stride)
         else:
             self.shortcut = None
         self.has_residual = spec.shortcut != "none"
-        resnet = spec.block_type.startswith("resnet")
-        self.post_act = activation(spec.activation) if resnet else None
+        self.post_act = post_add_activation(spec.block_type, spec.activation) if self.has_residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
         if self.has_residual:
-            out = out + (self.shortcut(x) if self.shortcut is not None else x)
-        if self.post_act is not None:
-            out = self.post_act(out)
+            out = self.post_act(out + (self.shortcut(x) if self.shortcut is not None else x))
         return out
 
 
@@ -94,50 +103,65 @@ def _body_layers(spec: BlockSpec) -> list[nn.Module]:
     )
     kind = spec.block_type
     if kind == "conv":
-        return [conv_bn(cin, cout, k, s, act=act)]
+        return [ConvBN(cin, cout, k, s, act=act)]
     if kind == "mbv1_dual":
         return [
-            conv_bn(cin, cin, k, s, groups=cin, act=act),
-            conv_bn(cin, cout, 1, act=act),
-            conv_bn(cout, cout, k, 1, groups=cout, act=act),
-            conv_bn(cout, cout, 1, act=act),
+            ConvBN(cin, cin, k, s, groups=cin, act=act),
+            ConvBN(cin, cout, 1, act=act),
+            ConvBN(cout, cout, k, 1, groups=cout, act=act),
+            ConvBN(cout, cout, 1, act=act),
         ]
     if kind in ("mbv2", "mbv3_se"):
         layers: list[nn.Module] = [
-            conv_bn(cin, mid, 1, act=act),
-            conv_bn(mid, mid, k, s, groups=mid, act=act),
+            ConvBN(cin, mid, 1, act=act),
+            ConvBN(mid, mid, k, s, groups=mid, act=act),
         ]
         if spec.se:
             layers.append(SqueezeExcite(mid, se_channels(mid)))
-        layers.append(conv_bn(mid, cout, 1))
+        layers.append(ConvBN(mid, cout, 1))
         return layers
     if kind in ("resnet", "resnet_se"):
         layers = [
-            conv_bn(cin, mid, 1, act=act),
-            conv_bn(mid, mid, k, s, act=act),
-            conv_bn(mid, cout, 1),
+            ConvBN(cin, mid, 1, act=act),
+            ConvBN(mid, mid, k, s, act=act),
+            ConvBN(mid, cout, 1),
         ]
         if spec.se:
             layers.append(SqueezeExcite(cout, se_channels(cout)))
         return layers
     if kind == "fused_mbconv":
-        return [conv_bn(cin, mid, k, s, act=act), conv_bn(mid, cout, 1)]
+        return [ConvBN(cin, mid, k, s, act=act), ConvBN(mid, cout, 1)]
     raise ValueError(f"unknown block type {kind!r}")
 
 
 class Head(nn.Module):
-    """1x1 conv + BN + act, global average pool, 1x1 conv + act, linear classifier."""
+    """1x1 conv + BN + act, global average pool, 1x1 conv + act, linear classifier.
+
+    The feature-mix activation's output is quantized after the flatten, where ONNX Runtime puts it
+    (as the classifier's input); the logits are quantized too, so the classifier runs as QGemm.
+    """
 
     def __init__(self, in_channels: int, head: HeadSpec, num_classes: int):
         super().__init__()
-        self.final_expand = conv_bn(in_channels, head.widths[0], 1, act=head.activation)
+        self.final_expand = ConvBN(in_channels, head.widths[0], 1, act=head.activation)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_mix = nn.Sequential(nn.Conv2d(head.widths[0], head.widths[1], 1), activation(head.activation))
-        self.classifier = nn.Linear(head.widths[1], num_classes)
+        self.pool_quant = QuantPoint()
+        self.feature_mix = QuantizableConv2d(head.widths[0], head.widths[1], 1)
+        self.mix_act = mix_activation(head.activation)
+        self.features_quant = QuantPoint()
+        self.classifier = QuantizableLinear(head.widths[1], num_classes)
+        self.logits_quant = QuantPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.feature_mix(self.pool(self.final_expand(x)))
-        return self.classifier(torch.flatten(x, 1))
+        x = self.mix_act(self.feature_mix(self.pool_quant(self.pool(self.final_expand(x)))))
+        return self.logits_quant(self.classifier(self.features_quant(torch.flatten(x, 1))))
+
+
+def mix_activation(name: str) -> Activation:
+    """The head's feature-mix activation. HardSwish has no INT8 kernel and feeds the (unquantized)
+    Flatten, so ONNX Runtime quantizes its output only after the flatten; the others' outputs are
+    quantized where they are computed (fused Relu/Clip, the swish product)."""
+    return Activation(name, quantize_output=name != "hswish")
 
 
 class StaticNet(nn.Module):
@@ -146,10 +170,12 @@ class StaticNet(nn.Module):
     def __init__(self, arch: Architecture):
         super().__init__()
         self.arch = arch
+        self.input_quant = QuantPoint()
         self.stages = nn.ModuleList(nn.Sequential(*(Block(b) for b in stage)) for stage in arch.stages)
         self.head = Head(arch.final_channels, arch.head, arch.num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)
         for stage in self.stages:
             x = stage(x)
         return x

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spaceevo.nn.elastic import ElasticBlock, ElasticHead
+from spaceevo.nn.layers import QuantPoint
 from spaceevo.nn.static import StaticNet
 from spaceevo.space import Architecture, CandidateSpace, Subnet
 
@@ -25,6 +26,7 @@ class Supernet(nn.Module):
     def __init__(self, space: CandidateSpace):
         super().__init__()
         self.space = space
+        self.input_quant = QuantPoint()
         stages = []
         in_widths: tuple[int, ...] = (space.hyperspace.in_channels,)
         for choices in space.stages:
@@ -74,6 +76,7 @@ class Supernet(nn.Module):
         return subnet
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)
         for blocks, specs in zip(self.stages, self._arch.stages):
             for block, spec in zip(blocks, specs):
                 x = block(x, spec)
@@ -85,8 +88,9 @@ class Supernet(nn.Module):
     def extract(self, subnet: Subnet | None = None) -> StaticNet:
         """A static network of ``subnet`` (default: the active one) with the shared weights copied.
 
-        It computes what the supernet computes on that path, in the supernet's train/eval mode,
-        device and dtype; the active subnet of the supernet is left unchanged.
+        It computes what the supernet computes on that path in FP32, in the supernet's train/eval
+        mode, device and dtype; the active subnet of the supernet is left unchanged. Quantizers are
+        not copied: :func:`spaceevo.quant.qat.extract_qat` extracts a quantization-aware subnet.
         """
         arch = self._arch if subnet is None else self.space.resolve(subnet)
         weight = self.head.classifier.weight

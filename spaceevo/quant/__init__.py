@@ -1,1 +1,1 @@
-"""Quantization: ONNX export of FP32 and INT8 (QDQ) models."""
+"""Quantization: LSQ+ quantization-aware training and ONNX export of FP32 and INT8 (QDQ) models."""

@@ -654,15 +654,18 @@ def make_loader(
     workers: int | None = None,
     seed: int = 0,
     drop_last: bool = False,
+    distributed: bool | None = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` whose shuffling is seeded by ``seed``.
 
     ``workers=None`` picks 0 worker processes for in-memory splits (the pixels are already in
     memory and a batch costs well under a millisecond per image, less than starting and feeding
     worker processes), and ``min(8, CPUs - 1)`` for data decoded from files. Memory is pinned only
-    when CUDA is available. When ``torch.distributed`` is initialised, a ``DistributedSampler``
-    (seeded, shuffling as asked) gives each rank its shard; call ``loader.sampler.set_epoch(e)``
-    every epoch for a new order. Augmentation draws from torch's global RNG in the main process
+    when CUDA is available. When ``torch.distributed`` is initialised (and ``distributed`` is not
+    False), a ``DistributedSampler`` (seeded, shuffling as asked) gives each rank its shard; call
+    ``loader.sampler.set_epoch(e)`` every epoch for a new order. ``distributed=False`` gives every
+    rank the whole data set (BN recalibration and evaluation, which must see the same images on
+    every rank). Augmentation draws from torch's global RNG in the main process
     (seed it with ``torch.manual_seed`` for reproducible training); worker processes are seeded
     from ``seed``.
     """
@@ -675,7 +678,9 @@ def make_loader(
     generator = torch.Generator()
     generator.manual_seed(seed)
     sampler = None
-    if dist.is_available() and dist.is_initialized():
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(
         dataset,

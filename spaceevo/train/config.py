@@ -1,0 +1,170 @@
+"""Hyper-parameters of supernet training (:class:`TrainConfig`) and the named budgets.
+
+A budget is a preset of every field: ``smoke`` is a fraction of an epoch for tests and for checking
+that a setup works; ``default`` trains a ``tiny`` candidate space on the embedded Fashion-MNIST
+subset on 2 CPU cores in about 20 minutes (sized from a measured sandwich-step throughput, see
+:data:`BUDGETS`). Any field can be overridden on top of a budget (:meth:`TrainConfig.preset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from spaceevo.errors import UsageError
+
+DISTILL_LOSSES = ("kl",)
+"""Distillation losses of the in-place distilled subnets (KL divergence at temperature 1)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the weights a supernet training run produces.
+
+    ``batch_size`` is per process (the global batch under ``torchrun`` is ``batch_size`` times the
+    world size); ``lr`` and ``qat_lr`` are the peak learning rates of the FP32 and the QAT phase
+    (cosine decay to zero within each phase, after ``warmup_epochs`` / ``qat_warmup_epochs`` of
+    linear warm-up; fractions of an epoch are allowed). ``steps_per_epoch`` caps the optimizer steps
+    of an epoch (None: one pass over the training split). ``calibration_images`` held-out images
+    recalibrate BatchNorm before each evaluation; ``eval_images`` caps the held-out images that are
+    evaluated (None: all). ``reduce_range`` (7-bit weights in QAT, for x86 without VNNI) is decided
+    from this host's CPU when None. ``workers``: DataLoader processes (None: automatic).
+    ``amp``: autocast on CUDA in the FP32 phase. ``channels_last``: NHWC memory format for weights
+    and activations (1.5x faster sandwich steps on CPU with oneDNN, faster on CUDA too).
+    """
+
+    epochs: int = 2
+    qat_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.1
+    qat_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    warmup_epochs: float = 0.2
+    qat_warmup_epochs: float = 0.0
+    label_smoothing: float = 0.1
+    num_random_subnets: int = 2
+    distill: str = "kl"
+    seed: int = 0
+    workers: int | None = None
+    steps_per_epoch: int | None = None
+    calibration_images: int = 256
+    eval_images: int | None = None
+    reduce_range: bool | None = None
+    zero_init_residual: bool = True
+    amp: bool = True
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> UsageError:
+            return UsageError(f"training config: {name}={getattr(self, name)!r} is not allowed; allowed: {allowed}")
+
+        for name in ("epochs", "qat_epochs", "num_random_subnets", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise bad(name, "an integer >= 0")
+        for name in ("batch_size", "calibration_images"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise bad(name, "an integer >= 1")
+        for name in ("steps_per_epoch", "eval_images", "workers"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < (0 if name == "workers" else 1)):
+                raise bad(name, "None or an integer >= " + ("0" if name == "workers" else "1"))
+        if self.epochs + self.qat_epochs < 1:
+            raise UsageError("training config: epochs + qat_epochs must be at least 1")
+        for name in ("lr", "qat_lr"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0 or not math.isfinite(value):
+                raise bad(name, "a finite number > 0")
+        for name in ("weight_decay", "warmup_epochs", "qat_warmup_epochs"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0 or not math.isfinite(value):
+                raise bad(name, "a finite number >= 0")
+        for name in ("momentum", "label_smoothing"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value < 1:
+                raise bad(name, "a number in [0, 1)")
+        if self.distill not in DISTILL_LOSSES:
+            raise bad("distill", ", ".join(DISTILL_LOSSES))
+        for name in ("zero_init_residual", "amp", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
+            raise bad("reduce_range", "None (decide from this host's CPU), true or false")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.qat_epochs
+
+    def phase_of(self, epoch: int) -> str:
+        """``fp32`` or ``qat``: the phase of 1-based ``epoch``."""
+        return "fp32" if epoch <= self.epochs else "qat"
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied; unknown field names raise :class:`UsageError`."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise UsageError(f"training config: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def preset(cls, budget: str = "default", **overrides: Any) -> TrainConfig:
+        """The named budget with ``overrides`` applied (``None`` values are ignored)."""
+        if budget not in BUDGETS:
+            raise UsageError(f"unknown training budget {budget!r}; allowed: {', '.join(BUDGETS)}")
+        return BUDGETS[budget].replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+BUDGETS: dict[str, TrainConfig] = {
+    # A few steps of each phase: checks that training, QAT, checkpointing and evaluation work.
+    # About 15-25 s on one CPU thread for tiny-1111-0000 (most of it is QAT and evaluation).
+    "smoke": TrainConfig(
+        epochs=1,
+        qat_epochs=1,
+        batch_size=32,
+        lr=0.1,
+        qat_lr=0.01,
+        warmup_epochs=0.0,
+        steps_per_epoch=3,
+        calibration_images=64,
+        eval_images=128,
+    ),
+    # tiny on the embedded data on 2 CPU cores in <= 20 minutes. Measured for tiny-1111-0000
+    # (scripts/bench_sandwich.py: batch 64, channels-last, ONE thread, on a 2-core VM whose other core
+    # ran a latency measurement; 4 runs each): 32-52 training images/s in FP32, 12.6-23.5 in QAT;
+    # evaluating the largest and the smallest subnet after BN recalibration: 7 s (FP32) and 17 s (QAT)
+    # per epoch. 2 FP32 + 1 QAT epochs of 120 steps of 64 (7,680 of the 9,000 training images, a new
+    # random subset every epoch): 13 minutes at the median figures, 19 at the slowest.
+    "default": TrainConfig(
+        epochs=2,
+        qat_epochs=1,
+        batch_size=64,
+        lr=0.1,
+        qat_lr=0.01,
+        warmup_epochs=0.2,
+        steps_per_epoch=120,
+        calibration_images=256,
+        eval_images=None,
+    ),
+}
+"""Named training budgets (``--budget``)."""

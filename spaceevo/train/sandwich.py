@@ -1,0 +1,157 @@
+"""One optimizer step of the sandwich rule with in-place distillation (AttentiveNAS / AlphaNet).
+
+Per step and batch: the largest subnet at the largest resolution learns from the labels
+(label-smoothed cross-entropy); the smallest subnet (at the smallest resolution) and
+``num_random_subnets`` uniformly drawn subnets (each at its own drawn resolution) learn from the
+largest subnet's detached logits (KL divergence at temperature 1). Each subnet gets the batch resized
+to its resolution (:func:`~spaceevo.train.data.resize_batch`); the four backward passes accumulate
+gradients, then one optimizer step and one scheduler step follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import get_total_norm
+
+from spaceevo.space import Subnet
+from spaceevo.train.config import TrainConfig
+from spaceevo.train.data import resize_batch
+from spaceevo.train.distributed import all_reduce_gradients
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Losses of one sandwich step (averaged over ranks), the gradient norm, and whether all are finite.
+
+    ``random`` holds the distillation losses of the random subnets in drawing order; ``grad_norm``
+    is the global L2 norm of the accumulated (rank-averaged) gradients, NaN when a loss already was
+    not finite. When ``finite`` is False the optimizer did not step and the gradients were discarded.
+    """
+
+    max: float
+    min: float
+    random: tuple[float, ...]
+    grad_norm: float
+    finite: bool
+    subnets: tuple[Subnet, ...]
+
+    @property
+    def total(self) -> float:
+        return self.max + self.min + sum(self.random)
+
+    def first_non_finite(self) -> str | None:
+        """What was not finite first, in the order of the step: a subnet's loss, or the gradient."""
+        names = ["max", "min"] + [f"random {i + 1}" for i in range(len(self.random))]
+        values = [self.max, self.min, *self.random]
+        for index, (name, value) in enumerate(zip(names, values)):
+            if not math.isfinite(value):
+                return f"loss of the {name} subnet ({self.subnets[index].encode()})"
+        if not math.isfinite(self.grad_norm):
+            return "gradient (the losses were finite)"
+        return None
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) at temperature 1, averaged over the batch."""
+    return F.kl_div(F.log_softmax(student_logits.float(), dim=1), teacher_probs, reduction="batchmean")
+
+
+class SandwichStep:
+    """Callable that runs one sandwich step on a batch: ``step(images, labels) -> StepResult``.
+
+    ``rng`` draws the random subnets (seed it identically on every rank). With
+    ``config.channels_last`` the supernet's weights are converted to that memory format (in place,
+    the parameters stay the same objects) and so is every input. ``amp_dtype`` turns on CUDA autocast
+    (bfloat16 or float16; float16 needs ``scaler``). Gradients are averaged over ranks when
+    ``torch.distributed`` is initialised (:func:`~spaceevo.train.distributed.all_reduce_gradients`).
+    """
+
+    def __init__(
+        self,
+        supernet: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        config: TrainConfig,
+        rng: random.Random,
+        *,
+        amp_dtype: torch.dtype | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ):
+        if config.channels_last:  # weights and inputs in one memory format (mixed formats are slow)
+            supernet.to(memory_format=torch.channels_last)
+        self.supernet = supernet
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.config = config
+        self.rng = rng
+        self.amp_dtype = amp_dtype
+        self.scaler = scaler
+        space = supernet.space
+        self.max_subnet = space.max_subnet()
+        self.min_subnet = space.min_subnet()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _forward(self, subnet: Subnet, images: torch.Tensor) -> torch.Tensor:
+        self.supernet.set_active(subnet)
+        images = resize_batch(images, subnet.resolution)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.supernet(images).float()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        device = next(self.supernet.parameters()).device
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        self.supernet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        subnets = [self.max_subnet, self.min_subnet]
+        subnets += [self.supernet.space.random_subnet(self.rng) for _ in range(self.config.num_random_subnets)]
+
+        losses = []
+        logits = self._forward(self.max_subnet, images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+        self._backward(loss)
+        losses.append(loss.detach())
+        teacher = F.softmax(logits.detach(), dim=1)
+        del logits, loss
+        for subnet in subnets[1:]:
+            loss = distillation_loss(self._forward(subnet, images), teacher)
+            self._backward(loss)
+            losses.append(loss.detach())
+            del loss
+
+        values = all_reduce_gradients(self.supernet, torch.stack(losses))
+        finite = bool(torch.isfinite(values).all())
+        grad_norm = float("nan")
+        if finite:
+            grads = [p.grad for p in self.supernet.parameters() if p.grad is not None]
+            grad_norm = float(get_total_norm(grads))
+            # float16 autocast: the scaler skips steps with overflowing (scaled) gradients by itself
+            finite = self.scaler is not None or math.isfinite(grad_norm)
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        values = values.tolist()
+        return StepResult(values[0], values[1], tuple(values[2:]), grad_norm, finite, tuple(subnets))

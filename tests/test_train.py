@@ -1,0 +1,400 @@
+"""Supernet training (spaceevo.train): sandwich steps, BN recalibration, run directory, resume,
+divergence, two-process data parallelism and the ``spaceevo train`` command."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import itertools
+import json
+import math
+import random
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from spaceevo.cli import main
+from spaceevo.errors import RunMismatchError, TrainingDivergedError, UsageError
+from spaceevo.nn import Supernet
+from spaceevo.space import load_space
+from spaceevo.train import sandwich
+from spaceevo.train.bn import batchnorms, preserved_bn_state, recalibrate_bn
+from spaceevo.train.checkpoint import load_checkpoint
+from spaceevo.train.config import BUDGETS, TrainConfig
+from spaceevo.train.data import load_data, make_loader
+from spaceevo.train.evaluate import evaluate
+from spaceevo.train.loop import train_supernet
+from spaceevo.train.optim import WarmupCosine, make_optimizer, parameter_groups
+from spaceevo.train.sandwich import SandwichStep
+from spaceevo.train.weights import initialize_weights, residual_blocks
+
+SPACE = "tiny-1111-0000"
+QAT = importlib.util.find_spec("spaceevo.quant.qat") is not None
+needs_qat = pytest.mark.skipif(not QAT, reason="spaceevo.quant.qat is not available yet")
+
+# A few steps per epoch, small batches and evaluations: seconds per epoch on one thread.
+# reduce_range is given, so these runs skip the device fingerprint (the smoke run decides it).
+TINY = TrainConfig(
+    epochs=2, qat_epochs=0, batch_size=16, lr=0.05, warmup_epochs=0.0, steps_per_epoch=2,
+    calibration_images=32, eval_images=64, reduce_range=True,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data("embedded", 28)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, int, str, str]:
+    """``spaceevo train --budget smoke --json`` once (with QAT when spaceevo.quant.qat exists)."""
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    argv = ["train", "--space", SPACE, "--data", "embedded", "--run", str(run), "--budget", "smoke", "--json"]
+    if not QAT:
+        argv += ["--qat-epochs", "0"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return run, code, out.getvalue(), err.getvalue()
+
+
+def state_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration, initialisation, optimizer
+
+
+def test_config_budgets_and_validation() -> None:
+    assert set(BUDGETS) == {"smoke", "default"}
+    smoke = TrainConfig.preset("smoke", epochs=3, seed=None)
+    assert smoke.epochs == 3 and smoke.seed == 0 and smoke.num_random_subnets == 2 and smoke.distill == "kl"
+    assert TrainConfig.from_dict(smoke.to_dict()) == smoke
+    with pytest.raises(UsageError, match="batch_size=0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(UsageError, match="distill.*allowed: kl"):
+        TrainConfig(distill="alpha")
+    with pytest.raises(UsageError, match="unknown training budget 'huge'.*smoke, default"):
+        TrainConfig.preset("huge")
+    with pytest.raises(UsageError, match="unknown field"):
+        TrainConfig().replace(learning_rate=1.0)
+
+
+def test_warmup_cosine_schedule() -> None:
+    schedule = WarmupCosine(total_steps=10, warmup_steps=2)
+    factors = [schedule(t) for t in range(11)]
+    assert factors[0] < factors[1] < factors[2] == 1.0
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[10] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_initialisation_and_parameter_groups() -> None:
+    torch.manual_seed(0)
+    net = Supernet(load_space(SPACE))
+    initialize_weights(net, zero_init_residual=True)
+    blocks = residual_blocks(net)
+    assert blocks, "tiny-1111-0000 has residual blocks after the first block of each stage"
+    for block in blocks:
+        assert float(block.body[-1].bn.weight.detach().abs().sum()) == 0.0
+    assert float(net.stages[1][0].body[-1].bn.weight.detach().min()) == 1.0, "no shortcut: must not start at zero"
+    decay, no_decay = parameter_groups(net, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    bn = net.stages[1][0].body[0].bn
+    assert any(p is bn.weight for p in no_decay["params"]) and any(p is bn.bias for p in no_decay["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# sandwich step
+
+
+def test_sandwich_loss_decreases_on_embedded_data(data) -> None:
+    torch.manual_seed(0)
+    space = load_space(SPACE)
+    net = Supernet(space)
+    initialize_weights(net)
+    config = TrainConfig(batch_size=16, lr=0.1)
+    optimizer = make_optimizer(net, config.lr, config.momentum, config.weight_decay)
+    step = SandwichStep(net, optimizer, None, config, random.Random(0))
+    loader = make_loader(data.train, 16, True, seed=0, drop_last=True)
+    results = [step(x, y) for x, y in itertools.islice(loader, 24)]
+    assert all(r.finite and math.isfinite(r.total) for r in results)
+    assert [r.subnets[0] for r in results[:1]] == [space.max_subnet()]
+    assert results[0].subnets[1] == space.min_subnet() and len(results[0].random) == 2
+    resolutions = {s.resolution for r in results for s in r.subnets[2:]}
+    assert len(resolutions) > 1, "random subnets draw their own resolutions"
+    first = sum(r.max for r in results[:6]) / 6
+    last = sum(r.max for r in results[-6:]) / 6
+    assert first > math.log(10) - 0.1, "starts near chance (label-smoothed CE of 10 classes)"
+    # seeds 0-2 on this host: 0.26-0.51 lower over 24 steps of batch 16; single batches vary by ~0.3
+    assert last < first - 0.15, (first, last)
+
+
+def test_sandwich_step_with_an_infinite_weight_does_not_step(data) -> None:
+    torch.manual_seed(0)
+    net = Supernet(load_space(SPACE))
+    initialize_weights(net)
+    config = TrainConfig(batch_size=8)
+    step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, config, random.Random(0))
+    with torch.no_grad():
+        net.head.classifier.weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in net.state_dict().items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    x, y = next(iter(make_loader(data.train, 8, True, seed=0)))
+    result = step(x, y)
+    assert not result.finite and "loss of the max subnet" in result.first_non_finite()
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()), "no optimizer step after a non-finite loss"
+
+
+# ---------------------------------------------------------------------------------------------
+# BN recalibration
+
+
+def test_recalibrate_bn_resets_statistics_and_is_deterministic(data) -> None:
+    torch.manual_seed(0)
+    space = load_space(SPACE)
+    net = Supernet(space)
+    initialize_weights(net, zero_init_residual=False)
+    subnet = space.min_subnet()
+    bns = batchnorms(net)
+
+    def loader():
+        return make_loader(data.heldout.with_resolution(subnet.resolution), 32, True, seed=0)
+
+    def stats() -> list[torch.Tensor]:
+        return [t.clone() for bn in bns for t in (bn.running_mean, bn.running_var)]
+
+    before = stats()
+    assert recalibrate_bn(net, subnet, loader(), 3) == 96
+    after = stats()
+    assert not net.training and all(bn.momentum == 0.1 for bn in bns)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    active = [bn for bn in bns if int(bn.num_batches_tracked) == 3]
+    assert active, "the active BNs saw three batches (cumulative average)"
+    with torch.no_grad():  # garbage statistics must not leak into the next recalibration
+        for bn in bns:
+            bn.running_mean.uniform_(-5, 5)
+            bn.running_var.uniform_(3, 9)
+    recalibrate_bn(net, subnet, loader(), 3)
+    assert all(torch.equal(a, b) for a, b in zip(after, stats()))
+    top1 = evaluate(net, subnet, make_loader(data.heldout.with_resolution(subnet.resolution), 100, False), 200)
+    assert 0.0 <= top1 <= 100.0
+
+    net.train()
+    saved = stats()
+    with preserved_bn_state(net):
+        recalibrate_bn(net, space.max_subnet(), loader(), 1)
+        assert net.active_subnet == space.max_subnet()
+    assert all(torch.equal(a, b) for a, b in zip(saved, stats()))
+    assert net.training and net.active_subnet == subnet
+
+
+# ---------------------------------------------------------------------------------------------
+# run directory, resume, mismatch, divergence
+
+
+def test_cli_smoke_training_writes_the_run(smoke_run) -> None:
+    run, code, out, err = smoke_run
+    assert code == 0, err
+    summary = json.loads(out)
+    total = BUDGETS["smoke"].epochs + (BUDGETS["smoke"].qat_epochs if QAT else 0)
+    assert summary["space"] == SPACE and summary["epochs"] == f"{total}/{total}"
+    assert 0.0 <= summary["heldout_top1_max"] <= 100.0 and summary["images_per_s"] > 0
+    assert "epoch 1/" in err, "a progress bar per epoch on stderr"
+
+    config = json.loads((run / "config.json").read_text())
+    space = load_space(SPACE)
+    assert config["space"] == SPACE and config["hyperspace_digest"] == space.hyperspace.digest
+    assert config["data"] == "embedded" and config["config"]["batch_size"] == BUDGETS["smoke"].batch_size
+    assert {"torch", "torchvision", "spaceevo", "python"} <= set(config["versions"])
+
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, total + 1))
+    assert all(math.isfinite(r["loss"]) and 0 <= r["heldout_top1_min"] <= 100 for r in log)
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert checkpoint["epoch"] == total and checkpoint["space"] == SPACE
+    assert {"model", "optimizer", "scheduler", "rng", "phase", "history"} <= set(checkpoint)
+    assert checkpoint["phase"] == ("qat" if QAT else "fp32")
+    assert not list(run.rglob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_finished_run_resumes_at_once_and_needs_resume_flag(smoke_run, capsys) -> None:
+    run, *_ = smoke_run
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke",
+                           *([] if QAT else ["--qat-epochs", "0"]))
+    assert code == 2 and "--resume" in err and "Traceback" not in err
+    config = BUDGETS["smoke"].replace(**({} if QAT else {"qat_epochs": 0}))
+    result = train_supernet(SPACE, run, config=config, resume=True, progress=False)
+    assert result.resumed_from == result.epochs_done == config.total_epochs and result.train_images == 0
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_checkpoint_of_another_space_is_refused(smoke_run) -> None:
+    run, *_ = smoke_run
+    with pytest.raises(RunMismatchError) as info:
+        train_supernet("tiny-2222-0000", run, budget="smoke", resume=True, progress=False)
+    assert "tiny-2222-0000" in str(info.value) and SPACE in str(info.value)
+
+
+def test_resume_with_another_config_is_refused(smoke_run) -> None:
+    run, *_ = smoke_run
+    with pytest.raises(RunMismatchError, match="batch_size: run 32, now 8"):
+        train_supernet(SPACE, run, config=BUDGETS["smoke"].replace(batch_size=8), resume=True, progress=False)
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def _interrupt_after(epoch: int):
+    def callback(record: dict) -> None:
+        if record["epoch"] == epoch:
+            raise _Interrupt
+
+    return callback
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path) -> None:
+    whole = train_supernet(SPACE, tmp_path / "whole", config=TINY, progress=False)
+    assert whole.epochs_done == 2
+
+    with pytest.raises(_Interrupt):
+        train_supernet(SPACE, tmp_path / "split", config=TINY, progress=False, on_epoch_end=_interrupt_after(1))
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["epoch"] == 1
+    assert len((tmp_path / "split" / "log.jsonl").read_text().splitlines()) == 1
+    resumed = train_supernet(SPACE, tmp_path / "split", config=TINY, resume=True, progress=False)
+    assert resumed.resumed_from == 1 and [r["epoch"] for r in resumed.history] == [1, 2]
+
+    # bit-identical: same seed, same thread count, RNG states restored at the epoch boundary
+    assert_same_state(state_of(tmp_path / "whole" / "checkpoints" / "last.pt"),
+                      state_of(tmp_path / "split" / "checkpoints" / "last.pt"))
+    assert [r["loss"] for r in whole.history] == [r["loss"] for r in resumed.history]
+    assert [r["heldout_top1_max"] for r in whole.history] == [r["heldout_top1_max"] for r in resumed.history]
+
+
+@needs_qat
+def test_resume_at_the_qat_boundary_matches_an_uninterrupted_run(tmp_path) -> None:
+    config = TINY.replace(epochs=1, qat_epochs=1)
+    train_supernet(SPACE, tmp_path / "whole", config=config, progress=False)
+    with pytest.raises(_Interrupt):
+        train_supernet(SPACE, tmp_path / "split", config=config, progress=False, on_epoch_end=_interrupt_after(1))
+    resumed = train_supernet(SPACE, tmp_path / "split", config=config, resume=True, progress=False)
+    assert resumed.history[-1]["phase"] == "qat"
+    assert_same_state(state_of(tmp_path / "whole" / "checkpoints" / "last.pt"),
+                      state_of(tmp_path / "split" / "checkpoints" / "last.pt"))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    saved: dict[str, bytes] = {}
+    calls = {"n": 0}
+    original = sandwich.distillation_loss
+    # three distillation losses per step (min + two random), two steps per epoch:
+    # call 10 is the smallest subnet of epoch 2, step 2
+    poisoned_call = 3 * TINY.steps_per_epoch + 3 + 1
+
+    def poisoned(student, teacher):
+        calls["n"] += 1
+        loss = original(student, teacher)
+        return loss * float("nan") if calls["n"] == poisoned_call else loss
+
+    def remember(record: dict) -> None:
+        saved["checkpoint"] = (run / "checkpoints" / "last.pt").read_bytes()
+        saved["log"] = (run / "log.jsonl").read_bytes()
+
+    monkeypatch.setattr(sandwich, "distillation_loss", poisoned)
+    with pytest.raises(TrainingDivergedError) as info:
+        train_supernet(SPACE, run, config=TINY, progress=False, on_epoch_end=remember)
+    message = str(info.value)
+    assert "epoch 2, step 2" in message and "loss of the min subnet" in message, message
+    assert "still holds epoch 1" in message
+    assert (run / "checkpoints" / "last.pt").read_bytes() == saved["checkpoint"]
+    assert (run / "log.jsonl").read_bytes() == saved["log"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes (gloo)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_processes_end_with_identical_weights(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    from _train_worker import train_rank
+
+    run = tmp_path / "run"
+    config = TINY.replace(epochs=1, batch_size=8, calibration_images=16, eval_images=32)
+    mp.spawn(train_rank, args=(2, _free_port(), str(run), str(tmp_path), config.to_dict()), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2)]
+    assert results[0]["images"] == results[1]["images"] == 2 * 8 * 2, "two ranks x batch 8 x two steps"
+    assert_same_state(results[0]["state"], results[1]["state"])  # parameters and buffers
+    initial = Supernet(load_space(SPACE)).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in results[0]["state"].items() if k.endswith("weight"))
+    for a, b in zip(results[0]["history"], results[1]["history"]):
+        assert a["loss"] == b["loss"], "losses are averaged over the ranks"
+        assert a["heldout_top1_max"] == b["heldout_top1_max"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["world_size"] == 2
+    assert_same_state(load_checkpoint(run / "checkpoints" / "last.pt")["model"], results[0]["state"])
+
+
+# ---------------------------------------------------------------------------------------------
+# command line errors
+
+
+def test_cli_missing_data_directory_exits_2_without_writing(capsys, tmp_path) -> None:
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--data", "fashion-mnist:/nonexistent",
+                             "--run", str(run), "--budget", "smoke")
+    assert code == 2 and out == ""
+    assert err.startswith("spaceevo: error:") and "/nonexistent" in err and "does not exist" in err
+    assert "Traceback" not in err
+    assert not run.exists(), "nothing is written before the data set is found"
+
+
+def test_cli_train_needs_a_candidate_space(capsys, tmp_path) -> None:
+    code, _, err = run_cli(capsys, "train", "--space", "tiny", "--run", str(tmp_path / "run"))
+    assert code == 2 and "candidate space" in err and "--space tiny-" in err
+
+
+def test_cli_interrupt_says_how_to_resume(capsys, tmp_path, monkeypatch) -> None:
+    import spaceevo.train.loop as loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_supernet", interrupted)
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(tmp_path / "run"))
+    assert code == 130 and "--resume" in err and "Traceback" not in err
