@@ -56,10 +56,8 @@ does not use). :func:`~spaceevo.quant.lsq.set_quant_mode` switches between FP32 
 from __future__ import annotations
 
 import copy
-import io
 import math
 import random
-import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -72,7 +70,7 @@ from spaceevo.errors import UsageError
 from spaceevo.nn.layers import QuantizableConv2d, QuantizableLinear, QuantPoint
 from spaceevo.nn.static import ConvBN, StaticNet
 from spaceevo.nn.supernet import Supernet
-from spaceevo.quant.export import OPSET, inline_initializer_identities, rewrite_reduce_mean_to_global_pool
+from spaceevo.quant.export import export_fp32
 from spaceevo.quant.lsq import (
     LsqActivationQuantizer,
     LsqQuantizer,
@@ -455,22 +453,8 @@ def export_int8(
     else:
         raise TypeError(f"expected a Supernet or a StaticNet, got {type(model).__name__}")
     folded = fold_for_int8(static)
-    buffer = io.BytesIO()
-    with export_mode(folded), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            folded,
-            (torch.zeros(*input_shape),),
-            buffer,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["output"],
-            do_constant_folding=True,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
-    inline_initializer_identities(proto)
-    rewrite_reduce_mean_to_global_pool(proto)
+    with export_mode(folded):
+        proto = export_fp32(folded, input_shape)
     _quantize_biases(proto)
     onnx.checker.check_model(proto)
     return proto
