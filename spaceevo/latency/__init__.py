@@ -1,154 +1,34 @@
 """ONNX Runtime INT8 latency engine: fingerprint, measurement, tables, predictor, validation.
 
-The functions here are the Python API behind ``spaceevo latency …``; they take the same arguments
-as the CLI (space and subnet as strings or objects) and return plain dataclasses/dicts.
+The names below are the Python API behind ``spaceevo latency …`` (:mod:`spaceevo.latency.api`).
+They are imported on first use, so importing a light submodule such as
+:mod:`spaceevo.latency.fingerprint` does not load PyTorch.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from typing import Any
 
-from spaceevo.latency.build import BuildReport, build_latency_table
-from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
-from spaceevo.latency.fingerprint import DeviceFingerprint, device_fingerprint
-from spaceevo.latency.predictor import LatencyPredictor, Prediction
-from spaceevo.latency.reference import stable_meter
-from spaceevo.latency.table import LatencyTable, default_root
-from spaceevo.latency.validate import VALIDATION_SEED, ValidationReport, validate_predictor
-from spaceevo.space import CandidateSpace, Hyperspace, Subnet, load_space, require_candidate_space
+_EXPORTS = {
+    "BuildReport": "spaceevo.latency.build",
+    "DeviceFingerprint": "spaceevo.latency.fingerprint",
+    "device_fingerprint": "spaceevo.latency.fingerprint",
+    "LatencyPredictor": "spaceevo.latency.predictor",
+    "Prediction": "spaceevo.latency.predictor",
+    "LatencyTable": "spaceevo.latency.table",
+    "ValidationReport": "spaceevo.latency.validate",
+    "build_table": "spaceevo.latency.api",
+    "load_predictor": "spaceevo.latency.api",
+    "measure_latency": "spaceevo.latency.api",
+    "predict_latency": "spaceevo.latency.api",
+    "validate_latency": "spaceevo.latency.api",
+}
 
-__all__ = [
-    "BuildReport",
-    "DeviceFingerprint",
-    "LatencyPredictor",
-    "LatencyTable",
-    "Prediction",
-    "ValidationReport",
-    "build_table",
-    "device_fingerprint",
-    "load_predictor",
-    "measure_latency",
-    "predict_latency",
-    "validate_latency",
-]
+__all__ = sorted(_EXPORTS)
 
 
-def _space(space: str | Hyperspace | CandidateSpace) -> Hyperspace | CandidateSpace:
-    return load_space(space) if isinstance(space, str) else space
-
-
-def _hyperspace(space: Hyperspace | CandidateSpace) -> Hyperspace:
-    return space.hyperspace if isinstance(space, CandidateSpace) else space
-
-
-def _subnet(space: CandidateSpace, subnet: str | Subnet) -> Subnet:
-    if isinstance(subnet, Subnet):
-        space.check_subnet(subnet)
-        return subnet
-    return space.subnet(subnet)
-
-
-def build_table(
-    space: str | Hyperspace | CandidateSpace,
-    device: str = "cpu",
-    threads: int = 1,
-    root: str | Path | None = None,
-    *,
-    workers: int = 2,
-    calibration_samples: int = 30,
-    max_segments: int = 4000,
-    show_progress: bool = True,
-) -> BuildReport:
-    """Measure (or complete) this device's latency table for a hyperspace and calibrate it."""
-    fingerprint = device_fingerprint(device, threads)
-    _, report = build_latency_table(
-        _hyperspace(_space(space)),
-        fingerprint,
-        Path(root) if root else default_root(),
-        workers=workers,
-        calibration_samples=calibration_samples,
-        max_segments=max_segments,
-        show_progress=show_progress,
-    )
-    return report
-
-
-def load_predictor(
-    space: str | Hyperspace | CandidateSpace, device: str = "cpu", threads: int = 1, root: str | Path | None = None
-) -> LatencyPredictor:
-    """The calibrated predictor for a hyperspace on this device (refuses other devices' tables)."""
-    fingerprint = device_fingerprint(device, threads)
-    table = LatencyTable.open(Path(root) if root else default_root(), fingerprint)
-    return LatencyPredictor.load(table, _hyperspace(_space(space)))
-
-
-def predict_latency(
-    space: str | CandidateSpace,
-    subnet: str | Subnet,
-    device: str = "cpu",
-    threads: int = 1,
-    root: str | Path | None = None,
-) -> dict:
-    """``{"int8_ms": …}`` predicted from the table, plus the parts of the prediction."""
-    candidate = require_candidate_space(_space(space), "latency predict")
-    arch = candidate.resolve(_subnet(candidate, subnet))
-    prediction = load_predictor(candidate, device, threads, root).predict(arch)
-    return {
-        "space": candidate.encoding,
-        "subnet": arch.subnet.encode(),
-        "int8_ms": round(prediction.int8_ms, 4),
-        "segments_ms": round(prediction.segments_ms, 4),
-        "cuts": prediction.cuts,
-    }
-
-
-def measure_latency(
-    space: str | CandidateSpace,
-    subnet: str | Subnet,
-    device: str = "cpu",
-    threads: int = 1,
-    root: str | Path | None = None,
-) -> dict:
-    """Build the subnet, export FP32 and INT8 ONNX, and time both interleaved on the device.
-
-    ``fp32_ms``/``int8_ms`` are on the reference scale of this device's latency table when one
-    exists (so they compare with predictions), else on the reference's speed measured now;
-    ``*_raw_ms`` are the plain wall-clock medians.
-    """
-    candidate = require_candidate_space(_space(space), "latency measure")
-    arch = candidate.resolve(_subnet(candidate, subnet))
-    fingerprint = device_fingerprint(device, threads)
-    table_path = (Path(root) if root else default_root()) / fingerprint.slug / "segments.jsonl"
-    canonical = LatencyTable.load(table_path, fingerprint).reference_ms if table_path.exists() else None
-    meter = stable_meter(fingerprint, canonical)
-    models = subnet_models(arch, fingerprint)
-    fp32, int8 = measure_models([models.fp32, models.int8], fingerprint, WHOLE_MEASURE, meter)
-    return {
-        "space": candidate.encoding,
-        "subnet": arch.subnet.encode(),
-        "device": fingerprint.describe(),
-        "fp32_ms": round(fp32.median_ms, 4),
-        "int8_ms": round(int8.median_ms, 4),
-        "int8_speedup": round(fp32.median_ms / int8.median_ms, 3),
-        "fp32_raw_ms": round(fp32.raw_median_ms, 4),
-        "int8_raw_ms": round(int8.raw_median_ms, 4),
-        "int8_spread": round(int8.spread, 3),
-        "scale": "latency table" if canonical else "reference measured now",
-    }
-
-
-def validate_latency(
-    space: str | Hyperspace | CandidateSpace,
-    samples: int = 100,
-    seed: int = VALIDATION_SEED,
-    device: str = "cpu",
-    threads: int = 1,
-    root: str | Path | None = None,
-    show_progress: bool = True,
-) -> ValidationReport:
-    """Compare predictions with end-to-end INT8 measurements of ``samples`` random subnets."""
-    resolved = _space(space)
-    predictor = load_predictor(resolved, device, threads, root)
-    return validate_predictor(
-        resolved, predictor, device_fingerprint(device, threads), samples, seed, show_progress=show_progress
-    )
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spaceevo.latency' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
