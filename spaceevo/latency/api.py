@@ -12,7 +12,7 @@ from spaceevo.latency.predictor import LatencyPredictor
 from spaceevo.latency.reference import stable_meter
 from spaceevo.latency.table import LatencyTable, default_root
 from spaceevo.latency.validate import VALIDATION_SEED, ValidationReport, validate_predictor
-from spaceevo.space import CandidateSpace, Hyperspace, Subnet, load_space, require_candidate_space
+from spaceevo.space import Architecture, CandidateSpace, Hyperspace, Subnet, load_space, require_candidate_space
 
 
 def _space(space: str | Hyperspace | CandidateSpace) -> Hyperspace | CandidateSpace:
@@ -23,11 +23,14 @@ def _hyperspace(space: Hyperspace | CandidateSpace) -> Hyperspace:
     return space.hyperspace if isinstance(space, CandidateSpace) else space
 
 
-def _subnet(space: CandidateSpace, subnet: str | Subnet) -> Subnet:
-    if isinstance(subnet, Subnet):
-        space.check_subnet(subnet)
-        return subnet
-    return space.subnet(subnet)
+def _architecture(
+    space: str | CandidateSpace, subnet: str | Subnet, command: str
+) -> tuple[CandidateSpace, Architecture]:
+    """The candidate space and resolved subnet a per-subnet command works on."""
+    candidate = require_candidate_space(_space(space), command)
+    if not isinstance(subnet, Subnet):
+        subnet = candidate.subnet(subnet)
+    return candidate, candidate.resolve(subnet)
 
 
 def build_table(
@@ -72,8 +75,7 @@ def predict_latency(
     root: str | Path | None = None,
 ) -> dict:
     """``{"int8_ms": …}`` predicted from the table, plus the parts of the prediction."""
-    candidate = require_candidate_space(_space(space), "latency predict")
-    arch = candidate.resolve(_subnet(candidate, subnet))
+    candidate, arch = _architecture(space, subnet, "latency predict")
     prediction = load_predictor(candidate, device, threads, root).predict(arch)
     return {
         "space": candidate.encoding,
@@ -97,8 +99,7 @@ def measure_latency(
     exists (so they compare with predictions), else on the reference's speed measured now;
     ``*_raw_ms`` are the plain wall-clock medians.
     """
-    candidate = require_candidate_space(_space(space), "latency measure")
-    arch = candidate.resolve(_subnet(candidate, subnet))
+    candidate, arch = _architecture(space, subnet, "latency measure")
     fingerprint = device_fingerprint(device, threads)
     table_path = (Path(root) if root else default_root()) / fingerprint.slug / "segments.jsonl"
     canonical = LatencyTable.load(table_path, fingerprint).reference_ms if table_path.exists() else None
