@@ -12,7 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from spaceevo import __version__
-from spaceevo.errors import SpaceEvoError
+from spaceevo.errors import SpaceEvoError, UsageError
 
 SPACE_HELP = "hyperspace name or YAML path (tiny, search_spaces/tiny.yaml) or candidate-space encoding (tiny-1111-0000)"
 SUBNET_HELP = "subnet string (d…_k…_w…_e…_r…), 'max' or 'min'"
@@ -119,6 +119,86 @@ def _train(args: argparse.Namespace) -> None:
     _emit(args, result.summary())
 
 
+# ---- export / evaluate -------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> None:
+    from spaceevo.deploy import export_subnet
+
+    report = export_subnet(
+        args.run, args.subnet, args.output, ptq=args.ptq, data=args.data, device=args.device, threads=args.threads
+    )
+    _emit(args, report.to_dict())
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from spaceevo.deploy import evaluate_model, evaluate_subnet
+
+    if (args.model is None) == (args.run is None):
+        raise UsageError("give either --run DIR (with --subnet) or --model FILE.onnx")
+    if args.model is not None:
+        report = evaluate_model(
+            args.model, data=args.data, device=args.device, threads=args.threads, tables=args.tables,
+            measure=not args.no_latency,
+        )
+    else:
+        report = evaluate_subnet(
+            args.run, args.subnet, data=args.data, device=args.device, threads=args.threads, tables=args.tables,
+            measure=not args.no_latency,
+        )
+    _emit(args, report)
+
+
+# ---- score, search ---------------------------------------------------------------------------
+
+
+def _score(args: argparse.Namespace) -> None:
+    from spaceevo.search.api import parse_fixed_stage_ms, parse_latency_constraints, score_spaces
+
+    scores = score_spaces(
+        args.block_lut,
+        args.hyperspace,
+        parse_latency_constraints(args.latency_constraints),
+        args.spaces,
+        fixed_stage_ms=parse_fixed_stage_ms(args.fixed_stage_ms),
+        samples=args.samples,
+        seed=args.seed,
+    )
+    constraints = [c.latency_ms for c in scores[0].constraints]
+    data = {"latency_constraints_ms": constraints, "scores": [s.to_dict() for s in scores]}
+    rows = [("latency constraints ms", ", ".join(f"{c:g}" for c in constraints))] + [
+        (
+            s.space,
+            f"Q-T {s.qt_score:.4f}  feasible {', '.join(f'{f:.3f}' for f in s.feasible_fraction)}"
+            f"  top-tier loss {', '.join(f'{x:.4g}' for x in s.top_tier_loss)}",
+        )
+        for s in scores
+    ]
+    _emit(args, data, rows)
+
+
+def _search(args: argparse.Namespace) -> None:
+    if args.block_lut is None:
+        raise UsageError("search without --block-lut needs the LUT builder; give --block-lut DIR --hyperspace NAME")
+    if args.hyperspace is None:
+        raise UsageError("--block-lut needs --hyperspace NAME (the hyperspace the LUT was built for)")
+    from spaceevo.search.api import parse_fixed_stage_ms, parse_latency_constraints, search_block_lut
+
+    result = search_block_lut(
+        args.block_lut,
+        args.hyperspace,
+        parse_latency_constraints(args.latency_constraints),
+        args.run,
+        storage=args.storage,
+        budget=args.budget,
+        seed=args.seed,
+        fixed_stage_ms=parse_fixed_stage_ms(args.fixed_stage_ms),
+        samples=args.samples,
+        workers=args.workers,
+    )
+    _emit(args, result.summary())
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 
@@ -191,7 +271,81 @@ def build_parser() -> argparse.ArgumentParser:
         handler=_train,
         interrupt_hint="interrupted; finished epochs are saved, run the same command with --resume to continue",
     )
+
+    export = commands.add_parser(
+        "export", help="write a trained subnet as FP32 and INT8 ONNX (PATH_fp32.onnx, PATH_int8.onnx) with metadata"
+    )
+    export.add_argument("--run", required=True, help="training run directory (from spaceevo train)")
+    export.add_argument("--subnet", default="max", help=SUBNET_HELP + " (default: max)")
+    export.add_argument("-o", "--output", required=True, help="path stem of the two ONNX files, e.g. models/tiny_max")
+    export.add_argument("--ptq", action="store_true",
+                        help="INT8 by ONNX Runtime post-training quantization of the FP32 model instead of the QAT model")
+    export.add_argument("--data", default=None, help="data for BN recalibration and checks (default: the run's)")
+    export.add_argument("--device", default="cpu", choices=["cpu"], help="device fingerprint recorded in the metadata")
+    export.add_argument("--threads", type=_positive_int, default=1, help="threads of that fingerprint (default: 1)")
+    export.add_argument("--json", action="store_true", help="print JSON on stdout")
+    export.set_defaults(handler=_export)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="test-split top-1 in PyTorch and ONNX Runtime (FP32, QAT INT8, PTQ INT8) and device latency of a subnet",
+    )
+    target = evaluate.add_argument_group("what to evaluate (one of)")
+    target.add_argument("--run", default=None, help="training run directory (from spaceevo train)")
+    target.add_argument("--model", default=None, help="an exported ONNX model file instead of a run")
+    evaluate.add_argument("--subnet", default="max", help=SUBNET_HELP + " (with --run; default: max)")
+    evaluate.add_argument("--data", default=None, help="data set (default: the run's, or the model's metadata)")
+    evaluate.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _add_device(evaluate)
+    evaluate.add_argument("--json", action="store_true", help="print JSON on stdout")
+    evaluate.set_defaults(handler=_evaluate)
+
+    score = commands.add_parser("score", help="Q-T scores of candidate spaces on a block LUT folder")
+    score.add_argument("--block-lut", required=True, metavar="DIR",
+                       help="block LUT folder in the published SpaceEvo format (stage{i}_{block}_{window}.csv)")
+    score.add_argument("--hyperspace", required=True, metavar="NAME", help="hyperspace name or YAML path the LUT was built for")
+    score.add_argument("--latency-constraints", required=True, nargs="+", metavar="MS",
+                       help="latency constraints in ms, or 'auto' (spread over the LUT's latency range)")
+    score.add_argument("--spaces", required=True, nargs="+", metavar="ENC", help="candidate-space encodings, e.g. tiny-1111-0000")
+    _add_qt_options(score)
+    score.add_argument("--json", action="store_true",
+                       help="print JSON on stdout; per-space feasible_fraction and top_tier_loss are lists in "
+                            "the order of latency_constraints_ms")
+    score.set_defaults(handler=_score)
+
+    search = commands.add_parser(
+        "search", help="evolutionary search over candidate spaces by Q-T score, on Optuna (resumable, several workers)"
+    )
+    search.add_argument("--block-lut", default=None, metavar="DIR",
+                        help="search an existing block LUT folder (published SpaceEvo format) without training")
+    search.add_argument("--hyperspace", default=None, metavar="NAME", help="hyperspace name or YAML path of --block-lut")
+    search.add_argument("--run", required=True, metavar="DIR",
+                        help="run directory: search/study.db, search/result.json, search/best_space.yaml")
+    search.add_argument("--latency-constraints", nargs="+", default=["auto"], metavar="MS",
+                        help="latency constraints in ms, or 'auto' (default: four constraints spread over the "
+                             "LUT's latency range, printed)")
+    search.add_argument("--storage", default=None, metavar="URL",
+                        help="Optuna storage shared by workers: an RDB URL (sqlite:///…, postgresql://…) or "
+                             "journal:PATH (default: sqlite:///RUN/search/study.db)")
+    search.add_argument("--budget", default="default", choices=["smoke", "default", "full"],
+                        help="population/tournament/total: smoke 16/4/48, default 100/25/1000, full (paper) "
+                             "500/125/5000, capped by the hyperspace's size (default: default)")
+    search.add_argument("--workers", type=_positive_int, default=1, help="processes sharing the study (default: 1)")
+    _add_qt_options(search)
+    search.add_argument("--json", action="store_true", help="print JSON on stdout")
+    search.set_defaults(
+        handler=_search,
+        interrupt_hint="interrupted; finished spaces are in the study, run the same command again to resume",
+    )
     return parser
+
+
+def _add_qt_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fixed-stage-ms", nargs="+", default=["0"], metavar="MS",
+                        help="latency of the stages the LUT does not cover (stem, fixed stages, head): one value, "
+                             "or RESOLUTION=MS pairs (default: 0)")
+    parser.add_argument("--samples", type=_positive_int, default=100_000, help="subnets sampled per space (default: 100000)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="sampling and search seed (default: 0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ _EXPORTS = {
     "build_table": "spaceevo.latency.api",
     "load_predictor": "spaceevo.latency.api",
     "measure_latency": "spaceevo.latency.api",
+    "measure_onnx": "spaceevo.latency.api",
     "predict_latency": "spaceevo.latency.api",
     "validate_latency": "spaceevo.latency.api",
 }

@@ -4,10 +4,14 @@ strings or objects), plain dataclasses/dicts back."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
+
+import onnx
 
 from spaceevo.latency.build import BuildReport, build_latency_table
 from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
 from spaceevo.latency.fingerprint import device_fingerprint
+from spaceevo.latency.measure import LatencyStats
 from spaceevo.latency.predictor import LatencyPredictor
 from spaceevo.latency.reference import stable_meter
 from spaceevo.latency.table import LatencyTable, default_root
@@ -101,11 +105,8 @@ def measure_latency(
     """
     candidate, arch = _architecture(space, subnet, "latency measure")
     fingerprint = device_fingerprint(device, threads)
-    table_path = (Path(root) if root else default_root()) / fingerprint.slug / "segments.jsonl"
-    canonical = LatencyTable.load(table_path, fingerprint).reference_ms if table_path.exists() else None
-    meter = stable_meter(fingerprint, canonical)
     models = subnet_models(arch, fingerprint)
-    fp32, int8 = measure_models([models.fp32, models.int8], fingerprint, WHOLE_MEASURE, meter)
+    (fp32, int8), scale = measure_onnx([models.fp32, models.int8], device, threads, root)
     return {
         "space": candidate.encoding,
         "subnet": arch.subnet.encode(),
@@ -116,8 +117,28 @@ def measure_latency(
         "fp32_raw_ms": round(fp32.raw_median_ms, 4),
         "int8_raw_ms": round(int8.raw_median_ms, 4),
         "int8_spread": round(int8.spread, 3),
-        "scale": "latency table" if canonical else "reference measured now",
+        "scale": scale,
     }
+
+
+def measure_onnx(
+    models: Sequence[onnx.ModelProto | bytes],
+    device: str = "cpu",
+    threads: int = 1,
+    root: str | Path | None = None,
+) -> tuple[list[LatencyStats], str]:
+    """Time ONNX models end to end on the device, interleaved, guarded by the reference model.
+
+    The figures (``median_ms``) are on the reference scale of this device's latency table when one
+    exists, so they compare with predictions; otherwise on the reference's speed measured now
+    (``raw_median_ms``: plain wall clock). The second value names the scale used.
+    """
+    fingerprint = device_fingerprint(device, threads)
+    table_path = (Path(root) if root else default_root()) / fingerprint.slug / "segments.jsonl"
+    canonical = LatencyTable.load(table_path, fingerprint).reference_ms if table_path.exists() else None
+    meter = stable_meter(fingerprint, canonical)
+    stats = measure_models(list(models), fingerprint, WHOLE_MEASURE, meter)
+    return stats, "latency table" if canonical else "reference measured now"
 
 
 def validate_latency(

@@ -192,8 +192,11 @@ class LsqActivationQuantizer(LsqQuantizer):
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
         per_sample = x[0].numel() if x.dim() > 1 else x.numel()
         scale, zero_point = self._qparams(1.0 / math.sqrt(per_sample * self.qmax))
-        codes = torch.clamp(_RoundSTE.apply(x * (1.0 / scale)) + zero_point, 0, self.qmax)
-        return (codes - zero_point) * scale
+        # One fused kernel per direction: (clamp(round(x / s) + z, 0, Qp) - z) * s, STE for the
+        # rounding, LSQ gradients for s and z (passed on to ``scale`` and ``beta`` by autograd).
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x, scale.reshape(1), zero_point.reshape(1), 0, self.qmax, 1.0
+        )
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
@@ -274,9 +277,11 @@ class LsqWeightQuantizer(LsqQuantizer):
             weight = torch.clamp(weight, -bound, bound)
             return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, -128, 127)
         factor = 1.0 / math.sqrt(weight[0].numel() * self.qmax)
-        scale = _positive(_GradScale.apply(self.scale[:channels], factor)).view(shape)
-        codes = torch.clamp(_RoundSTE.apply(weight * (1.0 / scale)), -self.qmax, self.qmax)
-        return codes * scale
+        scale = _positive(_GradScale.apply(self.scale[:channels], factor))
+        # Fused: clamp(round(w / s_c), -Qp, Qp) * s_c with STE and LSQ's per-channel gradient.
+        return torch._fake_quantize_learnable_per_channel_affine(
+            weight, scale, torch.zeros_like(scale), 0, -self.qmax, self.qmax, 1.0
+        )
 
     def extra_repr(self) -> str:
         return (

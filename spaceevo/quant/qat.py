@@ -371,7 +371,7 @@ def _quantize_biases(proto: onnx.ModelProto) -> int:
     """Store the float bias of every Conv/Gemm with quantized input and weight as int32 + DequantizeLinear.
 
     The grid is ``s_input * s_weight`` per output channel, as ``quantize_static`` writes it and as
-    QLinearConv / QGemm need it. Returns the number of biases quantized.
+    QLinearConv / QGemm need it; the float biases are removed. Returns the number of biases quantized.
     """
     graph = proto.graph
     initializers = {i.name: i for i in graph.initializer}
@@ -413,6 +413,10 @@ def _quantize_biases(proto: onnx.ModelProto) -> int:
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for initializer in unused:
+        graph.initializer.remove(initializer)
     return quantized
 
 

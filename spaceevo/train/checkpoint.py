@@ -4,6 +4,9 @@
                             training config, world size, package versions (written once).
 ``RUN/checkpoints/last.pt`` the state after the last finished epoch: model, optimizer, scheduler,
                             epoch, phase, RNG states, space encoding, per-epoch history.
+``RUN/checkpoints/fp32.pt`` the supernet weights after the last FP32 epoch of a run with a QAT
+                            phase: the FP32 model that QAT and post-training quantization
+                            (``spaceevo evaluate``) are compared against.
 ``RUN/log.jsonl``           one JSON line per finished epoch (the history of the checkpoint).
 
 Every file is written atomically (:mod:`spaceevo.io`), the checkpoint before the log, so a killed
@@ -34,6 +37,7 @@ from spaceevo.train.config import TrainConfig
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoints/last.pt"
+FP32_CHECKPOINT_FILE = "checkpoints/fp32.pt"
 CHECKPOINT_FORMAT = 1
 
 
@@ -54,6 +58,10 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.path / CHECKPOINT_FILE
+
+    @property
+    def fp32_checkpoint(self) -> Path:
+        return self.path / FP32_CHECKPOINT_FILE
 
 
 def versions() -> dict[str, str]:

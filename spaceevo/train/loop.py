@@ -68,6 +68,26 @@ EVAL_SEED = 0
 """Seed of the (fixed) order in which held-out images are drawn for recalibration and evaluation."""
 
 
+def load_space_data(space: CandidateSpace, spec: DataSpec) -> Datasets:
+    """The splits of ``spec`` for training or evaluating ``space`` (held-out split seeded by
+    :data:`HELDOUT_SEED`); :class:`DataError` if its classes or channels do not fit the hyperspace."""
+    hyperspace = space.hyperspace
+    datasets = load_data(spec, max(hyperspace.resolutions), seed=HELDOUT_SEED)
+    if datasets.num_classes != hyperspace.num_classes or datasets.in_channels != hyperspace.in_channels:
+        raise DataError(
+            f"data '{spec}' has {datasets.num_classes} classes and {datasets.in_channels} "
+            f"channel(s); hyperspace '{hyperspace.name}' ({hyperspace.source}) is built for "
+            f"{hyperspace.num_classes} classes and {hyperspace.in_channels} channel(s)"
+        )
+    # In-memory images load at their stored size and are resized per subnet, which equals loading
+    # them at the subnet's resolution (spaceevo.train.data); folder images decode at the largest.
+    if isinstance(datasets.train, InMemorySplit):
+        height, width = datasets.train.images.shape[-2:]
+        if height == width:
+            datasets = datasets.with_resolution(int(height))
+    return datasets
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a :func:`train_supernet` call did. Accuracies are held-out top-1 (%) after the last
@@ -220,21 +240,7 @@ class _Trainer:
         return checkpoint
 
     def _load_data(self) -> Datasets:
-        hyperspace = self.space.hyperspace
-        datasets = load_data(self.spec, max(hyperspace.resolutions), seed=HELDOUT_SEED)
-        if datasets.num_classes != hyperspace.num_classes or datasets.in_channels != hyperspace.in_channels:
-            raise DataError(
-                f"data '{self.spec}' has {datasets.num_classes} classes and {datasets.in_channels} "
-                f"channel(s); hyperspace '{hyperspace.name}' ({hyperspace.source}) is built for "
-                f"{hyperspace.num_classes} classes and {hyperspace.in_channels} channel(s)"
-            )
-        # In-memory images load at their stored size and are resized per subnet, which equals loading
-        # them at the subnet's resolution (spaceevo.train.data); folder images decode at the largest.
-        if isinstance(datasets.train, InMemorySplit):
-            height, width = datasets.train.images.shape[-2:]
-            if height == width:
-                datasets = datasets.with_resolution(int(height))
-        return datasets
+        return load_space_data(self.space, self.spec)
 
     def _prepare_qat(self, supernet: nn.Module) -> nn.Module:
         from spaceevo.quant.qat import prepare_qat
@@ -408,6 +414,17 @@ class _Trainer:
                         "config": config.to_dict(),
                     },
                 )
+                if phase == "fp32" and epoch == config.epochs and config.qat_epochs > 0:
+                    save_checkpoint(
+                        run.fp32_checkpoint,
+                        {
+                            "space": self.space.encoding,
+                            "hyperspace_digest": self.space.hyperspace.digest,
+                            "epoch": epoch,
+                            "phase": phase,
+                            "model": supernet.state_dict(),
+                        },
+                    )
                 write_log(run, history)
             ddp.barrier()
             if self.on_epoch_end is not None:

@@ -1,0 +1,350 @@
+"""Export and evaluation of trained subnets: what ``spaceevo export`` and ``spaceevo evaluate`` do.
+
+:func:`export_subnet` writes a subnet's FP32 and INT8 ONNX files with their metadata;
+:func:`evaluate_subnet` measures, in one call, a subnet's test-split top-1 in PyTorch (FP32 and
+fake-quant INT8) and in ONNX Runtime (FP32, INT8 from QAT, INT8 from post-training quantization),
+and the FP32 and INT8 latency of the exported models on the device; :func:`evaluate_model` does the
+ONNX Runtime half for any exported model file.
+
+The test split is only ever used here, for reporting; choices (BatchNorm recalibration, PTQ
+calibration) use the held-out split carved from the training data.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from google.protobuf.message import DecodeError
+from tqdm import tqdm
+
+from spaceevo.deploy.models import (
+    fp32_model,
+    ptq_int8_model,
+    qat_int8_model,
+    read_metadata,
+    set_metadata,
+    with_dynamic_batch,
+)
+from spaceevo.deploy.trained import TrainedRun, open_run
+from spaceevo.errors import ArtifactError, UsageError
+from spaceevo.io import atomic_write_bytes
+from spaceevo.nn import Supernet
+from spaceevo.space import Subnet
+from spaceevo.train.data import DataSpec, ImageSplit, make_loader
+from spaceevo.train.evaluate import evaluate
+
+EVAL_BATCH = 256
+
+
+def ort_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None) -> float:
+    """Top-1 (%) of an ONNX classifier in ONNX Runtime on ``split`` at ``resolution``.
+
+    Runs a dynamic-batch copy of the model in batches (graph optimisation ALL, the same kernels as
+    at batch 1); ``threads`` defaults to torch's intra-op thread count.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3  # PTQ graphs keep unused constants; ORT warns about each
+    session = ort.InferenceSession(
+        with_dynamic_batch(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+    correct = total = 0
+    for x, y in make_loader(split.with_resolution(resolution), EVAL_BATCH, False, workers=0, distributed=False):
+        logits = session.run(None, {name: x.numpy().astype(np.float32)})[0]
+        correct += int((logits.argmax(axis=1) == y.numpy()).sum())
+        total += int(y.shape[0])
+    if total == 0:
+        raise ArtifactError("the evaluation split is empty")
+    return 100.0 * correct / total
+
+
+def torch_top1(supernet: Supernet, subnet: Subnet, split: ImageSplit) -> float:
+    """Top-1 (%) of ``subnet`` of a BN-calibrated supernet in PyTorch (fake-quant when QAT is on)."""
+    loader = make_loader(split.with_resolution(subnet.resolution), EVAL_BATCH, False, workers=0, distributed=False)
+    return evaluate(supernet, subnet, loader)
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+class _Steps:
+    """A progress bar over named steps on stderr."""
+
+    def __init__(self, names: Sequence[str], show: bool, description: str):
+        self._bar = tqdm(total=len(names), desc=description, unit="step", file=sys.stderr, disable=not show, leave=False)
+
+    def __call__(self, name: str) -> None:
+        self._bar.set_postfix_str(name, refresh=True)
+
+    def done(self) -> None:
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_subnet` wrote. Top-1 figures are on the held-out split (%)."""
+
+    space: str
+    subnet: str
+    quantization: str
+    onnx_fp32: str
+    onnx_int8: str
+    heldout_fp32_top1: float
+    heldout_int8_top1: float
+    fp32_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_paths(output: str | Path) -> tuple[Path, Path]:
+    """``PATH_fp32.onnx`` and ``PATH_int8.onnx`` for ``-o PATH`` (a trailing ``.onnx`` is dropped)."""
+    output = Path(output)
+    stem = output.with_suffix("") if output.suffix == ".onnx" else output
+    if not stem.name:
+        raise UsageError(f"-o {output}: give a file path stem, e.g. models/tiny_max")
+    return stem.with_name(stem.name + "_fp32.onnx"), stem.with_name(stem.name + "_int8.onnx")
+
+
+def _device_metadata(device: str, threads: int) -> dict[str, Any]:
+    from spaceevo.latency.fingerprint import device_fingerprint
+
+    fingerprint = device_fingerprint(device, threads)
+    return {"device": fingerprint.describe(), "device_slug": fingerprint.slug}
+
+
+def _base_metadata(run: TrainedRun, subnet: Subnet, data: DataSpec) -> dict[str, Any]:
+    from spaceevo import __version__
+
+    return {
+        "version": __version__,
+        "space": run.space.encoding,
+        "hyperspace": run.space.hyperspace.name,
+        "hyperspace_digest": run.space.hyperspace.digest,
+        "subnet": subnet.encode(),
+        "resolution": subnet.resolution,
+        "data": str(data),
+        "run": str(run.run.path),
+        "trained_epochs": run.epoch,
+        "reduce_range": run.config.reduce_range,
+    }
+
+
+def export_subnet(
+    run_dir: str | Path,
+    subnet: str | Subnet,
+    output: str | Path,
+    *,
+    ptq: bool = False,
+    data: str | None = None,
+    device: str = "cpu",
+    threads: int = 1,
+    show_progress: bool = True,
+) -> ExportReport:
+    """Write ``subnet`` of the supernet trained in ``run_dir`` as FP32 and INT8 ONNX.
+
+    The INT8 model is the QAT model (learned scales) unless ``ptq`` is set or the run has no QAT
+    phase, when it is ONNX Runtime's post-training quantization of the FP32 model (calibrated on
+    held-out images). Both files carry metadata: space, subnet, data, quantization, held-out top-1
+    (PyTorch FP32; ONNX Runtime INT8), the device fingerprint, reduce_range and the spaceevo version.
+    ``device``/``threads`` name the fingerprint recorded (the one the latency figures refer to).
+    """
+    run = open_run(run_dir)
+    chosen = run.subnet(subnet)
+    fp32_path, int8_path = output_paths(output)
+    quantization = "qat" if run.quantization_aware and not ptq else "ptq"
+    steps = _Steps(["data", "fp32", "int8", "check", "write"], show_progress, "export")
+    try:
+        steps("data")
+        datasets = run.load_data(data)
+        steps.done()
+        steps("fp32")
+        fp32_supernet, fp32_source = run.fp32_supernet()
+        run.calibrated(fp32_supernet, chosen, datasets)
+        heldout_fp32 = torch_top1(fp32_supernet, chosen, datasets.heldout)
+        fp32 = fp32_model(fp32_supernet, chosen)
+        steps.done()
+        steps("int8")
+        if quantization == "qat":
+            supernet = run.calibrated(run.supernet(), chosen, datasets)
+            int8 = qat_int8_model(supernet, chosen)
+        else:
+            int8 = ptq_int8_model(fp32, datasets.heldout, chosen.resolution, reduce_range=bool(run.config.reduce_range))
+        steps.done()
+        steps("check")
+        heldout_int8 = ort_top1(int8, datasets.heldout, chosen.resolution)
+        steps.done()
+        steps("write")
+        common = {**_base_metadata(run, chosen, datasets.spec), **_device_metadata(device, threads)}
+        set_metadata(fp32, {**common, "precision": "fp32", "fp32_source": fp32_source, "heldout_top1": round(heldout_fp32, 2)})
+        set_metadata(int8, {**common, "precision": "int8", "quantization": quantization, "heldout_top1": round(heldout_int8, 2)})
+        onnx.checker.check_model(fp32)
+        onnx.checker.check_model(int8)
+        atomic_write_bytes(fp32_path, fp32.SerializeToString())
+        atomic_write_bytes(int8_path, int8.SerializeToString())
+        steps.done()
+    finally:
+        steps.close()
+    return ExportReport(
+        space=run.space.encoding,
+        subnet=chosen.encode(),
+        quantization=quantization,
+        onnx_fp32=str(fp32_path),
+        onnx_int8=str(int8_path),
+        heldout_fp32_top1=round(heldout_fp32, 2),
+        heldout_int8_top1=round(heldout_int8, 2),
+        fp32_source=fp32_source,
+    )
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_subnet(
+    run_dir: str | Path,
+    subnet: str | Subnet,
+    *,
+    data: str | None = None,
+    device: str = "cpu",
+    threads: int = 1,
+    tables: str | Path | None = None,
+    measure: bool = True,
+    show_progress: bool = True,
+    on_models: Callable[[onnx.ModelProto, onnx.ModelProto], None] | None = None,
+) -> dict[str, Any]:
+    """Test-split top-1 of a trained subnet in PyTorch and ONNX Runtime, and its latency.
+
+    Returns ``fp32_top1`` (PyTorch, FP32 supernet), ``int8_fakequant_top1`` (PyTorch, LSQ+ fake
+    quantization; None without a QAT phase), ``ort_fp32_top1``, ``ort_int8_top1`` (the exported QAT
+    INT8 model; None without a QAT phase), ``ptq_int8_top1`` (ONNX Runtime post-training
+    quantization of the FP32 model), ``fp32_ms`` and ``int8_ms`` (exported FP32 and INT8 models on
+    the device, interleaved, on the scale of the latency table under ``tables`` when there is one;
+    the INT8 model is the QAT one when there is one, else the PTQ one; None with ``measure=False``), plus what was evaluated. ``on_models(fp32, int8)`` receives the
+    exported models (e.g. to save them).
+    """
+    run = open_run(run_dir)
+    chosen = run.subnet(subnet)
+    steps = _Steps(["data", "fp32", "ptq", "int8", "latency"], show_progress, "evaluate")
+    report: dict[str, Any] = {"space": run.space.encoding, "subnet": chosen.encode(), "resolution": chosen.resolution}
+    try:
+        steps("data")
+        datasets = run.load_data(data)
+        test = datasets.test
+        steps.done()
+        steps("fp32")
+        fp32_supernet, fp32_source = run.fp32_supernet()
+        run.calibrated(fp32_supernet, chosen, datasets)
+        fp32_top1 = torch_top1(fp32_supernet, chosen, test)
+        fp32 = fp32_model(fp32_supernet, chosen)
+        ort_fp32 = ort_top1(fp32, test, chosen.resolution)
+        steps.done()
+        steps("ptq")
+        ptq = ptq_int8_model(fp32, datasets.heldout, chosen.resolution, reduce_range=bool(run.config.reduce_range))
+        ptq_top1 = ort_top1(ptq, test, chosen.resolution)
+        steps.done()
+        steps("int8")
+        fakequant_top1 = ort_int8 = None
+        int8 = ptq
+        if run.quantization_aware:
+            supernet = run.calibrated(run.supernet(), chosen, datasets)
+            fakequant_top1 = torch_top1(supernet, chosen, test)
+            int8 = qat_int8_model(supernet, chosen)
+            ort_int8 = ort_top1(int8, test, chosen.resolution)
+        steps.done()
+        if on_models is not None:
+            on_models(fp32, int8)
+        steps("latency")
+        fp32_ms = int8_ms = None
+        if measure:
+            from spaceevo.latency.api import measure_onnx
+
+            (fp32_stats, int8_stats), scale = measure_onnx([fp32, int8], device, threads, tables)
+            fp32_ms, int8_ms = fp32_stats.median_ms, int8_stats.median_ms
+            report["latency_scale"] = scale
+        steps.done()
+    finally:
+        steps.close()
+    report.update(
+        {
+            "data": str(datasets.spec),
+            "test_images": len(test),
+            "fp32_source": fp32_source,
+            "int8_model": "qat" if run.quantization_aware else "ptq",
+            "fp32_top1": _round(fp32_top1),
+            "int8_fakequant_top1": _round(fakequant_top1),
+            "ort_fp32_top1": _round(ort_fp32),
+            "ort_int8_top1": _round(ort_int8),
+            "ptq_int8_top1": _round(ptq_top1),
+            "fp32_ms": _round(fp32_ms, 4),
+            "int8_ms": _round(int8_ms, 4),
+        }
+    )
+    return report
+
+
+def evaluate_model(
+    path: str | Path,
+    *,
+    data: str | None = None,
+    device: str = "cpu",
+    threads: int = 1,
+    tables: str | Path | None = None,
+    measure: bool = True,
+) -> dict[str, Any]:
+    """ONNX Runtime test-split top-1 and device latency of an exported model file.
+
+    The data set is ``data`` or the one in the model's metadata (``embedded`` if it has none); the
+    resolution is the model's input size.
+    """
+    from spaceevo.train.data import load_data
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--model {path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except (OSError, DecodeError) as error:
+        raise ArtifactError(f"{path} is not a readable ONNX model ({error})") from None
+    metadata = read_metadata(model)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not all(d.dim_value for d in dims[1:]) or dims[2].dim_value != dims[3].dim_value:
+        raise ArtifactError(f"{path}: expected an image classifier with a fixed N x C x R x R input")
+    channels, resolution = dims[1].dim_value, dims[2].dim_value
+    spec = DataSpec.parse(data or metadata.get("data", "embedded"))
+    spec.check()
+    datasets = load_data(spec, resolution, seed=0)
+    if datasets.in_channels != channels:
+        raise UsageError(f"{path} takes {channels} input channel(s); data '{spec}' has {datasets.in_channels}")
+    top1 = ort_top1(model, datasets.test, resolution)
+    report: dict[str, Any] = {
+        "model": str(path),
+        "space": metadata.get("space"),
+        "subnet": metadata.get("subnet"),
+        "precision": metadata.get("precision"),
+        "data": str(spec),
+        "test_images": len(datasets.test),
+        "ort_top1": _round(top1),
+        "ms": None,
+    }
+    if measure:
+        from spaceevo.latency.api import measure_onnx
+
+        (stats,), scale = measure_onnx([model], device, threads, tables)
+        report["ms"], report["latency_scale"] = _round(stats.median_ms, 4), scale
+    return report

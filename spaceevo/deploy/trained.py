@@ -1,0 +1,125 @@
+"""A finished (or partly finished) supernet training run, opened for deployment.
+
+:func:`open_run` reads a run directory written by ``spaceevo train``
+(:mod:`spaceevo.train.checkpoint`) and gives back what deployment needs: the candidate space, the
+data set it was trained on, the training config, and the supernets to deploy: the final one (LSQ+
+quantization-aware after a QAT phase) and the FP32 one of the end of the FP32 phase, the model that
+QAT and post-training quantization are compared against. :meth:`TrainedRun.calibrated` recalibrates
+BatchNorm for one subnet on the held-out split, as training does before every evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spaceevo.errors import ArtifactError
+from spaceevo.nn import Supernet
+from spaceevo.space import CandidateSpace, Subnet, load_space, require_candidate_space
+from spaceevo.train.bn import recalibrate_bn
+from spaceevo.train.checkpoint import RunDir, check_space, load_checkpoint, read_run_record
+from spaceevo.train.config import TrainConfig
+from spaceevo.train.data import DataSpec, Datasets, make_loader
+from spaceevo.train.loop import EVAL_SEED, load_space_data
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What a training run directory holds. ``phase`` is that of its last finished epoch."""
+
+    run: RunDir
+    space: CandidateSpace
+    data: DataSpec
+    config: TrainConfig
+    epoch: int
+    phase: str
+    history: tuple[dict[str, Any], ...]
+
+    @property
+    def quantization_aware(self) -> bool:
+        """True when the final supernet was trained with LSQ+ fake quantization."""
+        return self.phase == "qat"
+
+    def subnet(self, text: str | Subnet) -> Subnet:
+        """A subnet string, ``max`` or ``min``, checked against the run's space."""
+        return text if isinstance(text, Subnet) else self.space.subnet(text)
+
+    def supernet(self) -> Supernet:
+        """The final supernet on the CPU in eval mode (QAT-prepared after a QAT phase)."""
+        return self._load(self.run.checkpoint, self.quantization_aware)
+
+    def fp32_supernet(self) -> tuple[Supernet, str]:
+        """The FP32 supernet and where it comes from.
+
+        The weights after the last FP32 epoch (``checkpoints/fp32.pt``) when the run kept them;
+        otherwise the final weights with the quantizers switched off (said so in the second value).
+        """
+        if self.run.fp32_checkpoint.exists():
+            return self._load(self.run.fp32_checkpoint, False), "fp32 phase"
+        supernet = self.supernet()
+        if self.quantization_aware:
+            from spaceevo.quant.lsq import set_quant_mode
+
+            set_quant_mode(supernet, False)
+            return supernet, "final weights, quantizers off"
+        return supernet, "fp32 phase"
+
+    def _load(self, path: Path, quantization_aware: bool) -> Supernet:
+        state = load_checkpoint(path)
+        check_space(path, state.get("space"), state.get("hyperspace_digest"), self.space.encoding, self.space.hyperspace.digest)
+        supernet: nn.Module = Supernet(self.space)
+        if quantization_aware:
+            from spaceevo.quant.qat import prepare_qat
+
+            supernet = prepare_qat(supernet, reduce_range=bool(self.config.reduce_range))
+        supernet.load_state_dict(state["model"])
+        return supernet.eval()
+
+    def load_data(self, data: str | DataSpec | None = None) -> Datasets:
+        """The run's data set (or ``data``) split as in training: the held-out split is the same."""
+        spec = self.data if data is None else (DataSpec.parse(data) if isinstance(data, str) else data)
+        spec.check()
+        return load_space_data(self.space, spec)
+
+    def calibrated(self, supernet: Supernet, subnet: Subnet, datasets: Datasets) -> Supernet:
+        """``supernet`` with ``subnet`` active and its BatchNorm statistics recalibrated on the
+        held-out split (the training run's number of calibration images), in eval mode."""
+        batch = min(self.config.batch_size, self.config.calibration_images)
+        loader = make_loader(
+            datasets.heldout.with_resolution(subnet.resolution), batch, True, seed=EVAL_SEED, workers=0,
+            distributed=False,
+        )
+        with torch.no_grad():
+            recalibrate_bn(supernet, subnet, loader, math.ceil(self.config.calibration_images / batch))
+        return supernet
+
+
+def open_run(run_dir: str | Path) -> TrainedRun:
+    """Open a training run directory; :class:`ArtifactError` naming the command that makes one
+    when it holds no trained supernet."""
+    run = RunDir(Path(run_dir))
+    if not run.checkpoint.exists():
+        raise ArtifactError(
+            f"no trained supernet in {run.path} (expected {run.checkpoint}); train one with "
+            f"`spaceevo train --space ENC --run {run.path}`"
+        )
+    record = read_run_record(run)
+    if record is None:
+        raise ArtifactError(f"{run.config} is missing: {run.path} is not a complete spaceevo training run")
+    state = load_checkpoint(run.checkpoint)
+    space = require_candidate_space(load_space(record["space"]), "deployment")
+    check_space(run.config, record.get("space"), record.get("hyperspace_digest"), space.encoding, space.hyperspace.digest)
+    return TrainedRun(
+        run=run,
+        space=space,
+        data=DataSpec.parse(record["data"]),
+        config=TrainConfig.from_dict(record["config"]),
+        epoch=int(state["epoch"]),
+        phase=str(state["phase"]),
+        history=tuple(state.get("history", ())),
+    )

@@ -1,0 +1,134 @@
+"""Deployment of trained subnets (spaceevo.deploy): ``spaceevo export`` and ``spaceevo evaluate``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+import pytest
+import torch
+
+from spaceevo.cli import main
+from spaceevo.deploy import evaluate_model, evaluate_subnet, export_subnet, open_run
+from spaceevo.deploy.evaluate import output_paths
+from spaceevo.deploy.models import read_metadata
+from spaceevo.errors import ArtifactError
+
+SPACE = "tiny-1111-0000"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("deploy") / "run"
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--json"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "tiny_min.onnx"
+    return export_subnet(run_dir, "min", out, show_progress=False)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_output_paths_take_a_stem_with_or_without_suffix(tmp_path) -> None:
+    assert output_paths(tmp_path / "a.onnx") == (tmp_path / "a_fp32.onnx", tmp_path / "a_int8.onnx")
+    assert output_paths(tmp_path / "m" / "b") == (tmp_path / "m" / "b_fp32.onnx", tmp_path / "m" / "b_int8.onnx")
+
+
+def test_a_smoke_run_keeps_its_fp32_phase_weights(run_dir) -> None:
+    run = open_run(run_dir)
+    assert run.quantization_aware and run.run.fp32_checkpoint.exists()
+    assert run.fp32_supernet()[1] == "fp32 phase"
+
+
+def test_export_writes_checked_fp32_and_qat_int8_models_with_metadata(exported) -> None:
+    assert exported.quantization == "qat" and exported.fp32_source == "fp32 phase"
+    fp32, int8 = onnx.load(exported.onnx_fp32), onnx.load(exported.onnx_int8)
+    onnx.checker.check_model(fp32)
+    onnx.checker.check_model(int8)
+    meta = read_metadata(int8)
+    assert meta["space"] == SPACE and meta["subnet"] == exported.subnet and meta["precision"] == "int8"
+    assert meta["quantization"] == "qat" and meta["data"] == "embedded" and meta["resolution"] == "24"
+    assert {"version", "device", "device_slug", "hyperspace_digest", "heldout_top1", "reduce_range"} <= set(meta)
+    assert float(meta["heldout_top1"]) == exported.heldout_int8_top1
+    assert read_metadata(fp32)["precision"] == "fp32"
+    # the INT8 model is fully quantized: every conv / gemm weight and bias comes from a DequantizeLinear
+    producers = {out: node.op_type for node in int8.graph.node for out in node.output}
+    layers = [n for n in int8.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert layers and all(producers.get(name) == "DequantizeLinear" for n in layers for name in n.input[1:])
+    assert not {n.op_type for n in fp32.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+
+
+def test_evaluate_reports_every_figure_and_onnx_runtime_matches_pytorch(run_dir, exported) -> None:
+    report = evaluate_subnet(run_dir, "min", measure=False, show_progress=False)
+    keys = ("fp32_top1", "int8_fakequant_top1", "ort_fp32_top1", "ort_int8_top1", "ptq_int8_top1", "fp32_ms", "int8_ms")
+    assert set(keys) <= set(report) and report["subnet"] == exported.subnet and report["test_images"] == 2000
+    assert all(0.0 <= report[k] <= 100.0 for k in keys[:5]) and report["fp32_ms"] is None
+    assert abs(report["ort_fp32_top1"] - report["fp32_top1"]) <= 0.1, "the FP32 export computes the PyTorch model"
+    assert abs(report["ort_int8_top1"] - report["int8_fakequant_top1"]) <= 1.0
+    # the exported file is the model evaluate_subnet built: same test top-1 in ONNX Runtime
+    model_report = evaluate_model(exported.onnx_int8, measure=False)
+    assert model_report["ort_top1"] == report["ort_int8_top1"] and model_report["precision"] == "int8"
+
+
+def test_ptq_export_quantizes_the_fp32_model(run_dir, tmp_path) -> None:
+    report = export_subnet(run_dir, "min", tmp_path / "ptq", ptq=True, show_progress=False)
+    assert report.quantization == "ptq"
+    assert read_metadata(onnx.load(report.onnx_int8))["quantization"] == "ptq"
+
+
+def test_cli_export_and_evaluate_a_model_file(run_dir, tmp_path, capsys) -> None:
+    code, out, err = run_cli(capsys, "export", "--run", str(run_dir), "--subnet", "min", "-o", str(tmp_path / "m"), "--json")
+    assert code == 0, err
+    written = json.loads(out)
+    assert Path(written["onnx_int8"]).exists() and Path(written["onnx_fp32"]).exists()
+    code, out, err = run_cli(capsys, "evaluate", "--model", written["onnx_fp32"], "--no-latency", "--json")
+    assert code == 0, err
+    assert json.loads(out)["precision"] == "fp32"
+
+
+def test_no_trained_supernet_names_the_command_that_makes_one(tmp_path, capsys) -> None:
+    with pytest.raises(ArtifactError, match="spaceevo train"):
+        open_run(tmp_path)
+    code, _, err = run_cli(capsys, "export", "--run", str(tmp_path), "-o", str(tmp_path / "x"))
+    assert code == 3 and "spaceevo train --space" in err and "Traceback" not in err
+
+
+def test_evaluate_needs_exactly_one_target(tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "evaluate", "--no-latency")
+    assert code == 2 and "--run" in err and "--model" in err
+    code, _, err = run_cli(capsys, "evaluate", "--run", str(tmp_path), "--model", str(tmp_path / "m.onnx"))
+    assert code == 2
+
+
+def test_evaluate_model_rejects_missing_and_corrupt_files(tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(tmp_path / "none.onnx"), "--no-latency")
+    assert code == 2 and "no such file" in err
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a protobuf \x00\xff")
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(corrupt), "--no-latency")
+    assert code == 3 and "not a readable ONNX model" in err
+
+
+def test_evaluate_with_a_subnet_of_another_space_names_the_field(run_dir, capsys) -> None:
+    code, _, err = run_cli(capsys, "evaluate", "--run", str(run_dir), "--subnet", "d1#1#1#1#1_k3_w16_e0_r24", "--no-latency")
+    assert code == 2 and "Traceback" not in err

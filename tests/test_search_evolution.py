@@ -1,0 +1,232 @@
+"""Aging evolution over candidate spaces on Optuna: determinism, resuming a killed search, two worker
+processes on one study without a duplicate space, the best space beating the homogeneous seeds,
+unreachable storage and the `spaceevo search --block-lut` command."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from spaceevo.cli import main
+from spaceevo.errors import RunMismatchError, UsageError
+from spaceevo.search.api import score_spaces, search_block_lut
+from spaceevo.search.evolution import (
+    Budget,
+    budget_for,
+    count_spaces,
+    mutate,
+    open_storage,
+    open_study,
+    run_evolution,
+)
+from spaceevo.search.lut import LutRow, load_block_lut, lut_filename, required_files, stage_input_sizes, write_lut_csv
+from spaceevo.search.qt_score import QTScorer
+from spaceevo.space import load_hyperspace, load_space
+
+TINY = load_hyperspace("tiny")
+#: The block type that distils well in each stage of the synthetic LUT: the best space mixes them,
+#: so no homogeneous seed has more than one good stage.
+GOOD_BLOCK = [1, 3, 5, 2]
+CONSTRAINTS = [4.1, 4.6]
+SAMPLES = 2000
+
+
+@pytest.fixture(scope="module")
+def lut_dir(tmp_path_factory):
+    """tiny LUT: loss 0.1 for the good block of a stage, 0.5-1.0 otherwise; window 1 a bit better
+    and a bit slower; latency about 1 ms per stage, 6 rows per resolution."""
+    directory = tmp_path_factory.mktemp("lut")
+    rng = np.random.default_rng(0)
+    sizes = stage_input_sizes(TINY)
+    for stage, block, window in required_files(TINY):
+        base_loss = 0.1 if GOOD_BLOCK[stage - 1] == block else 0.5 + 0.1 * block
+        rows = [
+            LutRow(
+                "3#16#0", (1, 16, h, h),
+                base_loss * (1.0 - 0.1 * window) * float(rng.uniform(0.8, 1.2)), 1.0, 0.1,
+                (1.0 + 0.05 * window) * float(rng.uniform(0.8, 1.2)),
+            )
+            for h in sizes[stage - 1].values()
+            for _ in range(6)
+        ]
+        write_lut_csv(directory / lut_filename(stage, block, window), rows)
+    return directory
+
+
+def complete_trials(url):
+    study = optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(url))
+    return [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_budgets_are_sized_to_the_hyperspace():
+    assert count_spaces(TINY) == 6**4 * 2**4
+    assert budget_for("full", TINY) == Budget(500, 125, 5000)
+    assert budget_for("smoke", TINY) == Budget(16, 4, 48)
+    with pytest.raises(UsageError, match="smoke, default, full"):
+        budget_for("huge", TINY)
+
+
+def test_mutation_changes_one_stage_block_or_window():
+    rng = random.Random(0)
+    space = TINY.candidate_space("tiny-1111-0000")
+    kinds = set()
+    for _ in range(200):
+        child = mutate(space, rng)
+        blocks = sum(a != b for a, b in zip(child.block_digits, space.block_digits))
+        windows = sum(a != b for a, b in zip(child.window_digits, space.window_digits))
+        assert blocks + windows == 1
+        kinds.add("block" if blocks else "window")
+    assert kinds == {"block", "window"}
+
+
+def test_same_seed_same_search_and_best_beats_every_homogeneous_seed(lut_dir, tmp_path):
+    results = [
+        search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path / name, budget="smoke", samples=SAMPLES, seed=3, progress=False)
+        for name in ("a", "b")
+    ]
+    first, second = (json.loads(r.result_path.read_text()) for r in results)
+    assert first["top"] == second["top"] and first["best_space"] == second["best_space"]
+    order = [[t.user_attrs["space"] for t in complete_trials(r.storage)] for r in results]
+    assert order[0] == order[1] and len(order[0]) == 48 == len(set(order[0]))
+    assert sorted(order[0][:6]) == sorted(s.encoding for s in TINY.homogeneous_spaces())  # seeded with them
+
+    best = results[0]
+    seeds = score_spaces(lut_dir, "tiny", CONSTRAINTS, [s.encoding for s in TINY.homogeneous_spaces()], samples=SAMPLES, seed=3)
+    assert all(best.qt_score > s.qt_score for s in seeds)
+    assert len({d for d in load_space(best.best_space).block_digits}) > 1  # a mixed space, as built
+    assert set(first) >= {"best_space", "qt_score", "latency_constraints_ms", "top"}
+    assert set(first["top"][0]) == {"space", "qt_score", "feasible_fraction", "top_tier_loss"}
+    saved = yaml.safe_load(best.best_space_path.read_text())
+    assert saved["space"] == best.best_space and load_space(saved["space"]).encoding == best.best_space
+
+
+KILLED_SEARCH = textwrap.dedent(
+    """
+    import os, signal, sys
+    from spaceevo.search.evolution import Budget, open_study, run_evolution
+    from spaceevo.search.lut import load_block_lut
+    from spaceevo.search.qt_score import QTScorer
+    from spaceevo.space import load_hyperspace
+
+    lut_dir, url = sys.argv[1], sys.argv[2]
+    hyperspace = load_hyperspace("tiny")
+    scorer = QTScorer(load_block_lut(lut_dir, hyperspace), [4.1, 4.6], samples=2000)
+    calls = []
+
+    def evaluate(space):
+        calls.append(space)
+        if len(calls) == 10:
+            os.kill(os.getpid(), signal.SIGKILL)  # killed midway through the 10th evaluation
+        return scorer.score(space)
+
+    run_evolution(open_study(url, {"test": 1}), hyperspace, evaluate, Budget(16, 4, 30), progress=False)
+    """
+)
+
+
+def test_killed_search_resumes_without_reevaluating_finished_trials(lut_dir, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    killed = subprocess.run([sys.executable, "-c", KILLED_SEARCH, str(lut_dir), url], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    before = complete_trials(url)
+    assert len(before) == 9
+
+    scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
+    evaluated = []
+
+    def evaluate(space):
+        evaluated.append(space.encoding)
+        return scorer.score(space)
+
+    study = open_study(url, {"test": 1})
+    result = run_evolution(study, TINY, evaluate, Budget(16, 4, 30), progress=False)
+    assert len(evaluated) == 30 - 9 == result.evaluated_here
+    done_before = {t.user_attrs["space"] for t in before}
+    assert not done_before & set(evaluated)
+    after = complete_trials(url)
+    assert [t.number for t in after[:9]] == [t.number for t in before]  # finished trials kept as they were
+    assert len(after) == 30 == len({t.user_attrs["space"] for t in after})
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed worker's trial, no longer claiming
+    assert states.count(optuna.trial.TrialState.RUNNING) == 0
+
+
+WORKER = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    from spaceevo.search.api import search_block_lut
+
+    lut_dir, run_dir, url, name = sys.argv[1:5]
+    pathlib.Path(run_dir, f"ready-{name}").touch()
+    while not pathlib.Path(run_dir, "go").exists():
+        time.sleep(0.01)
+    search_block_lut(lut_dir, "tiny", [4.1, 4.6], pathlib.Path(run_dir, name), storage=url, budget="smoke",
+                     samples=2000, progress=False)
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_two_worker_processes_share_a_search_without_duplicates(lut_dir, tmp_path, backend):
+    url = f"sqlite:///{tmp_path / 'study.db'}" if backend == "sqlite" else f"journal:{tmp_path / 'study.log'}"
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(lut_dir), str(tmp_path), url, name], stderr=subprocess.PIPE, text=True)
+        for name in ("w1", "w2")
+    ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready-{n}").exists() for n in ("w1", "w2")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()  # both start together: they race for the same seed spaces
+    for worker in workers:
+        _, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err
+    trials = complete_trials(url)
+    spaces = [t.user_attrs["space"] for t in trials]
+    assert len(spaces) == 48 == len(set(spaces))  # exactly the budget, no space evaluated twice
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both took part
+    results = [json.loads((tmp_path / n / "search" / "result.json").read_text()) for n in ("w1", "w2")]
+    assert results[0]["best_space"] == results[1]["best_space"]
+
+
+def test_resumed_search_with_other_settings_is_refused(lut_dir, tmp_path):
+    search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, budget="smoke", samples=500, progress=False)
+    again = search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, budget="smoke", samples=500, progress=False)
+    assert again.evaluated_here == 0 and again.evaluated == 48  # complete: nothing to do
+    with pytest.raises(RunMismatchError, match="latency_constraints_ms"):
+        search_block_lut(lut_dir, "tiny", [5.0], tmp_path, budget="smoke", samples=500, progress=False)
+
+
+def test_unreachable_storage_is_a_clear_error(lut_dir, tmp_path, capsys):
+    with pytest.raises(UsageError, match="cannot open Optuna storage 'sqlite:////nonexistent-dir/"):
+        search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, storage="sqlite:////nonexistent-dir/x/study.db")
+    code = main(["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path),
+                 "--storage", "nosuchdb://host/db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot open Optuna storage 'nosuchdb://host/db'" in err and "Traceback" not in err
+    code = main(["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path),
+                 "--storage", f"journal:{tmp_path}/no/such/folder.log"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_search_command(lut_dir, tmp_path, capsys):
+    code = main(["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path),
+                 "--budget", "smoke", "--samples", "500", "--latency-constraints", "4.1", "4.6", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["evaluated"] == 48 and summary["latency_constraints_ms"] == CONSTRAINTS
+    assert (tmp_path / "search" / "result.json").exists() and (tmp_path / "search" / "best_space.yaml").exists()
+    code = main(["search", "--run", str(tmp_path)])
+    assert code == 2 and "needs the LUT builder" in capsys.readouterr().err
+    code = main(["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path / "x"),
+                 "--latency-constraints", "1"])
+    assert code == 2 and "smallest achievable latency" in capsys.readouterr().err
