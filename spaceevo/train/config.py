@@ -2,8 +2,7 @@
 
 A budget is a preset of every field: ``smoke`` is a fraction of an epoch for tests and for checking
 that a setup works; ``default`` trains a ``tiny`` candidate space on the embedded Fashion-MNIST
-subset on 2 CPU cores in about 20 minutes (sized from a measured sandwich-step throughput, see
-:data:`BUDGETS`). Any field can be overridden on top of a budget (:meth:`TrainConfig.preset`).
+subset on 2 CPU cores in an estimated 16 minutes (see :data:`BUDGETS` for the measured step times). Any field can be overridden on top of a budget (:meth:`TrainConfig.preset`).
 """
 
 from __future__ import annotations
@@ -149,20 +148,18 @@ BUDGETS: dict[str, TrainConfig] = {
         calibration_images=64,
         eval_images=128,
     ),
-    # tiny on the embedded data on 2 CPU cores in <= 20 minutes. Measured for tiny-1111-0000
-    # (scripts/bench_sandwich.py: batch 64, channels-last, ONE thread, on a 2-core VM whose other core
-    # ran a latency measurement; 4 runs each): 32-52 training images/s in FP32, 12.6-23.5 in QAT;
-    # evaluating the largest and the smallest subnet after BN recalibration: 7 s (FP32) and 17 s (QAT)
-    # per epoch. 2 FP32 + 1 QAT epochs of 120 steps of 64 (7,680 of the 9,000 training images, a new
-    # random subset every epoch): 13 minutes at the median figures, 19 at the slowest.
+    # tiny on the embedded data: 8 FP32 epochs and 1 QAT epoch, each a full pass over the 9,000
+    # training images (140 steps of 64). Sandwich steps of tiny-1111-0000 (batch 64, channels-last):
+    # 2 threads on a quiet 2-core VM 0.6-0.7 s FP32 (an estimated 16 minutes for the run); 1 thread with the
+    # other core busy 1.1-1.4 s FP32 and 2.0-3.3 s QAT: the whole run took 27.5 minutes that way.
     "default": TrainConfig(
-        epochs=2,
+        epochs=8,
         qat_epochs=1,
         batch_size=64,
         lr=0.1,
         qat_lr=0.01,
         warmup_epochs=0.2,
-        steps_per_epoch=120,
+        steps_per_epoch=None,
         calibration_images=256,
         eval_images=None,
     ),
