@@ -33,7 +33,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spaceevo.io import atomic_write_json, atomic_write_text  # noqa: E402
+from results_doc import markers, write_section  # noqa: E402
+from spaceevo.io import atomic_write_json  # noqa: E402
 from spaceevo.latency.endtoend import measure_models, randomize_batchnorm, subnet_models  # noqa: E402
 from spaceevo.latency.fingerprint import device_fingerprint  # noqa: E402
 from spaceevo.latency.measure import MeasureConfig  # noqa: E402
@@ -42,7 +43,7 @@ from spaceevo.quant.export import export_fp32, quantize_ptq  # noqa: E402
 from spaceevo.space import load_space  # noqa: E402
 
 TORCHVISION_MODELS = ("mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0", "resnet18")
-SECTION = ("<!-- reference-models:start -->", "<!-- reference-models:end -->")
+SECTION = markers("reference-models")
 
 
 def published_subnets(path: Path, space_name: str) -> dict[str, tuple[str, str]]:
@@ -100,17 +101,6 @@ def markdown(rows: list[dict], fingerprint: str, published: dict, date: str, com
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# spaceevo results\n\n"
-    if SECTION[0] in text and SECTION[1] in text:
-        head, rest = text.split(SECTION[0], 1)
-        _, tail = rest.split(SECTION[1], 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--published", type=Path, default=ROOT.parent / "shared" / "reference" / "spaceevo_published.yaml",
@@ -165,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(ROOT / "docs" / "results" / "reference_models.json", {
             "device": fingerprint.to_dict(), "date": date, "command": command, "rows": rows,
         })
-        write_section(ROOT / "docs" / "RESULTS.md", section)
+        write_section(ROOT / "docs" / "RESULTS.md", name="reference-models", section=section)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from spaceevo import __version__
@@ -160,7 +161,7 @@ def _score(args: argparse.Namespace) -> None:
         args.hyperspace,
         parse_latency_constraints(args.latency_constraints),
         args.spaces,
-        fixed_stage_ms=parse_fixed_stage_ms(args.fixed_stage_ms),
+        fixed_stage_ms=parse_fixed_stage_ms(args.fixed_stage_ms or ["0"]),
         samples=args.samples,
         seed=args.seed,
     )
@@ -177,26 +178,99 @@ def _score(args: argparse.Namespace) -> None:
     _emit(args, data, rows)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``i/n`` with 0 <= i < n."""
+    index, sep, count = text.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got '{text}'")
+    return shard
+
+
 def _search(args: argparse.Namespace) -> None:
-    if args.block_lut is None:
-        raise UsageError("search without --block-lut needs the LUT builder; give --block-lut DIR --hyperspace NAME")
-    if args.hyperspace is None:
-        raise UsageError("--block-lut needs --hyperspace NAME (the hyperspace the LUT was built for)")
     from spaceevo.search.api import parse_fixed_stage_ms, parse_latency_constraints, search_block_lut
 
+    constraints = parse_latency_constraints(args.latency_constraints)
+    if args.run is None:
+        args.run = str(Path("runs") / Path(args.hyperspace or args.space).stem)
+    if args.block_lut is None:
+        from spaceevo.search.pipeline import search_space
+
+        if args.fixed_stage_ms is not None:
+            raise UsageError("--fixed-stage-ms is only for --block-lut; without it the fixed stages come from this device's latency table")
+        result = search_space(
+            args.run, args.space, data=args.data, budget=args.budget, latency_constraints_ms=constraints,
+            storage=args.storage, seed=args.seed, teacher_path=args.teacher, shard=args.shard, device=args.device,
+            tables=args.tables, workers=args.workers, samples=args.samples,
+        )
+        if result is None:
+            print(f"spaceevo: shard {args.shard[0]}/{args.shard[1]} built its block LUTs; the space search runs in "
+                  "the call that finds every shard's LUT files", file=sys.stderr)
+            return
+        _emit(args, {**result.summary(), "plot": str(result.result_path.parent / "subnets.png")})
+        return
+    if args.hyperspace is None:
+        raise UsageError("--block-lut needs --hyperspace NAME (the hyperspace the LUT was built for)")
     result = search_block_lut(
         args.block_lut,
         args.hyperspace,
-        parse_latency_constraints(args.latency_constraints),
+        constraints,
         args.run,
         storage=args.storage,
         budget=args.budget,
         seed=args.seed,
-        fixed_stage_ms=parse_fixed_stage_ms(args.fixed_stage_ms),
+        fixed_stage_ms=parse_fixed_stage_ms(args.fixed_stage_ms or ["0"]),
         samples=args.samples,
         workers=args.workers,
     )
     _emit(args, result.summary())
+
+
+# ---- extract -----------------------------------------------------------------------------------
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from spaceevo.search import extract_subnets
+
+    result = extract_subnets(
+        args.run, args.latency_budget, delta_ms=args.delta, budget=args.budget, storage=args.storage, seed=args.seed,
+        verify=not args.no_verify, device=args.device, threads=args.threads, tables=args.tables,
+    )
+    data = result.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    for r in result.results:
+        measured = "" if r.measured_int8_ms is None else (
+            f"  measured {r.measured_int8_ms:.4g} ms (fp32 {r.measured_fp32_ms:.4g})  test ORT INT8 {r.test_ort_int8_top1:.2f}%"
+        )
+        print(f"{r.budget_ms:g} ms: {r.subnet}  predicted {r.predicted_int8_ms:.4g} ms  held-out {r.heldout_int8_top1:.2f}%{measured}")
+        for path in (r.onnx_int8, r.onnx_fp32):
+            if path:
+                print(f"  {path}")
+        if r.note:
+            print(f"  note: {r.note}")
+        if r.fallback is not None:
+            f = r.fallback
+            print(f"  fallback: {f.subnet}  predicted {f.predicted_int8_ms:.4g} ms  measured {f.measured_int8_ms} ms  "
+                  f"held-out {f.heldout_int8_top1:.2f}%  {f.onnx_int8}")
+    _print_table([(k, data[k]) for k in ("pareto_csv", "pareto_png", "evaluated_csv", "storage", "evaluated_here")])
+
+
+# ---- run -----------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> None:
+    from spaceevo.pipeline import report_rows, run_pipeline
+
+    report = run_pipeline(
+        args.run, args.latency_budget, hyperspace=args.space, data=args.data, budget=args.budget, seed=args.seed,
+        device=args.device, threads=args.threads, tables=args.tables,
+    )
+    _emit(args, report.to_dict(), report_rows(report))
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -319,8 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--block-lut", default=None, metavar="DIR",
                         help="search an existing block LUT folder (published SpaceEvo format) without training")
     search.add_argument("--hyperspace", default=None, metavar="NAME", help="hyperspace name or YAML path of --block-lut")
-    search.add_argument("--run", required=True, metavar="DIR",
-                        help="run directory: search/study.db, search/result.json, search/best_space.yaml")
+    search.add_argument("--space", default="tiny", metavar="HYPERSPACE",
+                        help="without --block-lut: hyperspace to search, name or YAML path (default: tiny)")
+    search.add_argument("--data", default="embedded", help="without --block-lut: data for the teacher and block-wise "
+                        "distillation: embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
+    search.add_argument("--teacher", default=None, metavar="PATH",
+                        help="without --block-lut: a teacher checkpoint to use instead of training one in RUN/search/")
+    search.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                        help="without --block-lut: build only distillation jobs j with j %% N == I (several processes "
+                             "or machines sharing --run); the search runs once every LUT file exists")
+    search.add_argument("--device", default="cpu", choices=["cpu"], help="latency target: ONNX Runtime execution provider (default: cpu)")
+    search.add_argument("--tables", default=None, help="latency table root (default: $SPACEEVO_LATENCY_TABLES or ./latency_tables)")
+    search.add_argument("--run", default=None, metavar="DIR",
+                        help="run directory: search/study.db, search/result.json, search/best_space.yaml "
+                             "(default: runs/HYPERSPACE)")
     search.add_argument("--latency-constraints", nargs="+", default=["auto"], metavar="MS",
                         help="latency constraints in ms, or 'auto' (default: four constraints spread over the "
                              "LUT's latency range, printed)")
@@ -337,13 +423,56 @@ def build_parser() -> argparse.ArgumentParser:
         handler=_search,
         interrupt_hint="interrupted; finished spaces are in the study, run the same command again to resume",
     )
+
+    extract = commands.add_parser(
+        "extract",
+        help="most accurate INT8 subnet of a trained supernet per latency budget (evolutionary search on Optuna, "
+             "resumable), exported and verified on the device",
+    )
+    extract.add_argument("--run", required=True, metavar="DIR", help="training run directory (from spaceevo train); "
+                         "writes DIR/extract/ (study.db, evaluated.csv, pareto.csv, pareto.png, budget_<MS>ms_*.onnx)")
+    extract.add_argument("--latency-budget", required=True, nargs="+", type=float, metavar="MS",
+                         help="predicted INT8 latency budgets in ms, one subnet each")
+    extract.add_argument("--delta", type=float, default=None, metavar="MS",
+                         help="latency window [MS - delta, MS] searched (default: 10%% of each budget)")
+    extract.add_argument("--budget", default="default", choices=["smoke", "default"],
+                         help="search size: smoke 8 subnets x 2 generations on 256 held-out images, default 24 x 8 "
+                              "on the whole held-out split (default: default)")
+    extract.add_argument("--storage", default=None, metavar="URL",
+                         help="Optuna storage shared by workers: an RDB URL or journal:PATH "
+                              "(default: sqlite:///DIR/extract/study.db)")
+    extract.add_argument("--seed", type=_non_negative_int, default=0, help="search seed (default: 0)")
+    extract.add_argument("--no-verify", action="store_true",
+                         help="skip export, latency measurement and test top-1 of the winners")
+    _add_device(extract)
+    extract.add_argument("--json", action="store_true", help="print JSON on stdout")
+    extract.set_defaults(
+        handler=_extract,
+        interrupt_hint="interrupted; evaluated subnets are in the study, run the same command again to resume",
+    )
+
+    run = commands.add_parser(
+        "run", help="the whole pipeline: space search, supernet training, extraction and verification per budget (resumable)"
+    )
+    run.add_argument("--latency-budget", required=True, nargs="+", type=float, metavar="MS",
+                     help="INT8 latency budgets in ms on this device, one deployed subnet each")
+    run.add_argument("--space", default="tiny", metavar="HYPERSPACE", help="hyperspace name or YAML path (default: tiny)")
+    run.add_argument("--data", default="embedded", help="embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
+    run.add_argument("--run", default="runs/tiny", metavar="DIR", help="run directory (default: runs/tiny)")
+    run.add_argument("--budget", default="default", choices=["smoke", "default"],
+                     help="size of every step: smoke (minutes, for checks) or default (default: default)")
+    run.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every step (default: 0)")
+    _add_device(run)
+    run.add_argument("--json", action="store_true", help="print JSON on stdout")
+    run.set_defaults(handler=_run, interrupt_hint="interrupted; finished steps are saved, run the same command again to continue")
     return parser
 
 
 def _add_qt_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fixed-stage-ms", nargs="+", default=["0"], metavar="MS",
+    parser.add_argument("--fixed-stage-ms", nargs="+", default=None, metavar="MS",
                         help="latency of the stages the LUT does not cover (stem, fixed stages, head): one value, "
-                             "or RESOLUTION=MS pairs (default: 0)")
+                             "or RESOLUTION=MS pairs (default: 0 for a given LUT; from this device's latency table "
+                             "for the LUTs spaceevo builds)")
     parser.add_argument("--samples", type=_positive_int, default=100_000, help="subnets sampled per space (default: 100000)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="sampling and search seed (default: 0)")
 

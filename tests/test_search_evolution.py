@@ -225,8 +225,8 @@ def test_search_command(lut_dir, tmp_path, capsys):
     summary = json.loads(out)
     assert summary["evaluated"] == 48 and summary["latency_constraints_ms"] == CONSTRAINTS
     assert (tmp_path / "search" / "result.json").exists() and (tmp_path / "search" / "best_space.yaml").exists()
-    code = main(["search", "--run", str(tmp_path)])
-    assert code == 2 and "needs the LUT builder" in capsys.readouterr().err
+    code = main(["search", "--run", str(tmp_path), "--fixed-stage-ms", "1.0"])  # only with --block-lut
+    assert code == 2 and "latency table" in capsys.readouterr().err
     code = main(["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path / "x"),
                  "--latency-constraints", "1"])
     assert code == 2 and "smallest achievable latency" in capsys.readouterr().err

@@ -21,6 +21,8 @@ _EXPORTS = {
     "SearchResult": "spaceevo.search.api",
     "score_spaces": "spaceevo.search.api",
     "search_block_lut": "spaceevo.search.api",
+    "ExtractResult": "spaceevo.search.extract",
+    "extract_subnets": "spaceevo.search.extract",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -168,11 +168,11 @@ def open_study(url: str, config: dict, study_name: str = STUDY_NAME, storage: op
 # ---- trials ------------------------------------------------------------------------------------
 
 
-def _worker_id() -> str:
+def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _is_abandoned(trial: FrozenTrial, stale_after_s: float) -> bool:
+def is_abandoned(trial: FrozenTrial, stale_after_s: float) -> bool:
     """A RUNNING trial whose worker process is gone (same host) or that has run too long."""
     host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
     if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
@@ -312,7 +312,7 @@ def run_evolution(
             for trial in trials:
                 if trial.state != TrialState.RUNNING:
                     continue
-                if _is_abandoned(trial, stale_after_s):
+                if is_abandoned(trial, stale_after_s):
                     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
                 else:
                     running.append(trial)
@@ -349,7 +349,7 @@ def _step(
     """Ask one trial, claim a space for it, evaluate and tell; False if it backed off."""
     trial = study.ask()
     try:
-        trial.set_user_attr("worker", _worker_id())
+        trial.set_user_attr("worker", worker_id())
         others = [t for t in study.get_trials(deepcopy=False, states=CLAIMS) if t.number != trial.number]
         rank = sum(1 for t in others if t.state == TrialState.COMPLETE or t.number < trial.number)
         if rank >= budget.total:  # not among the first T: another worker takes the last places

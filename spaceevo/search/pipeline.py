@@ -1,5 +1,7 @@
 """``spaceevo search --device cpu``: the whole space search from nothing, resumable at every step.
 
+0. this device's latency table for the hyperspace (:func:`spaceevo.latency.api.build_table`; a
+   complete table is only loaded);
 1. block LUTs (:func:`spaceevo.search.lut_build.build_block_luts`: teacher, block-wise distillation,
    sampled sub-stages with NSR loss and INT8 latency from this device's latency table);
 2. aging evolution over candidate spaces by Q-T score (:func:`spaceevo.search.api.search_block_lut`),
@@ -92,8 +94,11 @@ def search_space(
     show_progress: bool = True,
 ) -> SearchResult | None:
     """Build what is missing (LUTs), then search; None when other shards' LUTs are still missing."""
+    from spaceevo.latency.api import build_table
+
     hyper = load_hyperspace(hyperspace) if isinstance(hyperspace, str) else hyperspace
     lut_budget = "default" if budget == "full" else budget
+    build_table(hyper, device, 1, tables, show_progress=show_progress)  # loads a complete table at once
     lut_dir = build_block_luts(
         run_dir, hyper, data, lut_budget, teacher_path, shard, device, seed, show_progress, latency_root=tables
     )

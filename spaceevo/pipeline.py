@@ -1,0 +1,119 @@
+"""``spaceevo run``: the whole method in one command, resumable at every step.
+
+1. space search (:func:`spaceevo.search.pipeline.search_space`): block LUTs, then aging evolution by
+   Q-T score, in ``RUN/search/``;
+2. quantized-for-all supernet training of the best space (:func:`spaceevo.train.loop.train_supernet`)
+   in ``RUN/supernet/``;
+3. subnet extraction per latency budget, with export and verification on the device
+   (:func:`spaceevo.search.extract.extract_subnets`) in ``RUN/supernet/extract/``;
+4. ``RUN/report.json`` and a short report: per budget the subnet, predicted and measured INT8 latency,
+   held-out and test top-1, the ONNX files; the Pareto PNG.
+
+Each step skips what is already complete, so an interrupted run continues where it stopped when the
+same command is given again.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from spaceevo.io import atomic_write_json
+
+BUDGETS = ("smoke", "default")
+
+
+@dataclass(frozen=True)
+class PipelineReport:
+    """What ``spaceevo run`` produced."""
+
+    run_dir: Path
+    best_space: str
+    qt_score: float
+    heldout_top1_max: float | None
+    extraction: dict[str, Any]
+    report_path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": str(self.run_dir),
+            "best_space": self.best_space,
+            "qt_score": self.qt_score,
+            "supernet_heldout_top1_max": self.heldout_top1_max,
+            **self.extraction,
+            "report": str(self.report_path),
+        }
+
+
+def run_pipeline(
+    run_dir: str | Path,
+    latency_budgets_ms: Sequence[float],
+    *,
+    hyperspace: str = "tiny",
+    data: str = "embedded",
+    budget: str = "default",
+    seed: int = 0,
+    device: str = "cpu",
+    threads: int = 1,
+    tables: str | Path | None = None,
+    show_progress: bool = True,
+) -> PipelineReport:
+    """Search the space, train its supernet, extract and verify one INT8 subnet per budget."""
+    from spaceevo.errors import UsageError
+    from spaceevo.search.extract import extract_subnets
+    from spaceevo.search.pipeline import search_space
+    from spaceevo.train.loop import train_supernet
+
+    if budget not in BUDGETS:
+        raise UsageError(f"unknown budget '{budget}'; allowed: {', '.join(BUDGETS)}")
+    run = Path(run_dir)
+
+    def step(text: str) -> None:
+        if show_progress:
+            print(f"spaceevo run: {text}", file=sys.stderr)
+
+    step("1/3 space search")
+    searched = search_space(
+        run, hyperspace, data=data, budget=budget, seed=seed, device=device, tables=tables, show_progress=show_progress
+    )
+    assert searched is not None  # one shard: the search always runs
+    step(f"2/3 supernet training of {searched.best_space}")
+    trained = train_supernet(
+        searched.best_space, run / "supernet", data=data, budget=budget, seed=seed, resume=True, progress=show_progress
+    )
+    step(f"3/3 extraction at {', '.join(f'{b:g}' for b in latency_budgets_ms)} ms")
+    extracted = extract_subnets(
+        run / "supernet", latency_budgets_ms, budget=budget, seed=seed, verify=True, device=device, threads=threads,
+        tables=tables, show_progress=show_progress,
+    )
+    report = PipelineReport(
+        run_dir=run,
+        best_space=searched.best_space,
+        qt_score=searched.qt_score,
+        heldout_top1_max=trained.top1_max,
+        extraction=extracted.to_dict(),
+        report_path=run / "report.json",
+    )
+    atomic_write_json(report.report_path, report.to_dict())
+    return report
+
+
+def report_rows(report: PipelineReport) -> list[tuple[str, object]]:
+    """The human-readable summary: one line per budget, then the artifacts."""
+    rows: list[tuple[str, object]] = [
+        ("best space", f"{report.best_space} (Q-T {report.qt_score:.4g})"),
+        ("supernet held-out top-1 (max)", report.heldout_top1_max),
+    ]
+    for result in report.extraction["results"]:
+        measured = result.get("measured_int8_ms")
+        rows.append((
+            f"budget {result['budget_ms']:g} ms",
+            f"predicted {result['predicted_int8_ms']:.3f} ms, measured "
+            f"{'-' if measured is None else f'{measured:.3f}'} ms, held-out {result['heldout_int8_top1']:.2f} %, "
+            f"test (ORT INT8) {result.get('test_ort_int8_top1')} %, {result.get('onnx_int8')}"
+            + (f"  [{result['note']}]" if result.get("note") else ""),
+        ))
+    rows += [("pareto", report.extraction["pareto_png"]), ("report", str(report.report_path))]
+    return rows
