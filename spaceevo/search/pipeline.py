@@ -63,9 +63,10 @@ def write_subnet_plot(
 ) -> Path:
     """PNG of sampled subnets (latency, NSR loss) of the comparison spaces."""
     lut = load_block_lut(lut_dir, hyperspace)
+    ranking = QTScorer(lut, constraints, fixed)  # the search's own N, so "best homogeneous" agrees with it
     scorer = QTScorer(lut, constraints, fixed, samples=PLOT_SAMPLES)
     series = []
-    for index, (label, space) in enumerate(comparison_spaces(hyperspace, scorer, best, seed).items()):
+    for index, (label, space) in enumerate(comparison_spaces(hyperspace, ranking, best, seed).items()):
         loss, latency_ms = scorer.sample(space, space_rng(seed, space))
         points = list(zip(latency_ms.tolist(), loss.tolist()))
         series.append(Series(label, points, PALETTE[index % len(PALETTE)], radius=2.0))
