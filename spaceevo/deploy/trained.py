@@ -84,7 +84,7 @@ class TrainedRun:
         """The run's data set (or ``data``) split as in training: the held-out split is the same."""
         spec = self.data if data is None else (DataSpec.parse(data) if isinstance(data, str) else data)
         spec.check()
-        return load_space_data(self.space, spec)
+        return load_space_data(self.space.hyperspace, spec)
 
     def calibrated(self, supernet: Supernet, subnet: Subnet, datasets: Datasets) -> Supernet:
         """``supernet`` with ``subnet`` active and its BatchNorm statistics recalibrated on the

@@ -29,15 +29,12 @@ with ``j % n == i``, so processes or machines sharing the run directory split th
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import math
-import pickle
 import random
 import sys
 import time
-import zipfile
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,7 +46,8 @@ from torch import nn
 from tqdm import tqdm
 
 from spaceevo.errors import ArtifactError, RunMismatchError, TrainingDivergedError, UsageError
-from spaceevo.io import atomic_write_bytes, atomic_write_json
+from spaceevo.io import atomic_write_json
+from spaceevo.train.checkpoint import load_state, save_state
 from spaceevo.nn.elastic import ElasticBlock
 from spaceevo.nn.layers import QuantPoint
 from spaceevo.quant.lsq import LsqActivationQuantizer, LsqQuantizer, LsqWeightQuantizer, set_quant_mode
@@ -476,19 +474,11 @@ def file_digest(path: Path) -> str:
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save({"format": KD_FORMAT, **state}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_state(path, state, KD_FORMAT)
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise ArtifactError(f"{path} is unreadable ({error}); delete it to retrain the job") from None
-    if not isinstance(state, dict) or state.get("format") != KD_FORMAT:
-        raise ArtifactError(f"{path} is not a spaceevo block-KD checkpoint ({KD_FORMAT}); delete it to retrain the job")
-    return state
+    return load_state(path, KD_FORMAT, "spaceevo block-KD checkpoint", "delete it to retrain the job")
 
 
 def _record(job: KDJob, config: KDConfig, teacher_digest: str) -> dict[str, Any]:

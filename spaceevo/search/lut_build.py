@@ -54,7 +54,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from spaceevo.errors import ArtifactError, DataError, RunMismatchError, UsageError
+from spaceevo.errors import ArtifactError, RunMismatchError, UsageError
 from spaceevo.io import atomic_write_json
 from spaceevo.latency.api import load_predictor
 from spaceevo.latency.predictor import LatencyPredictor
@@ -78,8 +78,9 @@ from spaceevo.search.lut import LutRow, lut_filename, write_lut_csv
 from spaceevo.search.teacher import TEACHER_FILE, TeacherConfig, load_teacher, teacher_config, train_teacher
 from spaceevo.space import BlockSpec, Hyperspace, conv_output_size, load_hyperspace, shortcut_kind
 from spaceevo.train.bn import batchnorms
+from spaceevo.train.loop import load_space_data
 from spaceevo.train.checkpoint import versions
-from spaceevo.train.data import InMemorySplit, load_data
+from spaceevo.train.data import DataSpec
 
 LUT_RECORD = "lut_record.json"
 
@@ -325,17 +326,7 @@ def build_block_luts(
     teacher_file = Path(teacher_path) if teacher_path is not None else search_dir / TEACHER_FILE
     if pending:
         compute = torch.device(torch_device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        datasets = load_data(data, max(space.resolutions), seed=0)
-        if datasets.num_classes != space.num_classes or datasets.in_channels != space.in_channels:
-            raise DataError(
-                f"data '{data}' has {datasets.num_classes} classes and {datasets.in_channels} channel(s); "
-                f"hyperspace '{space.name}' ({space.source}) is built for {space.num_classes} classes and "
-                f"{space.in_channels} channel(s)"
-            )
-        if isinstance(datasets.train, InMemorySplit):  # load at the stored size, resize per resolution
-            height, width = datasets.train.images.shape[-2:]
-            if height == width:
-                datasets = datasets.with_resolution(int(height))
+        datasets = load_space_data(space, DataSpec.parse(data))
         if teacher_path is not None:
             teacher = load_teacher(teacher_file, space).to(compute)
         else:

@@ -19,13 +19,10 @@ Fashion-MNIST, ``tiny``): see :data:`TEACHER_BUDGETS`.
 
 from __future__ import annotations
 
-import io
 import itertools
-import pickle
 import random
 import sys
 import time
-import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 from tqdm import tqdm
 
 from spaceevo.errors import ArtifactError, RunMismatchError, TrainingDivergedError, UsageError
-from spaceevo.io import atomic_write_bytes
+from spaceevo.train.checkpoint import load_state, save_state
 from spaceevo.space import Hyperspace
 from spaceevo.train.data import Datasets, make_loader, resize_batch
 from spaceevo.train.optim import make_optimizer, make_scheduler
@@ -176,13 +173,7 @@ def check_teacher_fits(teacher: Teacher, hyperspace: Hyperspace, source: str) ->
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise ArtifactError(f"{path} is not a readable teacher checkpoint ({error})") from None
-    if not isinstance(state, dict) or state.get("format") != TEACHER_FORMAT:
-        raise ArtifactError(f"{path} is not a spaceevo teacher checkpoint (format {TEACHER_FORMAT})")
-    return state
+    return load_state(path, TEACHER_FORMAT, "spaceevo teacher checkpoint", "train the teacher again or give another --teacher")
 
 
 def load_teacher(path: str | Path, hyperspace: Hyperspace) -> Teacher:
@@ -201,9 +192,7 @@ def load_teacher(path: str | Path, hyperspace: Hyperspace) -> Teacher:
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save({"format": TEACHER_FORMAT, **state}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_state(path, state, TEACHER_FORMAT)
 
 
 @torch.no_grad()

@@ -130,24 +130,33 @@ def check_space(where: Path, stored_space: Any, stored_digest: Any, space: str, 
         )
 
 
+def save_state(path: Path, state: dict[str, Any], format_tag: int | str) -> None:
+    """Serialise ``state`` with its format tag and write it atomically to ``path``."""
+    buffer = io.BytesIO()
+    torch.save({"format": format_tag, **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(path: Path, format_tag: int | str, what: str, remedy: str) -> dict[str, Any]:
+    """Read a state written by :func:`save_state` (onto the CPU); :class:`ArtifactError` naming
+    ``what`` was expected and the ``remedy`` if it is unreadable or of another format."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise ArtifactError(f"{path} is unreadable ({error}); {remedy}") from None
+    if not isinstance(state, dict) or state.get("format") != format_tag:
+        raise ArtifactError(f"{path} is not a {what} of format {format_tag}; {remedy}")
+    return state
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Serialise ``state`` and write it atomically to ``path``."""
-    buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_state(path, state, CHECKPOINT_FORMAT)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint (onto the CPU); :class:`ArtifactError` if it is unreadable."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise ArtifactError(f"{path} is unreadable ({error}); use another --run directory") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(
-            f"{path} is not a spaceevo training checkpoint of format {CHECKPOINT_FORMAT}; use another --run directory"
-        )
-    return state
+    return load_state(path, CHECKPOINT_FORMAT, "spaceevo training checkpoint", "use another --run directory")
 
 
 def write_config(run: RunDir, record: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from spaceevo.errors import DataError, TrainingDivergedError, UsageError
 from spaceevo.nn import Supernet
-from spaceevo.space import CandidateSpace, load_space, require_candidate_space
+from spaceevo.space import CandidateSpace, Hyperspace, load_space, require_candidate_space
 from spaceevo.train import distributed as ddp
 from spaceevo.train.bn import preserved_bn_state, recalibrate_bn
 from spaceevo.train.checkpoint import (
@@ -68,10 +68,9 @@ EVAL_SEED = 0
 """Seed of the (fixed) order in which held-out images are drawn for recalibration and evaluation."""
 
 
-def load_space_data(space: CandidateSpace, spec: DataSpec) -> Datasets:
-    """The splits of ``spec`` for training or evaluating ``space`` (held-out split seeded by
-    :data:`HELDOUT_SEED`); :class:`DataError` if its classes or channels do not fit the hyperspace."""
-    hyperspace = space.hyperspace
+def load_space_data(hyperspace: Hyperspace, spec: DataSpec) -> Datasets:
+    """The splits of ``spec`` for training or evaluating networks of ``hyperspace`` (held-out split
+    seeded by :data:`HELDOUT_SEED`); :class:`DataError` if its classes or channels do not fit."""
     datasets = load_data(spec, max(hyperspace.resolutions), seed=HELDOUT_SEED)
     if datasets.num_classes != hyperspace.num_classes or datasets.in_channels != hyperspace.in_channels:
         raise DataError(
@@ -240,7 +239,7 @@ class _Trainer:
         return checkpoint
 
     def _load_data(self) -> Datasets:
-        return load_space_data(self.space, self.spec)
+        return load_space_data(self.space.hyperspace, self.spec)
 
     def _prepare_qat(self, supernet: nn.Module) -> nn.Module:
         from spaceevo.quant.qat import prepare_qat
