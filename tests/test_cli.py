@@ -90,7 +90,7 @@ def test_predict_without_table_says_how_to_build_one(capsys, tmp_path):
 def test_predict_refuses_a_table_of_another_device(capsys, tmp_path):
     here = device_fingerprint("cpu", 1)
     header = {
-        "format": "spaceevo-latency-table/1",
+        "format": "spaceevo-latency-table/2",
         "fingerprint": dict(here.to_dict(), cpu_model="Some Other CPU 1234"),
         "versions": {},
     }
@@ -103,6 +103,20 @@ def test_predict_refuses_a_table_of_another_device(capsys, tmp_path):
     assert code == 3
     assert "another device" in err
     assert "Some Other CPU 1234" in err and here.cpu_model in err
+
+
+def test_predict_refuses_a_table_of_an_older_measurement_protocol(capsys, tmp_path):
+    here = device_fingerprint("cpu", 1)
+    header = {"format": "spaceevo-latency-table/1", "fingerprint": here.to_dict(), "versions": {}}
+    path = tmp_path / here.slug / TABLE_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(header) + "\n" + json.dumps({"key": "x", "ms": 1.0, "spread": 0.0}) + "\n")
+    code, out, err = run_cli(
+        capsys, "latency", "predict", "--space", "tiny-1111-0000", "--subnet", "min", "--tables", str(tmp_path)
+    )
+    assert code == 3 and out == ""
+    assert str(path) in err and "older protocol" in err and "spaceevo latency build" in err
+    assert "Traceback" not in err
 
 
 def test_predict_with_an_uncalibrated_table_says_how_to_build(capsys, tmp_path):

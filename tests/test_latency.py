@@ -571,39 +571,53 @@ class ScriptedTimer:
 
 
 class PhasedTimer:
-    """A model whose latency is ``base_ms`` times the machine's current phase factor."""
+    """A model whose latency is ``base_ms`` times the phase factor of a simulated machine clock.
+
+    Every run advances the shared clock by its latency; the machine is 1.7x slower during every
+    third ``period_ms`` of time, so phases come and go within one round of a long model.
+    """
 
     def __init__(self, base_ms: float, machine: dict):
         self.base_ms = base_ms
         self.machine = machine
 
     def run_once(self) -> float:
-        return self.base_ms * self.machine["factor"]
+        machine = self.machine
+        factor = 1.7 if (machine["clock_ms"] // machine["period_ms"]) % 3 == 2 else 1.0
+        latency = self.base_ms * factor
+        machine["clock_ms"] += latency
+        return latency
 
     def round(self, runs: int, min_round_s: float) -> list[float]:
-        self.machine["calls"] += 1
-        # the machine switches between its usual speed and a 1.7x slower phase every few rounds
-        self.machine["factor"] = 1.7 if (self.machine["calls"] // 7) % 3 == 2 else 1.0
         return [self.run_once() for _ in range(runs)]
 
 
-def test_stable_meter_expresses_rounds_in_reference_units():
-    from spaceevo.latency.measure import StableMeter
+def _machine(period_ms: float) -> dict:
+    return {"clock_ms": 0.0, "period_ms": period_ms}
 
-    machine = {"factor": 1.0, "calls": 0}
-    meter = StableMeter(PhasedTimer(0.1, machine), canonical_ms=0.1)
-    config = MeasureConfig(warmup=0, rounds=12, runs_per_round=3, min_round_s=0.0)
-    stats = meter.measure([PhasedTimer(0.5, machine), PhasedTimer(2.0, machine)], config)
-    # raw medians are inflated by the slow phase in some rounds; normalised ones are not
-    assert stats[0].median_ms == pytest.approx(0.5, rel=0.02)
-    assert stats[1].median_ms == pytest.approx(2.0, rel=0.02)
+
+@pytest.mark.parametrize("subject_ms", [0.5, 25.0])
+def test_stable_meter_expresses_rounds_in_reference_units(subject_ms):
+    from spaceevo.latency.measure import StableMeter, measure_interleaved
+
+    config = MeasureConfig(warmup=0, rounds=15, runs_per_round=5, min_round_s=0.0)
+    # slow phases last 6 subject runs: longer than one subject's round, shorter than a round of both
+    raw = measure_interleaved([PhasedTimer(subject_ms, _machine(6 * subject_ms))], config)[0]
+    machine = _machine(6 * subject_ms)
+    meter = StableMeter(PhasedTimer(0.066, machine), canonical_ms=0.066)
+    stats = meter.measure([PhasedTimer(subject_ms, machine), PhasedTimer(2 * subject_ms, machine)], config)
+    assert stats[0].median_ms == pytest.approx(subject_ms, rel=0.02)
+    assert stats[1].median_ms == pytest.approx(2 * subject_ms, rel=0.02)
     assert len(stats[1].round_medians_ms) == config.rounds
+    # the slow phase does show in raw rounds: normalisation is what removes it
+    assert max(raw.round_medians_ms) > 1.5 * subject_ms
+    assert max(stats[0].round_medians_ms) < 1.2 * subject_ms
 
 
 def test_stable_meter_settles_canonical_scale_once():
     from spaceevo.latency.measure import StableMeter
 
-    machine = {"factor": 1.0, "calls": 0}
+    machine = _machine(40.0)
     meter = StableMeter(PhasedTimer(0.2, machine))
     baseline = meter.settle(seconds=0.0)
     assert meter.canonical_ms == baseline and baseline in (pytest.approx(0.2), pytest.approx(0.34))

@@ -29,7 +29,9 @@ from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.measure import MeasureConfig, StableMeter, Timer
 from spaceevo.latency.segments import Segment, segment_model
 
-FORMAT = "spaceevo-latency-table/1"
+FORMAT = "spaceevo-latency-table/2"
+"""Version 2: every subject run is bracketed by reference runs (:meth:`StableMeter.measure`);
+version-1 tables were normalised per round and are on another scale, so they are not read."""
 TABLE_FILE = "segments.jsonl"
 DEFAULT_ROOT_ENV = "SPACEEVO_LATENCY_TABLES"
 
@@ -129,6 +131,12 @@ class LatencyTable:
         try:
             header = json.loads(lines[0])
             if header.get("format") != FORMAT:
+                if str(header.get("format", "")).startswith("spaceevo-latency-table/"):
+                    raise ArtifactError(
+                        f"{path} is a latency table of format {header['format']!r}, measured with an "
+                        f"older protocol; this spaceevo reads {FORMAT!r}. Delete it and run "
+                        f"'spaceevo latency build' to measure it again."
+                    )
                 raise ValueError(f"format {header.get('format')!r}")
             fingerprint = DeviceFingerprint.from_dict(header["fingerprint"])
         except (IndexError, ValueError, KeyError, TypeError) as error:
