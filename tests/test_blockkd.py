@@ -25,12 +25,7 @@ LATENCY_ROOT = Path(__file__).resolve().parents[1] / "latency_tables"
 TINY = load_hyperspace("tiny")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- NSR loss ---------------------------------------------------------------------------------

@@ -6,11 +6,9 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 import pytest
-import torch
 
 from spaceevo.cli import main
 from spaceevo.deploy import evaluate_model, evaluate_subnet, export_subnet, open_run
@@ -21,12 +19,7 @@ from spaceevo.errors import ArtifactError
 SPACE = "tiny-1111-0000"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

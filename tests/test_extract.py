@@ -8,12 +8,10 @@ import io
 import json
 import random
 from pathlib import Path
-from typing import Iterator
 
 import optuna
 import pytest
 from optuna.storages import InMemoryStorage
-import torch
 
 from spaceevo.cli import main
 from spaceevo.deploy.evaluate import ExportReport
@@ -40,12 +38,7 @@ def _predictor():
         pytest.skip(f"no latency table for this device under {TABLES}: {error}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

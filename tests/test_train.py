@@ -12,7 +12,6 @@ import math
 import random
 import socket
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -44,12 +43,7 @@ TINY = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
