@@ -22,11 +22,13 @@ One run on one device (issue 7, part 1):
    interpolated at the searched points' latencies) and the speed ratio at equal accuracy.
 
 Everything lives under ``--run-root/<budget>/`` (one folder per training and extraction, skipped or
-resumed when done). Writes ``docs/results/spaces.json``, ``docs/results/spaces_pareto.png`` and the
+resumed when done). ``--jobs N`` runs the independent jobs (each space's training + extraction, each
+torchvision model) in N worker processes of ``--threads`` threads each; the final measurement runs
+alone, after all of them. Writes ``docs/results/spaces.json``, ``docs/results/spaces_pareto.png`` and the
 section between the ``spaces`` markers of ``docs/RESULTS.md`` (``--no-write`` only prints).
 
     nice -n 19 python scripts/bench_spaces.py --budget smoke          # minutes: checks the pipeline
-    nice -n 19 python scripts/bench_spaces.py --budget default        # the evidence (hours on 2 cores)
+    nice -n 19 python scripts/bench_spaces.py --budget default --jobs 2   # the evidence (hours on 2 cores)
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import shlex
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -183,6 +187,51 @@ def extract_space(
     }
     atomic_write_json(cache, data)
     return data
+
+
+def space_job(
+    encoding: str, run_dir: Path, budgets: Sequence[float], low_ms: float, budget: str, seed: int, threads: int, tables: str | None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """One space's training then extraction (runs in a worker process under ``--jobs``):
+    ``(train summary, extraction, {step: seconds})``."""
+    torch.set_num_threads(threads)
+    space = load_hyperspace(HYPERSPACE).candidate_space(encoding)
+    t = time.perf_counter()
+    train = train_space(space, run_dir, budget, seed, threads)
+    timings = {f"train_{encoding}_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    extracted = extract_space(run_dir, budgets, low_ms, budget, seed, threads, tables)
+    timings[f"extract_{encoding}_s"] = time.perf_counter() - t
+    return train, extracted, timings
+
+
+def torchvision_job(name: str, run_dir: Path, budget: str, seed: int, threads: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """One torchvision fixed point (runs in a worker process under ``--jobs``): ``(result, {step: seconds})``."""
+    t = time.perf_counter()
+    result = train_torchvision(name, run_dir, budget, seed, threads)
+    return result, {f"torchvision_{name}_s": time.perf_counter() - t}
+
+
+class InlineExecutor:
+    """``--jobs 1``: run each submitted job at once, in this process (same interface as the pool)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self) -> "InlineExecutor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def executor(jobs: int) -> InlineExecutor | ProcessPoolExecutor:
+    """Where the jobs run: in this process (``jobs == 1``) or in ``jobs`` spawned worker processes."""
+    if jobs == 1:
+        return InlineExecutor()
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
 # ---- torchvision fixed points ------------------------------------------------------------------------
@@ -553,13 +602,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="run folders go to RUN_ROOT/<budget>/ (default: runs/bench_spaces)")
     parser.add_argument("--latency-budgets", type=float, nargs="+", default=None, metavar="MS",
                         help="predicted INT8 latency budgets (default: 4 spread over the latency range all compared spaces reach)")
-    parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default: 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads per job (default: 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes for the independent trainings and extractions (default: 1, in this process)")
     parser.add_argument("--tables", default=None, help="latency table root (default: ./latency_tables)")
     parser.add_argument("--no-torchvision", action="store_true", help="leave out the torchvision fixed points")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -589,30 +642,34 @@ def main(argv: list[str] | None = None) -> int:
                + ", ".join(f"{spaces[r].encoding} {lo:.3g}-{hi:.3g} ms" for r, (lo, hi) in ranges.items()))
     log(f"latency budgets: {' '.join(f'{b:g}' for b in budgets)} ms")
 
-    # (b) training and extraction, space by space
-    entries = []
-    for role, space in spaces.items():
-        run_dir = root / f"train_{space.encoding}"
-        t = time.perf_counter()
-        train = train_space(space, run_dir, args.budget, args.seed, args.threads)
-        timings[f"train_{space.encoding}_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        extracted = extract_space(run_dir, budgets, ranges[role][0], args.budget, args.seed, args.threads, args.tables)
-        timings[f"extract_{space.encoding}_s"] = time.perf_counter() - t
-        labels = [ROLE_NAMES[r] for r in [role, *aliases[role]]]
-        entries.append({
-            "role": role, "label": " = ".join(labels), "space": space.encoding, "qt_score": search["qt_score"] if space.encoding == search["best_space"] else homogeneous.get(space.encoding),
-            "predicted_range_ms": list(ranges[role]), "run_dir": str(run_dir), "train": train, "extract": extracted,
-            "skipped_budgets_ms": extracted.get("skipped_budgets_ms"), "skipped_note": extracted.get("skipped_note"),
-        })
-
-    # (c) torchvision fixed points
-    fixed = []
-    if not args.no_torchvision:
-        for name in TORCHVISION_MODELS:
-            t = time.perf_counter()
-            fixed.append(train_torchvision(name, root / f"torchvision_{name}", args.budget, args.seed, args.threads))
-            timings[f"torchvision_{name}_s"] = time.perf_counter() - t
+    # (b) training and extraction, space by space, and (c) the torchvision fixed points: independent jobs
+    names = [] if args.no_torchvision else list(TORCHVISION_MODELS)
+    log(f"{len(spaces) + len(names)} jobs on {args.jobs} worker(s) of {args.threads} thread(s)")
+    with executor(args.jobs) as pool:
+        space_futures = {
+            role: pool.submit(space_job, space.encoding, root / f"train_{space.encoding}", budgets, ranges[role][0],
+                              args.budget, args.seed, args.threads, args.tables)
+            for role, space in spaces.items()
+        }
+        fixed_futures = [pool.submit(torchvision_job, name, root / f"torchvision_{name}", args.budget, args.seed, args.threads)
+                         for name in names]
+        entries = []
+        for role, future in space_futures.items():
+            train, extracted, job_timings = future.result()
+            timings.update(job_timings)
+            space = spaces[role]
+            labels = [ROLE_NAMES[r] for r in [role, *aliases[role]]]
+            entries.append({
+                "role": role, "label": " = ".join(labels), "space": space.encoding,
+                "qt_score": search["qt_score"] if space.encoding == search["best_space"] else homogeneous.get(space.encoding),
+                "predicted_range_ms": list(ranges[role]), "run_dir": str(root / f"train_{space.encoding}"), "train": train,
+                "extract": extracted, "skipped_budgets_ms": extracted.get("skipped_budgets_ms"), "skipped_note": extracted.get("skipped_note"),
+            })
+        fixed = []
+        for future in fixed_futures:
+            result, job_timings = future.result()
+            timings.update(job_timings)
+            fixed.append(result)
 
     # (d) one interleaved measurement of everything
     paths = [p for e in entries for r in e["extract"]["results"] for p in (r["onnx_int8"], r["onnx_fp32"])]

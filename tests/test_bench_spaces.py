@@ -76,3 +76,11 @@ def test_torchvision_adaptation_keeps_a_4x4_map_at_28px(bench, name):
         x = model.features(x)
     assert x.shape[-2:] == (4, 4)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_jobs_run_inline_or_in_worker_processes(bench):
+    with bench.executor(1) as pool:
+        assert isinstance(pool, bench.InlineExecutor)
+        assert pool.submit(divmod, 17, 5).result() == (3, 2)
+    with bench.executor(2) as pool:
+        assert pool.submit(divmod, 17, 5).result() == (3, 2)
