@@ -38,7 +38,6 @@ import datetime as dt
 import hashlib
 import itertools
 import json
-import math
 import multiprocessing
 import shlex
 import sys
@@ -49,7 +48,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
 import torch
 import torchvision
 from torch import nn
