@@ -87,6 +87,26 @@ def test_activation_forward_equals_formula_and_lies_on_grid():
     assert (codes.round() == 0).any() and (codes.round() == 255).any()
 
 
+@pytest.mark.parametrize("bits", [8, 7])
+@pytest.mark.parametrize("beta", [0.0, -0.13, -9.0])  # zero point 0, inside the range, saturated at Qp
+def test_activation_without_autograd_is_bit_identical_to_the_training_forward(bits, beta):
+    """Evaluation and BN recalibration run under ``no_grad`` on the vectorised path; it must give
+    exactly the codes of the autograd path (and of PyTorch's fake-quant kernel), ties and clipping included."""
+    torch.manual_seed(1)
+    s = 0.02
+    ties = (torch.arange(-40, 300, dtype=torch.float32) + 0.5) * s  # exact halves between two codes
+    x = torch.cat([ties, torch.randn(20_000) * 3]).reshape(4, -1)
+    quantizer = initialised_activation(x, bits)
+    set_act_params(quantizer, s, beta)
+    with torch.enable_grad():
+        trained = quantizer(x)
+    with torch.no_grad():
+        inferred = quantizer(x)
+    zp = int(min(max(round(-beta / s), 0), quantizer.qmax))
+    assert torch.equal(inferred, trained)
+    assert torch.equal(inferred, torch.fake_quantize_per_tensor_affine(x, s, zp, 0, quantizer.qmax))
+
+
 def test_activation_initialised_from_first_training_batch_only():
     x = torch.tensor([[-0.5, 0.25, 2.0], [1.0, 0.0, -0.25]])
     quantizer = initialised_activation(x)
