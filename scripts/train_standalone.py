@@ -23,18 +23,9 @@ from spaceevo.nn import Supernet
 from spaceevo.space import load_space, require_candidate_space
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import load_data, make_loader
+from spaceevo.train.evaluate import top1
 from spaceevo.train.optim import make_optimizer, make_scheduler
 from spaceevo.train.weights import initialize_weights
-
-
-@torch.no_grad()
-def top1(model: torch.nn.Module, split) -> float:
-    model.eval()
-    correct = total = 0
-    for images, labels in make_loader(split, 500, False, workers=0, distributed=False):
-        correct += int((model(images).argmax(dim=1) == labels).sum())
-        total += int(labels.shape[0])
-    return 100.0 * correct / total
 
 
 def main() -> None:
@@ -67,9 +58,9 @@ def main() -> None:
     scheduler = make_scheduler(optimizer, steps, round(config.warmup_epochs * steps_per_epoch))
     started = time.perf_counter()
     step = 0
+    model.train()
     while step < steps:
         for images, labels in loader:
-            model.train()
             logits = model(images.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -89,8 +80,8 @@ def main() -> None:
         "batch_size": config.batch_size,
         "threads": args.threads,
         "train_s": round(time.perf_counter() - started, 1),
-        "heldout_fp32_top1": top1(model, datasets.heldout),
-        "test_fp32_top1": top1(model, datasets.test),
+        "heldout_fp32_top1": top1(model.eval(), make_loader(datasets.heldout, 500, False, workers=0, distributed=False)),
+        "test_fp32_top1": top1(model, make_loader(datasets.test, 500, False, workers=0, distributed=False)),
     }))
 
 

@@ -1,4 +1,4 @@
-"""Top-1 accuracy of one subnet of a supernet (recalibrate its BatchNorm first: :mod:`spaceevo.train.bn`)."""
+"""Top-1 accuracy of a model, or of one subnet of a supernet (recalibrate its BatchNorm first: :mod:`spaceevo.train.bn`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,23 @@ from spaceevo.train.data import resize_batch
 
 
 @torch.no_grad()
+def top1(model: nn.Module, loader: Iterable, resolution: int | None = None, max_images: int | None = None) -> float:
+    """Top-1 accuracy in percent of ``model`` (in its current mode) on ``loader``, images resized to
+    ``resolution`` when given; ``max_images`` stops after that many images (whole batches)."""
+    device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in loader:
+        if max_images is not None and total >= max_images:
+            break
+        x = x.to(device, non_blocking=True)
+        logits = model(x if resolution is None else resize_batch(x, resolution))
+        correct += int((logits.argmax(dim=1) == y.to(device)).sum())
+        total += int(y.shape[0])
+    if total == 0:
+        raise ValueError("evaluate: the loader yielded no images")
+    return 100.0 * correct / total
+
+
 def evaluate(supernet: nn.Module, subnet: Subnet, loader: Iterable, max_images: int | None = None) -> float:
     """Top-1 accuracy in percent of ``subnet`` on ``loader`` (images resized to its resolution).
 
@@ -22,14 +39,4 @@ def evaluate(supernet: nn.Module, subnet: Subnet, loader: Iterable, max_images: 
     """
     supernet.set_active(subnet)
     supernet.eval()
-    device = next(supernet.parameters()).device
-    correct = total = 0
-    for x, y in loader:
-        if max_images is not None and total >= max_images:
-            break
-        logits = supernet(resize_batch(x.to(device, non_blocking=True), subnet.resolution))
-        correct += int((logits.argmax(dim=1) == y.to(device)).sum())
-        total += int(y.shape[0])
-    if total == 0:
-        raise ValueError("evaluate: the loader yielded no images")
-    return 100.0 * correct / total
+    return top1(supernet, loader, subnet.resolution, max_images)
