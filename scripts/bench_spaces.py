@@ -507,7 +507,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [SECTION[0], title + (f" - SMOKE-BUDGET RUN (`--budget {report['budget']}`), NOT EVIDENCE" if smoke else ""), ""]
     if smoke:
         lines += [
-            f"> **This is a `--budget smoke` run: a few training steps per space, a tiny search. It shows that the "
+            "> **This is a `--budget smoke` run: a few training steps per space, a tiny search. It shows that the "
             "pipeline runs end to end; its accuracies are near chance and its comparison means nothing. "
             "Run `--budget default` for evidence.**",
             "",

@@ -113,6 +113,7 @@ def _train(args: argparse.Namespace) -> None:
         budget=args.budget,
         epochs=args.epochs,
         qat_epochs=args.qat_epochs,
+        largest_epochs=args.largest_epochs,
         seed=args.seed,
         resume=args.resume,
         threads=args.threads,
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_non_negative_int, default=None, help="FP32 epochs (default: from the budget)")
     train.add_argument("--qat-epochs", type=_non_negative_int, default=None,
                        help="LSQ+ quantization-aware epochs after the FP32 ones (default: from the budget)")
+    train.add_argument("--largest-epochs", type=_non_negative_int, default=None,
+                       help="the first N FP32 epochs train the largest subnet alone, as Once-for-All's "
+                            "progressive shrinking starts (default: from the budget, at most --epochs)")
     train.add_argument("--seed", type=_non_negative_int, default=None, help="training seed (default: 0)")
     train.add_argument("--resume", action="store_true", help="continue the run in --run from its last finished epoch")
     train.add_argument("--threads", type=_positive_int, default=None,

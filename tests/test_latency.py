@@ -12,7 +12,6 @@ import json
 import random
 import re
 import statistics
-from pathlib import Path
 
 import numpy as np
 import onnx

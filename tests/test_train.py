@@ -99,6 +99,17 @@ def test_config_budgets_and_validation() -> None:
         TrainConfig().replace(learning_rate=1.0)
 
 
+def test_largest_epochs_are_validated_and_capped_by_an_epochs_override() -> None:
+    with pytest.raises(UsageError, match=r"largest_epochs=3 .*from 0 to epochs \(2\)"):
+        TrainConfig(epochs=2, largest_epochs=3)
+    config = TrainConfig(epochs=8, largest_epochs=4)
+    assert config.override(epochs=2).largest_epochs == 2
+    assert config.override(epochs=6).largest_epochs == 4
+    assert config.override(epochs=6, largest_epochs=0).largest_epochs == 0
+    assert config.override(seed=3) == config.replace(seed=3)
+    assert [config.largest_only(epoch) for epoch in (1, 4, 5, 9)] == [True, True, False, False]
+
+
 def test_warmup_cosine_schedule() -> None:
     schedule = WarmupCosine(total_steps=10, warmup_steps=2)
     factors = [schedule(t) for t in range(11)]
@@ -163,6 +174,24 @@ def test_sandwich_step_with_an_infinite_weight_does_not_step(data) -> None:
     assert not result.finite and "loss of the max subnet" in result.first_non_finite()
     after = net.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items()), "no optimizer step after a non-finite loss"
+
+
+def test_largest_only_step_trains_the_largest_subnet_alone(data) -> None:
+    torch.manual_seed(0)
+    space = load_space(SPACE)
+    net = Supernet(space)
+    initialize_weights(net)
+    rng = random.Random(0)
+    step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, TrainConfig(batch_size=8), rng)
+    x, y = next(iter(make_loader(data.train, 8, True, seed=0)))
+    state = rng.getstate()
+    before = net.head.classifier.weight.detach().clone()
+    result = step(x, y, largest_only=True)
+    assert result.finite and result.subnets == (space.max_subnet(),)
+    assert result.min is None and result.random == () and result.total == result.max > 0
+    assert rng.getstate() == state, "no random subnet was drawn"
+    assert not torch.equal(before, net.head.classifier.weight), "the optimizer stepped"
+    assert len(step(x, y).subnets) == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +319,14 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path) -> None:
                       state_of(tmp_path / "split" / "checkpoints" / "last.pt"))
     assert [r["loss"] for r in whole.history] == [r["loss"] for r in resumed.history]
     assert [r["heldout_top1_max"] for r in whole.history] == [r["heldout_top1_max"] for r in resumed.history]
+
+
+def test_largest_only_epochs_come_first_and_are_logged(tmp_path) -> None:
+    result = train_supernet(SPACE, tmp_path / "run", config=TINY.replace(largest_epochs=1), progress=False)
+    first, second = result.history
+    assert first["subnets_per_step"] == 1 and first["loss_min"] is None and first["loss_random"] is None
+    assert first["loss"] == first["loss_max"]
+    assert second["subnets_per_step"] == 4 and second["loss_min"] > 0 and second["loss_random"] > 0
 
 
 @needs_qat

@@ -19,7 +19,6 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-import torch
 
 from spaceevo.nn import Supernet
 from spaceevo.quant.export import export_fp32, quantize_ptq

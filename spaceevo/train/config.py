@@ -23,7 +23,9 @@ DISTILL_LOSSES = ("kl",)
 class TrainConfig:
     """Everything that decides the weights a supernet training run produces.
 
-    ``batch_size`` is per process (the global batch under ``torchrun`` is ``batch_size`` times the
+    The first ``largest_epochs`` of the ``epochs`` FP32 epochs train the largest subnet alone (the
+    first stage of Once-for-All's progressive shrinking); the others are sandwich epochs. The
+    learning-rate schedule runs over all FP32 epochs. ``batch_size`` is per process (the global batch under ``torchrun`` is ``batch_size`` times the
     world size); ``lr`` and ``qat_lr`` are the peak learning rates of the FP32 and the QAT phase
     (cosine decay to zero within each phase, after ``warmup_epochs`` / ``qat_warmup_epochs`` of
     linear warm-up; fractions of an epoch are allowed). ``steps_per_epoch`` caps the optimizer steps
@@ -37,6 +39,7 @@ class TrainConfig:
 
     epochs: int = 2
     qat_epochs: int = 1
+    largest_epochs: int = 0
     batch_size: int = 64
     lr: float = 0.1
     qat_lr: float = 0.01
@@ -61,7 +64,7 @@ class TrainConfig:
         def bad(name: str, allowed: str) -> UsageError:
             return UsageError(f"training config: {name}={getattr(self, name)!r} is not allowed; allowed: {allowed}")
 
-        for name in ("epochs", "qat_epochs", "num_random_subnets", "seed"):
+        for name in ("epochs", "qat_epochs", "largest_epochs", "num_random_subnets", "seed"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise bad(name, "an integer >= 0")
@@ -75,6 +78,8 @@ class TrainConfig:
                 raise bad(name, "None or an integer >= " + ("0" if name == "workers" else "1"))
         if self.epochs + self.qat_epochs < 1:
             raise UsageError("training config: epochs + qat_epochs must be at least 1")
+        if self.largest_epochs > self.epochs:
+            raise bad("largest_epochs", f"an integer from 0 to epochs ({self.epochs})")
         for name in ("lr", "qat_lr"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0 or not math.isfinite(value):
@@ -103,6 +108,10 @@ class TrainConfig:
         """``fp32`` or ``qat``: the phase of 1-based ``epoch``."""
         return "fp32" if epoch <= self.epochs else "qat"
 
+    def largest_only(self, epoch: int) -> bool:
+        """Whether 1-based ``epoch`` trains the largest subnet alone (see ``largest_epochs``)."""
+        return epoch <= self.largest_epochs
+
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied; unknown field names raise :class:`UsageError`."""
         known = {f.name for f in fields(self)}
@@ -110,6 +119,21 @@ class TrainConfig:
         if unknown:
             raise UsageError(f"training config: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         return dataclasses.replace(self, **changes)
+
+    def override(
+        self,
+        *,
+        epochs: int | None = None,
+        qat_epochs: int | None = None,
+        largest_epochs: int | None = None,
+        seed: int | None = None,
+    ) -> TrainConfig:
+        """A copy with the given (not None) command-line overrides; with ``epochs`` given and
+        ``largest_epochs`` not, the largest-only epochs are capped at the new ``epochs``."""
+        if epochs is not None and largest_epochs is None:
+            largest_epochs = min(self.largest_epochs, epochs)
+        changes = {"epochs": epochs, "qat_epochs": qat_epochs, "largest_epochs": largest_epochs, "seed": seed}
+        return self.replace(**{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,7 +2,8 @@
 
 :func:`train_supernet` trains the supernet of one candidate space in a run directory
 (:mod:`spaceevo.train.checkpoint`): ``epochs`` FP32 epochs of sandwich steps
-(:mod:`spaceevo.train.sandwich`), then ``qat_epochs`` epochs with LSQ+ fake quantization
+(:mod:`spaceevo.train.sandwich`; the first ``largest_epochs`` of them train the largest subnet
+alone), then ``qat_epochs`` epochs with LSQ+ fake quantization
 (:func:`spaceevo.quant.qat.prepare_qat`, quantizers initialised from one training batch, lower
 learning rate, quantizer parameters optimised too). After every epoch the largest and the smallest
 subnet are evaluated on the held-out split, each after BatchNorm recalibration, without disturbing
@@ -138,6 +139,7 @@ def train_supernet(
     budget: str = "default",
     epochs: int | None = None,
     qat_epochs: int | None = None,
+    largest_epochs: int | None = None,
     seed: int | None = None,
     resume: bool = False,
     threads: int | None = None,
@@ -146,8 +148,8 @@ def train_supernet(
 ) -> TrainResult:
     """Train (or resume training) the supernet of candidate space ``space`` in run directory ``run``.
 
-    ``config`` (default: the ``budget`` preset) with ``epochs``, ``qat_epochs`` and ``seed``
-    overriding it when given. A run directory that already holds a checkpoint is continued only
+    ``config`` (default: the ``budget`` preset) with ``epochs``, ``qat_epochs``, ``largest_epochs``
+    and ``seed`` overriding it when given (:meth:`TrainConfig.override`). A run directory that already holds a checkpoint is continued only
     with ``resume=True`` and only for the same space, hyperspace YAML, data and config
     (:class:`~spaceevo.errors.RunMismatchError` otherwise); a finished run returns at once.
     ``threads`` sets torch's intra-op threads for this process (None: leave them). ``progress``
@@ -164,8 +166,8 @@ def train_supernet(
     candidate = require_candidate_space(load_space(space) if isinstance(space, str) else space, "training")
     spec = DataSpec.parse(data) if isinstance(data, str) else data
     spec.check()
-    config = (config or TrainConfig.preset(budget)).replace(
-        **{k: v for k, v in (("epochs", epochs), ("qat_epochs", qat_epochs), ("seed", seed)) if v is not None}
+    config = (config or TrainConfig.preset(budget)).override(
+        epochs=epochs, qat_epochs=qat_epochs, largest_epochs=largest_epochs, seed=seed
     )
     if config.reduce_range is None:
         from spaceevo.latency.fingerprint import device_fingerprint
@@ -341,6 +343,7 @@ class _Trainer:
             if isinstance(train_loader.sampler, DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
 
+            largest_only = config.largest_only(epoch)
             losses = {"max": 0.0, "min": 0.0, "random": 0.0}
             grad_norms = 0.0
             bar = tqdm(
@@ -352,7 +355,7 @@ class _Trainer:
                 for index, (images, labels) in enumerate(itertools.islice(train_loader, steps_per_epoch), 1):
                     if self.world > 1:
                         ddp.broadcast_state(supernet, buffers_only=True)
-                    result = step(images, labels)
+                    result = step(images, labels, largest_only=largest_only)
                     if not result.finite:
                         kept = (
                             f"{run.checkpoint} still holds epoch {epoch - 1}"
@@ -365,7 +368,7 @@ class _Trainer:
                             f"lower the learning rate or check the data, then start a new --run"
                         )
                     losses["max"] += result.max
-                    losses["min"] += result.min
+                    losses["min"] += result.min or 0.0
                     losses["random"] += sum(result.random) / max(1, len(result.random))
                     grad_norms += result.grad_norm
                     bar.set_postfix(loss=f"{result.total:.3f}", refresh=False)
@@ -384,8 +387,9 @@ class _Trainer:
                 "steps": steps_per_epoch,
                 "images": epoch_images,
                 "loss_max": losses["max"] / steps_per_epoch,
-                "loss_min": losses["min"] / steps_per_epoch,
-                "loss_random": losses["random"] / steps_per_epoch,
+                "subnets_per_step": 1 if largest_only else 2 + config.num_random_subnets,
+                "loss_min": None if largest_only else losses["min"] / steps_per_epoch,
+                "loss_random": None if largest_only else losses["random"] / steps_per_epoch,
                 "loss": sum(losses.values()) / steps_per_epoch,
                 "grad_norm": grad_norms / steps_per_epoch,
                 "lr_end": optimizer.param_groups[0]["lr"],

@@ -6,6 +6,10 @@ Per step and batch: the largest subnet at the largest resolution learns from the
 largest subnet's detached logits (KL divergence at temperature 1). Each subnet gets the batch resized
 to its resolution (:func:`~spaceevo.train.data.resize_batch`); the four backward passes accumulate
 gradients, then one optimizer step and one scheduler step follow.
+
+A largest-only step (``largest_only=True``) runs the largest subnet alone: the first stage of
+Once-for-All's progressive shrinking (Cai et al., ICLR 2020), which trains the full network before
+the smaller ones share its weights, so that they distil from a teacher that has already learned.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ from spaceevo.train.distributed import all_reduce_gradients
 class StepResult:
     """Losses of one sandwich step (averaged over ranks), the gradient norm, and whether all are finite.
 
-    ``random`` holds the distillation losses of the random subnets in drawing order; ``grad_norm``
+    ``min`` is None and ``random`` empty for a largest-only step. ``random`` holds the distillation losses of the random subnets in drawing order; ``grad_norm``
     is the global L2 norm of the accumulated (rank-averaged) gradients, NaN when a loss already was
     not finite. When ``finite`` is False the optimizer did not step and the gradients were discarded.
     """
 
     max: float
-    min: float
+    min: float | None
     random: tuple[float, ...]
     grad_norm: float
     finite: bool
@@ -44,12 +48,12 @@ class StepResult:
 
     @property
     def total(self) -> float:
-        return self.max + self.min + sum(self.random)
+        return self.max + (self.min or 0.0) + sum(self.random)
 
     def first_non_finite(self) -> str | None:
         """What was not finite first, in the order of the step: a subnet's loss, or the gradient."""
-        names = ["max", "min"] + [f"random {i + 1}" for i in range(len(self.random))]
-        values = [self.max, self.min, *self.random]
+        names = ["max"] + ([] if self.min is None else ["min"]) + [f"random {i + 1}" for i in range(len(self.random))]
+        values = [self.max] + ([] if self.min is None else [self.min]) + list(self.random)
         for index, (name, value) in enumerate(zip(names, values)):
             if not math.isfinite(value):
                 return f"loss of the {name} subnet ({self.subnets[index].encode()})"
@@ -64,7 +68,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor)
 
 
 class SandwichStep:
-    """Callable that runs one sandwich step on a batch: ``step(images, labels) -> StepResult``.
+    """Callable that runs one sandwich step on a batch: ``step(images, labels) -> StepResult``
+    (``step(images, labels, largest_only=True)``: the largest subnet alone).
 
     ``rng`` draws the random subnets (seed it identically on every rank). With
     ``config.channels_last`` the supernet's weights are converted to that memory format (in place,
@@ -113,14 +118,16 @@ class SandwichStep:
         with self._autocast():
             return self.supernet(images).float()
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, largest_only: bool = False) -> StepResult:
         device = next(self.supernet.parameters()).device
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         self.supernet.train()
         self.optimizer.zero_grad(set_to_none=True)
-        subnets = [self.max_subnet, self.min_subnet]
-        subnets += [self.supernet.space.random_subnet(self.rng) for _ in range(self.config.num_random_subnets)]
+        subnets = [self.max_subnet]
+        if not largest_only:
+            subnets.append(self.min_subnet)
+            subnets += [self.supernet.space.random_subnet(self.rng) for _ in range(self.config.num_random_subnets)]
 
         losses = []
         logits = self._forward(self.max_subnet, images)
@@ -154,4 +161,6 @@ class SandwichStep:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         values = values.tolist()
+        if largest_only:
+            return StepResult(values[0], None, (), grad_norm, finite, tuple(subnets))
         return StepResult(values[0], values[1], tuple(values[2:]), grad_norm, finite, tuple(subnets))
