@@ -38,6 +38,7 @@ import datetime as dt
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import shlex
 import sys
@@ -409,8 +410,15 @@ def ms_at(curve: Sequence[tuple[float, float]], top1: float) -> tuple[float | No
     raise AssertionError
 
 
-def compare(points: Sequence[dict], reference: Sequence[dict], name: str, ref_name: str) -> dict[str, Any]:
-    """``name``'s points against ``ref_name``'s curve at equal measured INT8 latency and equal top-1."""
+def compare(
+    points: Sequence[dict], reference: Sequence[dict], name: str, ref_name: str, test_images: int | None = None
+) -> dict[str, Any]:
+    """``name``'s points against ``ref_name``'s curve at equal measured INT8 latency and equal top-1.
+
+    With ``test_images`` (the size of the test split) the mean top-1 difference gets a binomial
+    standard error that treats the two models' test errors as independent. Both are scored on the
+    same images, which correlates their errors, so the true error is smaller: this is an upper bound.
+    """
     curve = front([(p["int8_ms"], p["top1"]) for p in reference])
     rows, diffs, ratios = [], [], []
     for p in points if curve else []:
@@ -429,11 +437,16 @@ def compare(points: Sequence[dict], reference: Sequence[dict], name: str, ref_na
         if row["speed_ratio"] is not None and how_ms == "interpolated":
             ratios.append(row["speed_ratio"])
     mean_diff = round(float(np.mean(diffs)), 2) if diffs else None
+    standard_error = None
+    if diffs and test_images:
+        compared = [row["top1"] / 100 for row in rows if row["top1_difference"] is not None]
+        variance = sum(2 * p * (1 - p) / test_images for p in compared) * 100**2
+        standard_error = round(math.sqrt(variance) / len(compared), 2)
     mean_ratio = round(float(np.exp(np.mean(np.log(ratios)))), 3) if ratios else None
     meets = (mean_diff is not None and mean_diff >= TARGET_POINTS) or (mean_ratio is not None and mean_ratio >= TARGET_SPEEDUP)
     return {
         "space": name, "reference": ref_name, "rows": rows,
-        "mean_top1_difference": mean_diff, "compared_points": len(diffs),
+        "mean_top1_difference": mean_diff, "compared_points": len(diffs), "standard_error_points": standard_error,
         "geomean_speed_ratio_at_equal_top1": mean_ratio, "speed_ratio_points": len(ratios),
         "meets_issue_target": bool(meets),
         "target": f">= {TARGET_POINTS} point mean top-1 at equal measured INT8 latency, or >= {TARGET_SPEEDUP}x faster at equal top-1",
@@ -447,13 +460,36 @@ def comparison_text(c: dict[str, Any]) -> str:
     diff = c["mean_top1_difference"]
     text = (f"{c['space']} vs {c['reference']}: mean INT8 top-1 difference at equal measured INT8 latency "
             f"{diff:+.2f} points over {c['compared_points']} budget(s)")
+    se = c.get("standard_error_points")
+    if se:
+        text += f" (standard error at most {se:.2f} points, so {diff / se:+.1f} standard errors)"
     if c["geomean_speed_ratio_at_equal_top1"] is not None:
         text += (f"; speed ratio at equal top-1 {c['geomean_speed_ratio_at_equal_top1']:.2f}x "
                  f"(geometric mean over {c['speed_ratio_points']} interpolated point(s))")
     else:
         text += "; no speed ratio at equal top-1 (no point inside the reference's top-1 range)"
     verdict = "MEETS" if c["meets_issue_target"] else "does NOT meet"
-    return text + f". This {verdict} the issue's target ({c['target']})."
+    text += f". This {verdict} the issue's target ({c['target']})"
+    if c["meets_issue_target"] and se and diff < 2 * se:
+        text += ", but the accuracy difference is within two standard errors: one seed of this run alone does not establish it"
+    return text + "."
+
+
+def fixed_point_lines(report: dict[str, Any]) -> list[str]:
+    """Each torchvision fixed point against the most accurate subnet of any space that is at most as slow."""
+    lines = []
+    for f in report["fixed_points"]:
+        faster = [(p["top1"], p["int8_ms"], e["space"]) for e in report["spaces"] for p in e["points"] if p["int8_ms"] <= f["int8_ms"]]
+        head = f"{f['model']} (INT8 by PTQ, {f['int8_ms']:.3f} ms, {f['test_ort_int8_top1']:.2f} %)"
+        if not faster:
+            lines.append(f"{head}: no space subnet is as fast.")
+            continue
+        top1, ms, space = max(faster)
+        lines.append(
+            f"{head}: {f['test_ort_int8_top1'] - top1:+.2f} points against the most accurate space subnet at most as slow "
+            f"({space}, {ms:.3f} ms, {top1:.2f} %)."
+        )
+    return lines
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -529,6 +565,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"- {n}" for n in report["notes"]] + ([""] if report["notes"] else [])
     lines += ["### Comparison", ""]
     lines += [f"- {c['text']}" for c in report["comparisons"]]
+    lines += [f"- {line}" for line in fixed_point_lines(report)]
     lines += [
         "",
         "Method: every exported model (INT8 and FP32) timed in one interleaved measurement (medians of 15 rounds on "
@@ -692,12 +729,17 @@ def main(argv: list[str] | None = None) -> int:
                  fp32_ms=round(fp32.median_ms, 4), int8_speedup=round(fp32.median_ms / int8.median_ms, 3))
 
     # (e) the comparison
+    from spaceevo.train.data import load_data
+    from spaceevo.train.loop import HELDOUT_SEED
+
+    test_images = len(load_data("embedded", TORCHVISION_RESOLUTION, seed=HELDOUT_SEED).test)
     by_role = {e["role"]: e for e in entries}
     comparisons = []
     pairs = [("searched", "mbv3"), ("best_homogeneous", "mbv3"), ("searched", "best_homogeneous")]
     for a, b in pairs:
         if a in by_role and b in by_role:
-            c = compare(by_role[a]["points"], by_role[b]["points"], f"{ROLE_NAMES[a]} {by_role[a]['space']}", f"{ROLE_NAMES[b]} {by_role[b]['space']}")
+            c = compare(by_role[a]["points"], by_role[b]["points"], f"{ROLE_NAMES[a]} {by_role[a]['space']}",
+                        f"{ROLE_NAMES[b]} {by_role[b]['space']}", test_images=test_images)
             c["text"] = comparison_text(c)
             comparisons.append(c)
     if "searched" in by_role and "mbv3" not in by_role:
@@ -725,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     print("Comparison:")
     for c in comparisons:
         print(f"  {c['text']}")
+    for line in fixed_point_lines(report):
+        print(f"  {line}")
     for n in notes:
         print(f"  note: {n}")
     print(f"wall time {report['wall_s'] / 60:.1f} min; timings {json.dumps(report['timings_s'])}")

@@ -61,7 +61,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def plot_png(figure: Figure) -> bytes:
-    """The figure as PNG bytes (axes fitted to every point and marker, 5% margins)."""
+    """The figure as PNG bytes (axes fitted to every point and marker, 5% margins, the legend in a
+    band above the highest point)."""
     points = [p for s in figure.series for p in s.points]
     xs = [x for x, _ in points] + list(figure.vlines)
     ys = [y for _, y in points] or [0.0]
@@ -69,6 +70,9 @@ def plot_png(figure: Figure) -> bytes:
     y0, y1 = min(ys), max(ys)
     pad_x, pad_y = 0.05 * max(x1 - x0, 1e-3), 0.05 * max(y1 - y0, 1e-3)
     x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    # keep a band above the highest point free for the legend, so that no point hides under it
+    legend = min(0.5, (12 + 18 * len(figure.series)) / (HEIGHT - TOP - BOTTOM))
+    y1 = max(y1, (max(ys) - legend * y0) / (1 - legend))
 
     def at(x: float, y: float) -> tuple[float, float]:
         return (

@@ -50,9 +50,29 @@ def test_compare_meets_target_by_accuracy_or_speed(bench):
     c = bench.compare(worse, reference, "a", "b")
     assert c["mean_top1_difference"] == -1.0 and not c["meets_issue_target"]
     assert "does NOT meet" in bench.comparison_text(c)
+    c = bench.compare(better, reference, "a", "b", test_images=2000)
+    # points at 72 % and 81 %: sqrt(2 * (0.72 * 0.28 + 0.81 * 0.19) / 2000) * 100 / 2 = 0.94 points
+    assert c["standard_error_points"] == pytest.approx(0.94, abs=0.005)
+    assert "+1.6 standard errors" in bench.comparison_text(c) and "within two standard errors" in bench.comparison_text(c)
+    c = bench.compare(better, reference, "a", "b", test_images=200_000)
+    assert c["standard_error_points"] < 0.1 and "within two" not in bench.comparison_text(c)
     faster = [{"budget_ms": 1, "int8_ms": 1.0, "top1": 78.0}]  # reference needs 1.8 ms for 78%
     c = bench.compare(faster, reference, "a", "b")
     assert c["geomean_speed_ratio_at_equal_top1"] == pytest.approx(1.8) and c["meets_issue_target"]
+
+
+def test_fixed_points_are_set_against_the_best_space_subnet_at_most_as_slow(bench):
+    points = [{"int8_ms": 0.5, "top1": 85.0}, {"int8_ms": 0.7, "top1": 86.0}, {"int8_ms": 0.9, "top1": 87.5}]
+    report = {
+        "spaces": [{"space": "tiny-1144-1101", "points": points}],
+        "fixed_points": [
+            {"model": "torchvision mobilenet_v3_small", "int8_ms": 0.8, "test_ort_int8_top1": 88.0},
+            {"model": "tiny net", "int8_ms": 0.4, "test_ort_int8_top1": 80.0},
+        ],
+    }
+    first, second = bench.fixed_point_lines(report)
+    assert "+2.00 points" in first and "(tiny-1144-1101, 0.700 ms, 86.00 %)" in first
+    assert second.endswith("no space subnet is as fast.")
 
 
 def test_write_section_keeps_other_sections(bench, tmp_path):
