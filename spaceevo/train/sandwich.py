@@ -34,8 +34,8 @@ from spaceevo.train.distributed import all_reduce_gradients
 class StepResult:
     """Losses of one sandwich step (averaged over ranks), the gradient norm, and whether all are finite.
 
-    ``min`` is None and ``random`` empty for a largest-only step. ``random`` holds the distillation losses of the random subnets in drawing order; ``grad_norm``
-    is the global L2 norm of the accumulated (rank-averaged) gradients, NaN when a loss already was
+    ``min`` is None and ``random`` empty for a largest-only step. ``random`` holds the distillation
+    losses of the random subnets in drawing order; ``grad_norm`` is the global L2 norm of the accumulated (rank-averaged) gradients, NaN when a loss already was
     not finite. When ``finite`` is False the optimizer did not step and the gradients were discarded.
     """
 
@@ -52,9 +52,9 @@ class StepResult:
 
     def first_non_finite(self) -> str | None:
         """What was not finite first, in the order of the step: a subnet's loss, or the gradient."""
-        names = ["max"] + ([] if self.min is None else ["min"]) + [f"random {i + 1}" for i in range(len(self.random))]
-        values = [self.max] + ([] if self.min is None else [self.min]) + list(self.random)
-        for index, (name, value) in enumerate(zip(names, values)):
+        named = [("max", self.max)] + ([] if self.min is None else [("min", self.min)])
+        named += [(f"random {i + 1}", value) for i, value in enumerate(self.random)]
+        for index, (name, value) in enumerate(named):
             if not math.isfinite(value):
                 return f"loss of the {name} subnet ({self.subnets[index].encode()})"
         if not math.isfinite(self.grad_norm):
@@ -161,6 +161,5 @@ class SandwichStep:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         values = values.tolist()
-        if largest_only:
-            return StepResult(values[0], None, (), grad_norm, finite, tuple(subnets))
-        return StepResult(values[0], values[1], tuple(values[2:]), grad_norm, finite, tuple(subnets))
+        min_loss = None if largest_only else values[1]
+        return StepResult(values[0], min_loss, tuple(values[2:]), grad_norm, finite, tuple(subnets))
