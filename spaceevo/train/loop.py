@@ -150,8 +150,9 @@ def train_supernet(
 
     ``config`` (default: the ``budget`` preset) with ``epochs``, ``qat_epochs``, ``largest_epochs``
     and ``seed`` overriding it when given (:meth:`TrainConfig.override`). A run directory that
-    already holds a checkpoint is continued only with ``resume=True`` and only for the same space, hyperspace YAML, data and config
-    (:class:`~spaceevo.errors.RunMismatchError` otherwise); a finished run returns at once.
+    already holds a checkpoint is continued only with ``resume=True`` and only for the same space,
+    hyperspace YAML, data and config (:class:`~spaceevo.errors.RunMismatchError` otherwise); a
+    finished run returns at once.
     ``threads`` sets torch's intra-op threads for this process (None: leave them). ``progress``
     shows a progress bar per epoch on stderr (rank 0 only); ``on_epoch_end(record)`` is called after
     each epoch's checkpoint and log are written. A NaN or infinite
