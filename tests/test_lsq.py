@@ -157,6 +157,63 @@ def test_activation_ste_gradients():
     assert quantizer.beta.grad.item() == pytest.approx(g * beta.grad.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("qmax, zero_point", [(255, 0.0), (255, 37.0), (255, 255.0), (15, 6.0)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_activation_autograd_matches_pytorchs_learnable_fake_quant(qmax, zero_point, channels_last):
+    """The vectorised LSQ+ op gives PyTorch's ``_fake_quantize_learnable_per_tensor_affine`` results:
+    the same output and input gradient bit for bit, the same scale and zero-point gradients up to
+    float summation order, with elements clamped on both sides."""
+    from spaceevo.quant.lsq import _LsqPerTensorFakeQuant
+
+    generator = torch.Generator().manual_seed(int(zero_point) + qmax)
+    scale_value = 0.05
+    x = torch.randn(4, 6, 5, 5, generator=generator) * scale_value * qmax / 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(x.shape, generator=generator)
+    results = []
+    for op in ("pytorch", "ours"):
+        xi = x.clone().requires_grad_(True)
+        scale = torch.tensor([scale_value], requires_grad=True)
+        zp = torch.tensor([zero_point], requires_grad=True)
+        if op == "pytorch":
+            y = torch._fake_quantize_learnable_per_tensor_affine(xi, scale, zp, 0, qmax, 1.0)
+        else:
+            y = _LsqPerTensorFakeQuant.apply(xi, scale, zp, qmax)
+        (y * upstream).sum().backward()
+        results.append((y.detach(), xi.grad, scale.grad, zp.grad))
+    (y_ref, dx_ref, ds_ref, dz_ref), (y, dx, ds, dz) = results
+    clamped = dx_ref == 0
+    assert 0 < int(clamped.sum()) < x.numel()  # both regimes are exercised
+    assert torch.equal(y, y_ref)
+    assert torch.equal(dx, dx_ref)
+    assert ds.shape == ds_ref.shape and dz.shape == dz_ref.shape
+    assert torch.allclose(ds, ds_ref, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(dz, dz_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_scale_gradient_at_rounding_ties_follows_the_forward():
+    """At an exact tie ``x / s = k + 0.5`` the forward rounds ``x / s`` half to even before adding the
+    zero point (ONNX QuantizeLinear's order), and the scale gradient ``c - x / s`` uses that same code
+    ``c``. (PyTorch's learnable op rounds ``x / s + zp`` in its backward, so with an odd zero point
+    its scale gradient at a tie belongs to the other code.)"""
+    from spaceevo.quant.lsq import _LsqPerTensorFakeQuant
+
+    scale_value = 0.05
+    ratios = torch.tensor([0.5, 1.5, -2.5, 2.5])
+    for ratio in ratios:
+        x = (ratio * scale_value).reshape(1, 1).requires_grad_(True)
+        scale = torch.tensor([scale_value], requires_grad=True)
+        zp = torch.tensor([37.0], requires_grad=True)
+        u = float(x.detach() * torch.reciprocal(scale.detach()))
+        assert u == float(ratio)  # an exact tie
+        y = _LsqPerTensorFakeQuant.apply(x, scale, zp, 255)
+        y.sum().backward()
+        code = round(float(ratio))  # Python rounds half to even
+        assert float(y) == pytest.approx(code * scale_value, abs=1e-6)
+        assert float(scale.grad) == pytest.approx(code - u, abs=1e-6)
+
+
 def test_disabled_quantizers_are_identity():
     model = nn.Sequential(LsqActivationQuantizer(), QLinear(4, 3), LsqActivationQuantizer())
     x = torch.randn(5, 4)
@@ -433,3 +490,22 @@ def test_qat_reduces_loss_on_toy_regression():
     for name, parameter in model.named_parameters():
         if name in start:
             assert not torch.equal(parameter, start[name]), name
+
+
+def test_bench_lsq_reports_both_ops_and_their_ratio():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_lsq.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--threads", "1", "--rounds", "1", "--repeats", "1"],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [row["shape"][1] for row in report["results"]] == [96, 192, 384, 128]
+    for row in report["results"]:
+        assert row["pytorch_ms"] > 0 and row["ours_ms"] > 0
+        assert row["speedup_range"][0] <= row["speedup_median"] <= row["speedup_range"][1]
