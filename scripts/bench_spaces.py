@@ -62,6 +62,7 @@ from spaceevo.latency.api import load_predictor, measure_onnx  # noqa: E402
 from spaceevo.latency.fingerprint import device_fingerprint  # noqa: E402
 from spaceevo.plot import PALETTE, Figure, Series, write_png  # noqa: E402
 from spaceevo.space import CandidateSpace, Hyperspace, load_hyperspace  # noqa: E402
+from spaceevo.train.config import TrainConfig  # noqa: E402
 
 SECTION = markers("spaces")
 HYPERSPACE = "tiny"
@@ -273,7 +274,6 @@ def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads:
     from spaceevo.deploy.evaluate import ort_top1
     from spaceevo.quant.export import export_fp32, quantize_ptq
     from spaceevo.train.checkpoint import load_checkpoint, save_checkpoint
-    from spaceevo.train.config import TrainConfig
     from spaceevo.train.data import load_data, make_loader
     from spaceevo.train.loop import EVAL_SEED, HELDOUT_SEED
     from spaceevo.train.optim import make_optimizer, make_scheduler
@@ -292,7 +292,7 @@ def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads:
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
     model = model.to(memory_format=memory_format)
     loader = make_loader(datasets.train, config.batch_size, True, seed=config.seed, workers=config.workers, drop_last=True)
-    steps = min(len(loader), config.steps_per_epoch or len(loader))
+    steps = config.steps_in("fp32", len(loader))
     epochs = config.total_epochs
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
     scheduler = make_scheduler(optimizer, epochs * steps, round(config.warmup_epochs * steps))
@@ -748,12 +748,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.insert(0, "SMOKE budget: the numbers check the pipeline only and are not evidence for or against the method")
 
     command = "nice -n 19 python scripts/bench_spaces.py" + (" " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:])) if (argv or sys.argv[1:]) else "")
-    config_note = {"smoke": "1 FP32 + 1 QAT epoch of 3 steps, batch 32", "default": "8 FP32 + 1 QAT epochs over 9,000 images, batch 64"}
     report = {
         "budget": args.budget, "seed": args.seed, "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": command, "run_root": str(root),
         "device": {**fingerprint.to_dict(), "describe": fingerprint.describe()},
-        "train_recipe": config_note[args.budget],
+        "train_recipe": TrainConfig.preset(args.budget).summary(),
         "search": {k: search[k] for k in ("best_space", "qt_score", "latency_constraints_ms", "evaluated", "reused") if k in search},
         "homogeneous_qt_scores": homogeneous,
         "latency_budgets_ms": budgets, "budgets_how": how, "latency_scale": scale,

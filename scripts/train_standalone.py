@@ -52,7 +52,7 @@ def main() -> None:
 
     datasets = load_data(args.data, subnet.resolution, seed=config.seed)
     loader = make_loader(datasets.train, config.batch_size, True, drop_last=True, seed=args.seed)
-    steps_per_epoch = min(len(loader), config.steps_per_epoch or len(loader))
+    steps_per_epoch = config.steps_in("fp32", len(loader))
     steps = config.epochs * steps_per_epoch
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
     scheduler = make_scheduler(optimizer, steps, round(config.warmup_epochs * steps_per_epoch))

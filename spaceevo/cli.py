@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LSQ+ quantization-aware epochs after the FP32 ones (default: from the budget)")
     train.add_argument("--largest-epochs", type=_non_negative_int, default=None,
                        help="the first N FP32 epochs train the largest subnet alone, as Once-for-All's "
-                            "progressive shrinking starts (default: from the budget, at most --epochs)")
+                            "progressive shrinking starts (default: from the budget; with --epochs, the budget's "
+                            "share of them)")
     train.add_argument("--seed", type=_non_negative_int, default=None, help="training seed (default: 0)")
     train.add_argument("--resume", action="store_true", help="continue the run in --run from its last finished epoch")
     train.add_argument("--threads", type=_positive_int, default=None,

@@ -94,11 +94,13 @@ class _LsqPerTensorFakeQuant(torch.autograd.Function):
     ``u = x / s`` and ``c = clamp(round(u), -zp, qmax - zp)``: ``dx = dy`` where ``round(u)`` was not
     clamped (straight-through estimator), else 0; ``ds = sum(dy * (c - u))`` over unclamped and
     ``sum(dy * c)`` over clamped elements; ``dzp = -s * sum(dy)`` over clamped elements. ``dx`` equals
-    PyTorch's exactly; ``ds`` and ``dzp`` agree up to the order of float summation. Why not the
-    PyTorch op: on CPU its kernels ran the forward and backward 2-3x slower than these ops (see
-    ``scripts/bench_sandwich.py --qat``), and the activation quantizers took half of a QAT step.
-    ``s`` and ``zp`` are read as Python numbers (as the PyTorch op does), since broadcasting a
-    one-element tensor through the element-wise ops is several times slower on CPU.
+    PyTorch's exactly; ``ds`` and ``dzp`` agree up to the order of float summation, except at an
+    exact rounding tie, where PyTorch's backward rounds ``u + zp`` instead of ``u`` and so differentiates
+    the neighbouring code. Why not the PyTorch op: on 2 CPU threads its forward + backward took
+    1.1-1.6x as long as these ops on the activations of a tiny supernet (``scripts/bench_lsq.py``),
+    and a QAT sandwich step of ``tiny-1144-1101`` 1.14x as long (1.156 s against 1.016 s,
+    ``scripts/bench_sandwich.py --qat``). ``s`` and ``zp`` are read as Python numbers (as the PyTorch
+    op does), since broadcasting a one-element tensor through element-wise ops is slower on CPU.
     """
 
     @staticmethod

@@ -29,7 +29,9 @@ class TrainConfig:
     world size); ``lr`` and ``qat_lr`` are the peak learning rates of the FP32 and the QAT phase
     (cosine decay to zero within each phase, after ``warmup_epochs`` / ``qat_warmup_epochs`` of
     linear warm-up; fractions of an epoch are allowed). ``steps_per_epoch`` caps the optimizer steps
-    of an epoch (None: one pass over the training split). ``calibration_images`` held-out images
+    of an epoch (None: one pass over the training split); ``qat_steps_per_epoch`` caps those of a QAT
+    epoch further (None: as an FP32 epoch), since QAT steps cost about twice as much and start from
+    trained weights. ``calibration_images`` held-out images
     recalibrate BatchNorm before each evaluation; ``eval_images`` caps the held-out images that are
     evaluated (None: all). ``reduce_range`` (7-bit weights in QAT, for x86 without VNNI) is decided
     from this host's CPU when None. ``workers``: DataLoader processes (None: automatic).
@@ -53,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None
     steps_per_epoch: int | None = None
+    qat_steps_per_epoch: int | None = None
     calibration_images: int = 256
     eval_images: int | None = None
     reduce_range: bool | None = None
@@ -72,7 +75,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise bad(name, "an integer >= 1")
-        for name in ("steps_per_epoch", "eval_images", "workers"):
+        for name in ("steps_per_epoch", "qat_steps_per_epoch", "eval_images", "workers"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < (0 if name == "workers" else 1)):
                 raise bad(name, "None or an integer >= " + ("0" if name == "workers" else "1"))
@@ -108,9 +111,34 @@ class TrainConfig:
         """``fp32`` or ``qat``: the phase of 1-based ``epoch``."""
         return "fp32" if epoch <= self.epochs else "qat"
 
+    def steps_in(self, phase: str, batches: int) -> int:
+        """Optimizer steps of an epoch of ``phase`` (``fp32`` or ``qat``) over a loader of ``batches``."""
+        steps = min(batches, self.steps_per_epoch or batches)
+        if phase == "qat" and self.qat_steps_per_epoch is not None:
+            steps = min(steps, self.qat_steps_per_epoch)
+        return steps
+
     def largest_only(self, epoch: int) -> bool:
         """Whether 1-based ``epoch`` trains the largest subnet alone (see ``largest_epochs``)."""
         return epoch <= self.largest_epochs
+
+    def summary(self) -> str:
+        """The length of training in words, e.g. ``16 FP32 epochs (the first 8 largest-only) + 1 QAT
+        epoch of at most 70 steps, batch 64``."""
+
+        def count(n: int, what: str) -> str:
+            return f"{n} {what}" + ("" if n == 1 else "s")
+
+        fp32 = count(self.epochs, "FP32 epoch")
+        if self.largest_epochs:
+            fp32 += f" (the first {self.largest_epochs} largest-only)"
+        if self.steps_per_epoch is not None:
+            fp32 += f" of at most {count(self.steps_per_epoch, 'step')}"
+        qat = count(self.qat_epochs, "QAT epoch")
+        qat_steps = min(filter(None, (self.steps_per_epoch, self.qat_steps_per_epoch)), default=None)
+        if qat_steps is not None:
+            qat += f" of at most {count(qat_steps, 'step')}"
+        return f"{fp32} + {qat}, batch {self.batch_size}"
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied; unknown field names raise :class:`UsageError`."""
@@ -129,9 +157,10 @@ class TrainConfig:
         seed: int | None = None,
     ) -> TrainConfig:
         """A copy with the given (not None) command-line overrides; with ``epochs`` given and
-        ``largest_epochs`` not, the largest-only epochs are capped at the new ``epochs``."""
+        ``largest_epochs`` not, the largest-only epochs keep their share of the FP32 epochs (rounded
+        down), so that a shorter run still has sandwich epochs."""
         if epochs is not None and largest_epochs is None:
-            largest_epochs = min(self.largest_epochs, epochs)
+            largest_epochs = self.largest_epochs * epochs // self.epochs if self.epochs else 0
         changes = {"epochs": epochs, "qat_epochs": qat_epochs, "largest_epochs": largest_epochs, "seed": seed}
         return self.replace(**{k: v for k, v in changes.items() if v is not None})
 
@@ -180,8 +209,10 @@ BUDGETS: dict[str, TrainConfig] = {
     # BatchNorm is recalibrated on the whole held-out split (1,000 images): on that run, test top-1
     # of the largest subnet was 87.40 with 256 calibration images and 87.75 with 1,000.
     "default": TrainConfig(
-        epochs=8,
+        epochs=16,
         qat_epochs=1,
+        largest_epochs=8,
+        qat_steps_per_epoch=70,
         batch_size=64,
         lr=0.1,
         qat_lr=0.01,

@@ -307,7 +307,7 @@ class _Trainer:
                 f"the training split of '{self.spec}' has {len(datasets.train)} images per process, "
                 f"fewer than one batch of {config.batch_size}"
             )
-        steps_per_epoch = min(len(train_loader), config.steps_per_epoch or len(train_loader))
+        phase_steps = {phase: config.steps_in(phase, len(train_loader)) for phase in ("fp32", "qat")}
 
         torch.manual_seed(config.seed)
         rng = random.Random(config.seed)
@@ -335,6 +335,7 @@ class _Trainer:
                 if phase == "qat" and not qat_ready:
                     supernet, qat_ready = self._prepare_qat(supernet), True
                     self._initialize_quantizers(supernet, datasets)
+                steps_per_epoch = phase_steps[phase]
                 optimizer, scheduler, scaler, step = self._phase_tools(supernet, phase, steps_per_epoch, rng)
                 if checkpoint is not None and epoch == start + 1 and checkpoint["phase"] == phase:
                     optimizer.load_state_dict(checkpoint["optimizer"])

@@ -7,9 +7,12 @@ largest subnet's detached logits (KL divergence at temperature 1). Each subnet g
 to its resolution (:func:`~spaceevo.train.data.resize_batch`); the four backward passes accumulate
 gradients, then one optimizer step and one scheduler step follow.
 
-A largest-only step (``largest_only=True``) runs the largest subnet alone: the first stage of
-Once-for-All's progressive shrinking (Cai et al., ICLR 2020), which trains the full network before
-the smaller ones share its weights, so that they distil from a teacher that has already learned.
+A largest-only step (``largest_only=True``) runs the largest subnet alone, at a resolution drawn
+uniformly from the space's resolutions: the first stage of Once-for-All's progressive shrinking
+(Cai et al., ICLR 2020), which trains the full network with elastic resolution before the smaller
+ones share its weights, so that they distil from a teacher that has already learned. The drawn
+resolution also makes the step cheaper: 0.78x the cost of the largest resolution on average for
+``tiny`` (24, 28 and 32 px), since cost grows with the pixel count.
 """
 
 from __future__ import annotations
@@ -124,13 +127,15 @@ class SandwichStep:
         labels = labels.to(device, non_blocking=True)
         self.supernet.train()
         self.optimizer.zero_grad(set_to_none=True)
-        subnets = [self.max_subnet]
-        if not largest_only:
-            subnets.append(self.min_subnet)
-            subnets += [self.supernet.space.random_subnet(self.rng) for _ in range(self.config.num_random_subnets)]
+        space = self.supernet.space
+        if largest_only:
+            subnets = [space.max_subnet(self.rng.choice(space.hyperspace.resolutions))]
+        else:
+            subnets = [self.max_subnet, self.min_subnet]
+            subnets += [space.random_subnet(self.rng) for _ in range(self.config.num_random_subnets)]
 
         losses = []
-        logits = self._forward(self.max_subnet, images)
+        logits = self._forward(subnets[0], images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
         self._backward(loss)
         losses.append(loss.detach())
