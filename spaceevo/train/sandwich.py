@@ -11,8 +11,9 @@ A largest-only step (``largest_only=True``) runs the largest subnet alone, at a 
 uniformly from the space's resolutions: the first stage of Once-for-All's progressive shrinking
 (Cai et al., ICLR 2020), which trains the full network with elastic resolution before the smaller
 ones share its weights, so that they distil from a teacher that has already learned. The drawn
-resolution also makes the step cheaper: 0.78x the cost of the largest resolution on average for
-``tiny`` (24, 28 and 32 px), since cost grows with the pixel count.
+resolution also makes the step cheaper, since cost grows with the pixel count: for ``tiny`` (24, 28
+and 32 px) 0.78x the pixels of 32 px on average, and largest-only epochs of ``tiny-1144-1101`` took
+35-39 s against 51-54 s at 32 px (2 threads).
 """
 
 from __future__ import annotations
