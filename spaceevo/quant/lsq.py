@@ -105,13 +105,14 @@ class _LsqPerTensorFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
-        inverse = float(torch.reciprocal(scale))  # the float32 reciprocal, as PyTorch's kernel uses
-        zp = float(zero_point)
+        scale_value, zp = torch.cat([scale, zero_point.to(scale.dtype)]).tolist()  # one device sync
+        # the reciprocal in the scale's precision (float32), as PyTorch's kernel computes it
+        inverse = float(torch.tensor(scale_value, dtype=scale.dtype).reciprocal())
         u = x * inverse
         ctx.save_for_backward(u)
         ctx.bounds = (-zp, qmax - zp)
-        ctx.scale = float(scale)
-        return u.clamp(*ctx.bounds).round_().mul_(ctx.scale)
+        ctx.scale = scale_value
+        return u.clamp(*ctx.bounds).round_().mul_(scale_value)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:

@@ -39,8 +39,9 @@ class StepResult:
     """Losses of one sandwich step (averaged over ranks), the gradient norm, and whether all are finite.
 
     ``min`` is None and ``random`` empty for a largest-only step. ``random`` holds the distillation
-    losses of the random subnets in drawing order; ``grad_norm`` is the global L2 norm of the accumulated (rank-averaged) gradients, NaN when a loss already was
-    not finite. When ``finite`` is False the optimizer did not step and the gradients were discarded.
+    losses of the random subnets in drawing order; ``grad_norm`` is the global L2 norm of the
+    accumulated (rank-averaged) gradients, NaN when a loss already was not finite. When ``finite`` is
+    False the optimizer did not step and the gradients were discarded.
     """
 
     max: float
