@@ -53,7 +53,7 @@ def main() -> None:
             torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, 0, 255, 1.0).backward(upstream)
 
         def ours() -> None:
-            _LsqPerTensorFakeQuant.apply(x, scale, zero_point, 255).backward(upstream)
+            _LsqPerTensorFakeQuant.apply(x, scale, zero_point, 255, True).backward(upstream)
 
         pytorch_op(), ours()  # warm-up
         times: dict[str, list[float]] = {"pytorch": [], "ours": []}

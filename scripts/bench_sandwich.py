@@ -5,7 +5,14 @@ subnets, one optimizer step) of the FP32 phase, and with ``--qat`` of the QAT ph
 the embedded Fashion-MNIST subset, and prints training images per second (each image runs through
 all four subnets). The ``default`` training budget is sized from this figure.
 
+On CUDA (``--device cuda``, or ``auto`` when a GPU is present) the step runs as ``spaceevo train``
+runs it: the FP32 phase under autocast (bfloat16, or float16 with a gradient scaler), the QAT phase
+in float32, in NCHW memory format, cuDNN autotuning off (``--cudnn-benchmark`` turns it on); the clock is read after
+``torch.cuda.synchronize()``. Batches come from the CPU loader and are copied inside the timed step,
+as in training; loading them is not timed.
+
     python scripts/bench_sandwich.py --space tiny-1111-0000 --threads 1 --batch 64
+    python scripts/bench_sandwich.py --space tiny-1144-1101 --device cuda --steps 100 --warmup 20
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from spaceevo.space import load_space, require_candidate_space
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import load_data, make_loader
 from spaceevo.train.optim import make_optimizer
-from spaceevo.train.sandwich import SandwichStep
+from spaceevo.train.sandwich import SandwichStep, autocast_dtype
 from spaceevo.train.weights import initialize_weights
 
 
@@ -36,33 +43,60 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--qat", action="store_true", help="time the QAT phase (needs spaceevo.quant.qat)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="channels-last memory format (default: on, as in training)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the step runs (default: auto, CUDA when a GPU is present, as in training)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="autocast in the FP32 phase on CUDA (default: on, as in training)")
+    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
+                        help="cuDNN autotuning on CUDA (default: off, as in training)")
+    parser.add_argument("--cudnn", action=argparse.BooleanOptionalAction, default=True,
+                        help="use cuDNN on CUDA (default: on; off runs PyTorch's own convolution kernels)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels-last memory format (default: as in training, on CPU only)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        torch.backends.cudnn.enabled = args.cudnn
     space = require_candidate_space(load_space(args.space), "the benchmark")
     datasets = load_data("embedded", 28)
     loader = make_loader(datasets.train, args.batch, True, drop_last=True)
     supernet = Supernet(space)
     initialize_weights(supernet)
     config = TrainConfig.preset("default", batch_size=args.batch, channels_last=args.channels_last)
+    channels_last = config.uses_channels_last(device.type)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    supernet = supernet.to(device, memory_format=memory_format)
+    amp_dtype = None
     if args.qat:
         from spaceevo.quant.qat import initialize_quantizers, prepare_qat
 
-        supernet = prepare_qat(supernet, reduce_range=True)
+        supernet = prepare_qat(supernet, reduce_range=True).to(device, memory_format=memory_format)
         supernet.set_max()
         images, _ = next(iter(loader))
-        initialize_quantizers(supernet, images)
-    if args.channels_last:
-        supernet = supernet.to(memory_format=torch.channels_last)
+        initialize_quantizers(supernet, images.to(device))
+    else:
+        amp_dtype = autocast_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     optimizer = make_optimizer(supernet, config.lr, config.momentum, config.weight_decay)
-    step = SandwichStep(supernet, optimizer, None, config, random.Random(0))
+    step = SandwichStep(supernet, optimizer, None, config, random.Random(0), amp_dtype=amp_dtype, scaler=scaler)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the steps need
     times = []
-    for index, (images, labels) in enumerate(itertools.islice(loader, args.warmup + args.steps)):
+    for index, (images, labels) in enumerate(itertools.islice(batches, args.warmup + args.steps)):
+        synchronize()
         start = time.perf_counter()
         step(images, labels)
+        synchronize()
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
@@ -71,11 +105,15 @@ def main() -> None:
             {
                 "space": args.space,
                 "phase": "qat" if args.qat else "fp32",
-                "threads": args.threads,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({args.threads} threads)",
+                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+                "cudnn": {"enabled": args.cudnn, "benchmark": args.cudnn_benchmark} if device.type == "cuda" else None,
                 "batch": args.batch,
-                "channels_last": args.channels_last,
-                "step_s_median": round(median, 3),
-                "step_s_all": [round(t, 3) for t in times],
+                "channels_last": channels_last,
+                "steps": len(times),
+                "step_s_median": round(median, 4),
+                "step_s_quartiles": [round(q, 4) for q in statistics.quantiles(times, n=4)] if len(times) > 1 else None,
+                "step_s_all": [round(t, 4) for t in times],
                 "images_per_s": round(args.batch / median, 1),
             }
         )

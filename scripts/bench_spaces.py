@@ -289,7 +289,7 @@ def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads:
     datasets = load_data("embedded", TORCHVISION_RESOLUTION, seed=HELDOUT_SEED)
     torch.manual_seed(config.seed)
     model = adapt_torchvision(name, datasets.num_classes, datasets.in_channels)
-    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+    memory_format = torch.channels_last if config.uses_channels_last("cpu") else torch.preserve_format
     model = model.to(memory_format=memory_format)
     loader = make_loader(datasets.train, config.batch_size, True, seed=config.seed, workers=config.workers, drop_last=True)
     steps = config.steps_in("fp32", len(loader))

@@ -159,10 +159,12 @@ def test_activation_ste_gradients():
 
 @pytest.mark.parametrize("qmax, zero_point", [(255, 0.0), (255, 37.0), (255, 255.0), (15, 6.0)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_activation_autograd_matches_pytorchs_learnable_fake_quant(qmax, zero_point, channels_last):
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-qparams", "tensor-qparams"])
+def test_activation_autograd_matches_pytorchs_learnable_fake_quant(qmax, zero_point, channels_last, on_host):
     """The vectorised LSQ+ op gives PyTorch's ``_fake_quantize_learnable_per_tensor_affine`` results:
     the same output and input gradient bit for bit, the same scale and zero-point gradients up to
-    float summation order, with elements clamped on both sides."""
+    float summation order, with elements clamped on both sides; with the scale and zero point read
+    as Python numbers (the CPU path) and kept as tensors (the GPU path, run here on CPU)."""
     from spaceevo.quant.lsq import _LsqPerTensorFakeQuant
 
     generator = torch.Generator().manual_seed(int(zero_point) + qmax)
@@ -179,7 +181,7 @@ def test_activation_autograd_matches_pytorchs_learnable_fake_quant(qmax, zero_po
         if op == "pytorch":
             y = torch._fake_quantize_learnable_per_tensor_affine(xi, scale, zp, 0, qmax, 1.0)
         else:
-            y = _LsqPerTensorFakeQuant.apply(xi, scale, zp, qmax)
+            y = _LsqPerTensorFakeQuant.apply(xi, scale, zp, qmax, on_host)
         (y * upstream).sum().backward()
         results.append((y.detach(), xi.grad, scale.grad, zp.grad))
     (y_ref, dx_ref, ds_ref, dz_ref), (y, dx, ds, dz) = results
@@ -192,7 +194,8 @@ def test_activation_autograd_matches_pytorchs_learnable_fake_quant(qmax, zero_po
     assert torch.allclose(dz, dz_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_activation_scale_gradient_at_rounding_ties_follows_the_forward():
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-qparams", "tensor-qparams"])
+def test_activation_scale_gradient_at_rounding_ties_follows_the_forward(on_host):
     """At an exact tie ``x / s = k + 0.5`` the forward rounds ``x / s`` half to even before adding the
     zero point (ONNX QuantizeLinear's order), and the scale gradient ``c - x / s`` uses that same code
     ``c``. (PyTorch's learnable op rounds ``x / s + zp`` in its backward, so with an odd zero point
@@ -207,7 +210,7 @@ def test_activation_scale_gradient_at_rounding_ties_follows_the_forward():
         zp = torch.tensor([37.0], requires_grad=True)
         u = float(x.detach() * torch.reciprocal(scale.detach()))
         assert u == float(ratio)  # an exact tie
-        y = _LsqPerTensorFakeQuant.apply(x, scale, zp, 255)
+        y = _LsqPerTensorFakeQuant.apply(x, scale, zp, 255, on_host)
         y.sum().backward()
         code = round(float(ratio))  # Python rounds half to even
         assert float(y) == pytest.approx(code * scale_value, abs=1e-6)

@@ -99,6 +99,46 @@ def test_config_budgets_and_validation() -> None:
         TrainConfig().replace(learning_rate=1.0)
 
 
+def test_channels_last_is_used_on_cpu_only_unless_set() -> None:
+    assert TrainConfig().channels_last is None
+    assert TrainConfig().uses_channels_last("cpu") and not TrainConfig().uses_channels_last("cuda")
+    assert TrainConfig(channels_last=True).uses_channels_last("cuda")
+    assert not TrainConfig(channels_last=False).uses_channels_last("cpu")
+    with pytest.raises(UsageError, match="channels_last='yes'.*None \\(on CPU only\\), true or false"):
+        TrainConfig(channels_last="yes")
+
+
+def test_sandwich_step_memory_format_follows_the_config(data) -> None:
+    x, y = next(iter(make_loader(data.train, 8, True, seed=0)))
+    for channels_last, expected in ((None, torch.channels_last), (False, torch.contiguous_format)):
+        net = Supernet(load_space(SPACE))
+        initialize_weights(net)
+        config = TrainConfig(batch_size=8, channels_last=channels_last)
+        step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, config, random.Random(0))
+        seen = []
+        hook = net.stages[1][0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        assert step(x, y).finite
+        hook.remove()
+        assert net.stages[0][0].body[0].conv.weight.is_contiguous(memory_format=expected)
+        assert seen and all(t.is_contiguous(memory_format=expected) for t in seen), channels_last
+
+
+def test_bench_sandwich_reports_the_step_time() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_sandwich.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--space", SPACE, "--device", "cpu", "--batch", "8", "--steps", "2", "--warmup", "0"],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["device"] == "cpu (1 threads)" and report["channels_last"] is True and report["amp"] is None
+    assert len(report["step_s_all"]) == 2 and all(t > 0 for t in report["step_s_all"])
+    assert report["images_per_s"] == pytest.approx(8 / report["step_s_median"], rel=0.01)
+
+
 def test_config_summary_says_how_long_training_is() -> None:
     assert TrainConfig(epochs=16, largest_epochs=8, qat_steps_per_epoch=70).summary() == (
         "16 FP32 epochs (the first 8 largest-only) + 1 QAT epoch of at most 70 steps, batch 64"

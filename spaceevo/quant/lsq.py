@@ -100,30 +100,43 @@ class _LsqPerTensorFakeQuant(torch.autograd.Function):
     1.1-1.6x as long as these ops on the activations of a tiny supernet (``scripts/bench_lsq.py``),
     and a QAT sandwich step of ``tiny-1144-1101`` 1.14x as long (1.156 s against 1.016 s,
     ``scripts/bench_sandwich.py --qat``). ``s`` and ``zp`` are read as Python numbers (as the PyTorch
-    op does), since broadcasting a one-element tensor through element-wise ops is slower on CPU.
+    op does) when ``on_host`` (the caller passes it for CPU tensors), since broadcasting a one-element
+    tensor through element-wise ops is slower on CPU. On a GPU they stay one-element tensors: reading
+    them would stall its queue once per quantizer and subnet, as PyTorch's op does.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
-        scale_value, zp = torch.cat([scale, zero_point.to(scale.dtype)]).tolist()  # one device sync
-        # the reciprocal in the scale's precision (float32), as PyTorch's kernel computes it
-        inverse = float(torch.tensor(scale_value, dtype=scale.dtype).reciprocal())
-        u = x * inverse
-        ctx.save_for_backward(u)
-        ctx.bounds = (-zp, qmax - zp)
-        ctx.scale = scale_value
-        return u.clamp(*ctx.bounds).round_().mul_(scale_value)
+    def forward(
+        ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int, on_host: bool
+    ) -> torch.Tensor:
+        if on_host:
+            scale_value, zp = torch.cat([scale, zero_point.to(scale.dtype)]).tolist()  # one device sync
+            # the reciprocal in the scale's precision (float32), as PyTorch's kernel computes it
+            inverse = float(torch.tensor(scale_value, dtype=scale.dtype).reciprocal())
+            low, high, step = ctx.qparams = (-zp, qmax - zp, scale_value)
+            u = x * inverse
+            ctx.save_for_backward(u)
+        else:
+            step = scale.detach()
+            low = -zero_point.detach().to(scale.dtype)
+            high = low + qmax
+            u = x * torch.reciprocal(step)
+            ctx.save_for_backward(u, low, high, step)
+        return u.clamp(low, high).round_().mul_(step)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        (u,) = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        if hasattr(ctx, "qparams"):
+            (u,), (low, high, step) = ctx.saved_tensors, ctx.qparams
+        else:
+            u, low, high, step = ctx.saved_tensors
         rounded = torch.round(u)
-        codes = rounded.clamp(*ctx.bounds)  # c: the code minus the zero point
+        codes = rounded.clamp(low, high)  # c: the code minus the zero point
         clamped = rounded.sub_(codes).abs_().clamp_max_(1.0)  # 1 where round(u) was clamped, else 0
         grad_x = torch.addcmul(grad, grad, clamped, value=-1.0)
         grad_scale = (grad * codes).sum() - (grad_x * u).sum()
-        grad_zero_point = (grad_x.sum() - grad.sum()) * ctx.scale
-        return grad_x, grad_scale.reshape(1), grad_zero_point.reshape(1), None
+        grad_zero_point = (grad_x.sum() - grad.sum()) * step
+        return grad_x, grad_scale.reshape(1), grad_zero_point.reshape(1), None, None
 
 
 class _GradScale(torch.autograd.Function):
@@ -248,7 +261,8 @@ class LsqActivationQuantizer(LsqQuantizer):
         scale, zero_point = self._qparams(1.0 / math.sqrt(per_sample * self.qmax))
         # (clamp(round(x / s) + z, 0, Qp) - z) * s, STE for the rounding, LSQ gradients for s and z
         # (passed on to ``scale`` and ``beta`` by autograd).
-        return _LsqPerTensorFakeQuant.apply(x, scale.reshape(1), zero_point.reshape(1), self.qmax)
+        on_host = x.device.type == "cpu"
+        return _LsqPerTensorFakeQuant.apply(x, scale.reshape(1), zero_point.reshape(1), self.qmax, on_host)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"

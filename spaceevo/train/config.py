@@ -36,7 +36,10 @@ class TrainConfig:
     evaluated (None: all). ``reduce_range`` (7-bit weights in QAT, for x86 without VNNI) is decided
     from this host's CPU when None. ``workers``: DataLoader processes (None: automatic).
     ``amp``: autocast on CUDA in the FP32 phase. ``channels_last``: NHWC memory format for weights
-    and activations (1.5x faster sandwich steps on CPU with oneDNN, faster on CUDA too).
+    and activations; None (the default) uses it on CPU only (:meth:`uses_channels_last`). On CPU
+    oneDNN runs sandwich steps 1.5x faster in NHWC. On CUDA (H100, bfloat16) NHWC made them
+    over 10x slower (median 1.0 s against 74 ms at batch 64): cuDNN builds kernels for every new
+    convolution shape, and each sandwich step brings new (elastic) shapes (``scripts/bench_sandwich.py``).
     """
 
     epochs: int = 2
@@ -61,7 +64,7 @@ class TrainConfig:
     reduce_range: bool | None = None
     zero_init_residual: bool = True
     amp: bool = True
-    channels_last: bool = True
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> UsageError:
@@ -97,11 +100,17 @@ class TrainConfig:
                 raise bad(name, "a number in [0, 1)")
         if self.distill not in DISTILL_LOSSES:
             raise bad("distill", ", ".join(DISTILL_LOSSES))
-        for name in ("zero_init_residual", "amp", "channels_last"):
+        for name in ("zero_init_residual", "amp"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise bad("channels_last", "None (on CPU only), true or false")
         if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
             raise bad("reduce_range", "None (decide from this host's CPU), true or false")
+
+    def uses_channels_last(self, device_type: str) -> bool:
+        """Whether training on a ``device_type`` (``cpu``, ``cuda``) device runs in NHWC memory format."""
+        return self.channels_last if self.channels_last is not None else device_type == "cpu"
 
     @property
     def total_epochs(self) -> int:

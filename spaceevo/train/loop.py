@@ -16,7 +16,10 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains on its shard of eac
 gradients are averaged once per sandwich step (:mod:`spaceevo.train.distributed` says why not DDP);
 only rank 0 writes. On CUDA the FP32 phase runs under autocast (bfloat16 where supported, else
 float16 with a gradient scaler); the QAT phase runs in float32 so that the fake quantization computes
-exactly what ONNX Runtime computes.
+exactly what ONNX Runtime computes. On CUDA the supernet stays in NCHW memory format and cuDNN's
+autotuner stays off: every sandwich step brings convolution shapes not seen before (elastic widths,
+kernels and resolutions), and both NHWC and autotuning make cuDNN build or time kernels for each new
+shape, which made steps over 5x slower on an H100 (``scripts/bench_sandwich.py``, README).
 
 Measured throughput (sandwich step, ``tiny-1111-0000``, batch 64, images at 24-32 px, training
 images per second; each image runs through four subnets) and the ``default`` budget sized from it:
@@ -59,7 +62,7 @@ from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import DataSpec, Datasets, ImageSplit, InMemorySplit, load_data, make_loader, resize_batch
 from spaceevo.train.evaluate import evaluate
 from spaceevo.train.optim import make_optimizer, make_scheduler
-from spaceevo.train.sandwich import SandwichStep
+from spaceevo.train.sandwich import SandwichStep, autocast_dtype
 from spaceevo.train.weights import initialize_weights
 
 HELDOUT_SEED = 0
@@ -199,12 +202,9 @@ class _Trainer:
         self.rank, self.world = ddp.rank(), ddp.world_size()
         if torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device() if self.world > 1 else 0)
-            torch.backends.cudnn.benchmark = True
         else:
             self.device = torch.device("cpu")
-        self.amp_dtype: torch.dtype | None = None
-        if self.device.type == "cuda" and config.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = autocast_dtype(self.device, config.amp)
 
     # ---- setup ---------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:
@@ -247,7 +247,7 @@ class _Trainer:
     def _prepare_qat(self, supernet: nn.Module) -> nn.Module:
         from spaceevo.quant.qat import prepare_qat
 
-        memory_format = torch.channels_last if self.config.channels_last else torch.preserve_format
+        memory_format = torch.channels_last if self.config.uses_channels_last(self.device.type) else torch.preserve_format
         return prepare_qat(supernet, reduce_range=bool(self.config.reduce_range)).to(self.device, memory_format=memory_format)
 
     def _initialize_quantizers(self, supernet: nn.Module, datasets: Datasets) -> None:
@@ -313,7 +313,8 @@ class _Trainer:
         rng = random.Random(config.seed)
         supernet: nn.Module = Supernet(self.space)
         initialize_weights(supernet, zero_init_residual=config.zero_init_residual)
-        supernet.to(self.device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+        channels_last = config.uses_channels_last(self.device.type)
+        supernet.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         start, history, qat_ready = 0, [], False
         if checkpoint is not None:
             start, history = int(checkpoint["epoch"]), list(checkpoint["history"])

@@ -67,6 +67,14 @@ class StepResult:
         return None
 
 
+def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The autocast dtype of the FP32 phase on ``device``: bfloat16 on CUDA where the GPU has it, else
+    float16 (which needs a gradient scaler); None (no autocast) on CPU or when ``enabled`` is False."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) at temperature 1, averaged over the batch."""
     return F.kl_div(F.log_softmax(student_logits.float(), dim=1), teacher_probs, reduction="batchmean")
@@ -76,9 +84,9 @@ class SandwichStep:
     """Callable that runs one sandwich step on a batch: ``step(images, labels) -> StepResult``
     (``step(images, labels, largest_only=True)``: the largest subnet alone).
 
-    ``rng`` draws the random subnets (seed it identically on every rank). With
-    ``config.channels_last`` the supernet's weights are converted to that memory format (in place,
-    the parameters stay the same objects) and so is every input. ``amp_dtype`` turns on CUDA autocast
+    ``rng`` draws the random subnets (seed it identically on every rank). Where
+    ``config.uses_channels_last`` for the supernet's device, its weights are converted to that memory
+    format (in place, the parameters stay the same objects) and so is every input. ``amp_dtype`` turns on CUDA autocast
     (bfloat16 or float16; float16 needs ``scaler``). Gradients are averaged over ranks when
     ``torch.distributed`` is initialised (:func:`~spaceevo.train.distributed.all_reduce_gradients`).
     """
@@ -94,7 +102,9 @@ class SandwichStep:
         amp_dtype: torch.dtype | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ):
-        if config.channels_last:  # weights and inputs in one memory format (mixed formats are slow)
+        self.device = next(supernet.parameters()).device
+        self.channels_last = config.uses_channels_last(self.device.type)
+        if self.channels_last:  # weights and inputs in one memory format (mixed formats are slow)
             supernet.to(memory_format=torch.channels_last)
         self.supernet = supernet
         self.optimizer = optimizer
@@ -118,15 +128,14 @@ class SandwichStep:
     def _forward(self, subnet: Subnet, images: torch.Tensor) -> torch.Tensor:
         self.supernet.set_active(subnet)
         images = resize_batch(images, subnet.resolution)
-        if self.config.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             return self.supernet(images).float()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, largest_only: bool = False) -> StepResult:
-        device = next(self.supernet.parameters()).device
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
         self.supernet.train()
         self.optimizer.zero_grad(set_to_none=True)
         space = self.supernet.space
