@@ -9,12 +9,14 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
 from spaceevo.cli import main
 from spaceevo.deploy import evaluate_model, evaluate_subnet, export_subnet, open_run
-from spaceevo.deploy.evaluate import output_paths
+from spaceevo.deploy.evaluate import output_paths, torch_top1
 from spaceevo.deploy.models import read_metadata
 from spaceevo.errors import ArtifactError
+from spaceevo.quant.lsq import set_quant_mode
 
 SPACE = "tiny-1111-0000"
 
@@ -73,14 +75,37 @@ def test_export_writes_checked_fp32_and_qat_int8_models_with_metadata(exported) 
 
 def test_evaluate_reports_every_figure_and_onnx_runtime_matches_pytorch(run_dir, exported) -> None:
     report = evaluate_subnet(run_dir, "min", measure=False, show_progress=False)
-    keys = ("fp32_top1", "int8_fakequant_top1", "ort_fp32_top1", "ort_int8_top1", "ptq_int8_top1", "fp32_ms", "int8_ms")
-    assert set(keys) <= set(report) and report["subnet"] == exported.subnet and report["test_images"] == 2000
-    assert all(0.0 <= report[k] <= 100.0 for k in keys[:5]) and report["fp32_ms"] is None
+    keys = ("fp32_top1", "int8_fakequant_top1", "qat_float_top1", "ort_fp32_top1", "ort_int8_top1", "ptq_int8_top1")
+    assert set(keys) | {"fp32_ms", "int8_ms"} <= set(report)
+    assert report["subnet"] == exported.subnet and report["test_images"] == 2000
+    assert all(0.0 <= report[k] <= 100.0 for k in keys) and report["fp32_ms"] is None
     assert abs(report["ort_fp32_top1"] - report["fp32_top1"]) <= 0.1, "the FP32 export computes the PyTorch model"
     assert abs(report["ort_int8_top1"] - report["int8_fakequant_top1"]) <= 1.0
+    run = open_run(run_dir)
+    datasets = run.load_data()
+    float_supernet = run.calibrated(run.float_supernet(), run.subnet("min"), datasets)
+    assert report["qat_float_top1"] == round(torch_top1(float_supernet, run.subnet("min"), datasets.test), 2)
     # the exported file is the model evaluate_subnet built: same test top-1 in ONNX Runtime
     model_report = evaluate_model(exported.onnx_int8, measure=False)
     assert model_report["ort_top1"] == report["ort_int8_top1"] and model_report["precision"] == "int8"
+
+
+def test_float_supernet_is_the_qat_weights_with_quantizers_off(run_dir) -> None:
+    run = open_run(run_dir)
+    assert run.quantization_aware
+    quantized, floating = run.supernet(), run.float_supernet()
+    assert all(torch.equal(a, b) for a, b in zip(quantized.state_dict().values(), floating.state_dict().values()))
+    reference = run.supernet()
+    assert set_quant_mode(reference, False) > 0
+    subnet = run.subnet("max")
+    images = torch.rand(4, 1, subnet.resolution, subnet.resolution, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for model in (quantized, floating, reference):
+        model.set_active(subnet)
+        with torch.no_grad():
+            outputs.append(model(images))
+    assert torch.equal(outputs[1], outputs[2]), "every quantizer is off"
+    assert not torch.equal(outputs[0], outputs[1]), "the quantizers change the output"
 
 
 def test_ptq_export_quantizes_the_fp32_model(run_dir, tmp_path) -> None:

@@ -231,12 +231,17 @@ def evaluate_subnet(
     """Test-split top-1 of a trained subnet in PyTorch and ONNX Runtime, and its latency.
 
     Returns ``fp32_top1`` (PyTorch, FP32 supernet), ``int8_fakequant_top1`` (PyTorch, LSQ+ fake
-    quantization; None without a QAT phase), ``ort_fp32_top1``, ``ort_int8_top1`` (the exported QAT
+    quantization; None without a QAT phase), ``qat_float_top1`` (PyTorch, the QAT supernet's weights
+    with every quantizer off; None without a QAT phase), ``ort_fp32_top1``, ``ort_int8_top1`` (the exported QAT
     INT8 model; None without a QAT phase), ``ptq_int8_top1`` (ONNX Runtime post-training
     quantization of the FP32 model), ``fp32_ms`` and ``int8_ms`` (exported FP32 and INT8 models on
     the device, interleaved, on the scale of the latency table under ``tables`` when there is one;
     the INT8 model is the QAT one when there is one, else the PTQ one; None with ``measure=False``), plus what was evaluated. ``on_models(fp32, int8)`` receives the
     exported models (e.g. to save them).
+
+    ``qat_float_top1`` splits a gap between QAT and FP32 in two: ``int8_fakequant_top1 -
+    qat_float_top1`` is what quantization itself costs the QAT weights, ``qat_float_top1 -
+    fp32_top1`` is how far the QAT phase's weight updates moved the subnet.
     """
     run = open_run(run_dir)
     chosen = run.subnet(subnet)
@@ -259,9 +264,10 @@ def evaluate_subnet(
         ptq_top1 = ort_top1(ptq, test, chosen.resolution)
         steps.done()
         steps("int8")
-        fakequant_top1 = ort_int8 = None
+        fakequant_top1 = qat_float_top1 = ort_int8 = None
         int8 = ptq
         if run.quantization_aware:
+            qat_float_top1 = torch_top1(run.calibrated(run.float_supernet(), chosen, datasets), chosen, test)
             supernet = run.calibrated(run.supernet(), chosen, datasets)
             fakequant_top1 = torch_top1(supernet, chosen, test)
             int8 = qat_int8_model(supernet, chosen)
@@ -288,6 +294,7 @@ def evaluate_subnet(
             "int8_model": "qat" if run.quantization_aware else "ptq",
             "fp32_top1": _round(fp32_top1),
             "int8_fakequant_top1": _round(fakequant_top1),
+            "qat_float_top1": _round(qat_float_top1),
             "ort_fp32_top1": _round(ort_fp32),
             "ort_int8_top1": _round(ort_int8),
             "ptq_int8_top1": _round(ptq_top1),

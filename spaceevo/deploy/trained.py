@@ -61,13 +61,19 @@ class TrainedRun:
         """
         if self.run.fp32_checkpoint.exists():
             return self._load(self.run.fp32_checkpoint, False), "fp32 phase"
+        if self.quantization_aware:
+            return self.float_supernet(), "final weights, quantizers off"
+        return self.supernet(), "fp32 phase"
+
+    def float_supernet(self) -> Supernet:
+        """The final supernet with every quantizer off: the QAT phase's weights run in float, which
+        tells how far that phase moved them apart from what quantization costs."""
         supernet = self.supernet()
         if self.quantization_aware:
             from spaceevo.quant.lsq import set_quant_mode
 
             set_quant_mode(supernet, False)
-            return supernet, "final weights, quantizers off"
-        return supernet, "fp32 phase"
+        return supernet
 
     def _load(self, path: Path, quantization_aware: bool) -> Supernet:
         state = load_checkpoint(path)
