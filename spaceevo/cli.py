@@ -115,6 +115,7 @@ def _train(args: argparse.Namespace) -> None:
         qat_epochs=args.qat_epochs,
         largest_epochs=args.largest_epochs,
         seed=args.seed,
+        eval_every=args.eval_every,
         resume=args.resume,
         threads=args.threads,
     )
@@ -342,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "progressive shrinking starts (default: from the budget; with --epochs, the budget's "
                             "share of them)")
     train.add_argument("--seed", type=_non_negative_int, default=None, help="training seed (default: 0)")
+    train.add_argument("--eval-every", type=_positive_int, default=None,
+                       help="measure held-out top-1 after every N-th epoch and after the last epoch of each "
+                            "phase (default: from the budget)")
     train.add_argument("--resume", action="store_true", help="continue the run in --run from its last finished epoch")
     train.add_argument("--threads", type=_positive_int, default=None,
                        help="torch intra-op threads per process (default: torch's choice, one per core)")

@@ -391,6 +391,27 @@ def test_largest_only_epochs_come_first_and_are_logged(tmp_path) -> None:
     assert second["subnets_per_step"] == 4 and second["loss_min"] > 0 and second["loss_random"] > 0
 
 
+def test_eval_every_skips_evaluations_but_not_the_end_of_a_phase(tmp_path) -> None:
+    config = TINY.replace(epochs=3, qat_epochs=0, eval_every=2)
+    assert [config.evaluates_after(e) for e in (1, 2, 3)] == [False, True, True]
+    assert [TINY.replace(epochs=4, qat_epochs=2, eval_every=3).evaluates_after(e) for e in range(1, 7)] == [
+        False, False, True, True, False, True
+    ]
+    with pytest.raises(UsageError, match="eval_every=0"):
+        TINY.replace(eval_every=0)
+    assert TrainConfig.preset("smoke").override(eval_every=5).eval_every == 5
+    result = train_supernet(SPACE, tmp_path / "run", config=config, progress=False)
+    evaluated = [record["heldout_top1_max"] is not None for record in result.history]
+    assert evaluated == [False, True, True]
+    assert [record["heldout_top1_min"] is not None for record in result.history] == evaluated
+    assert result.top1_max is not None and result.top1_max == result.history[-1]["heldout_top1_max"]
+    # evaluating is read-only: the same run with an evaluation after every epoch ends with the same weights
+    every = train_supernet(SPACE, tmp_path / "every", config=config.replace(eval_every=1), progress=False)
+    assert all(record["heldout_top1_max"] is not None for record in every.history)
+    assert every.top1_max == result.top1_max
+    assert_same_state(state_of(tmp_path / "run" / "checkpoints" / "last.pt"), state_of(tmp_path / "every" / "checkpoints" / "last.pt"))
+
+
 @needs_qat
 def test_resume_at_the_qat_boundary_matches_an_uninterrupted_run(tmp_path) -> None:
     config = TINY.replace(epochs=1, qat_epochs=1, qat_steps_per_epoch=1)  # a shorter QAT epoch too

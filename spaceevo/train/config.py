@@ -33,7 +33,8 @@ class TrainConfig:
     epoch further (None: as an FP32 epoch), since QAT steps cost about twice as much and start from
     trained weights. ``calibration_images`` held-out images
     recalibrate BatchNorm before each evaluation; ``eval_images`` caps the held-out images that are
-    evaluated (None: all). ``reduce_range`` (7-bit weights in QAT, for x86 without VNNI) is decided
+    evaluated (None: all); ``eval_every`` evaluates after every N-th epoch and always after the
+    last epoch of each phase (:meth:`evaluates_after`). ``reduce_range`` (7-bit weights in QAT, for x86 without VNNI) is decided
     from this host's CPU when None. ``workers``: DataLoader processes (None: automatic).
     ``amp``: autocast on CUDA in the FP32 phase. ``channels_last``: NHWC memory format for weights
     and activations; None (the default) uses it on CPU only (:meth:`uses_channels_last`). On CPU
@@ -61,6 +62,7 @@ class TrainConfig:
     qat_steps_per_epoch: int | None = None
     calibration_images: int = 256
     eval_images: int | None = None
+    eval_every: int = 1
     reduce_range: bool | None = None
     zero_init_residual: bool = True
     amp: bool = True
@@ -74,7 +76,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise bad(name, "an integer >= 0")
-        for name in ("batch_size", "calibration_images"):
+        for name in ("batch_size", "calibration_images", "eval_every"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise bad(name, "an integer >= 1")
@@ -127,6 +129,11 @@ class TrainConfig:
             steps = min(steps, self.qat_steps_per_epoch)
         return steps
 
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether held-out top-1 is measured after 1-based ``epoch``: every ``eval_every``-th epoch
+        and the last epoch of each phase."""
+        return epoch % self.eval_every == 0 or epoch in (self.epochs, self.total_epochs)
+
     def largest_only(self, epoch: int) -> bool:
         """Whether 1-based ``epoch`` trains the largest subnet alone (see ``largest_epochs``)."""
         return epoch <= self.largest_epochs
@@ -164,13 +171,17 @@ class TrainConfig:
         qat_epochs: int | None = None,
         largest_epochs: int | None = None,
         seed: int | None = None,
+        eval_every: int | None = None,
     ) -> TrainConfig:
         """A copy with the given (not None) command-line overrides; with ``epochs`` given and
         ``largest_epochs`` not, the largest-only epochs keep their share of the FP32 epochs (rounded
         down), so that a shorter run still has sandwich epochs."""
         if epochs is not None and largest_epochs is None:
             largest_epochs = self.largest_epochs * epochs // self.epochs if self.epochs else 0
-        changes = {"epochs": epochs, "qat_epochs": qat_epochs, "largest_epochs": largest_epochs, "seed": seed}
+        changes = {
+            "epochs": epochs, "qat_epochs": qat_epochs, "largest_epochs": largest_epochs, "seed": seed,
+            "eval_every": eval_every,
+        }
         return self.replace(**{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,21 +222,24 @@ BUDGETS: dict[str, TrainConfig] = {
         calibration_images=64,
         eval_images=128,
     ),
-    # tiny on the embedded data: 16 FP32 epochs, each a full pass over the 9,000 training images
-    # (140 steps of 64), the first 8 of them largest-only (about half the cost of a sandwich epoch),
-    # then one QAT epoch of 70 steps (a QAT step costs about twice an FP32 sandwich step).
-    # `spaceevo train --space tiny-1144-1101 --threads 2` on our 2-core VM: 17m55s (largest-only
-    # epochs 35-39 s, sandwich epochs 79-84 s, QAT 68 s, evaluations 3-5 s each; 20m33s on a slower
-    # day); test ONNX Runtime INT8 top-1 of the largest / smallest subnet 89.7 / 86.55 % (README,
-    # "Supernet training"). QAT at 0.003 rather than 0.01: the smallest subnet lost 0.6 points
-    # against FP32 at 0.01.
-    # The previous default, 8 sandwich epochs and a full QAT epoch, took 16m31s and reached
+    # tiny on the embedded data: 17 FP32 epochs, each a full pass over the 9,000 training images
+    # (140 steps of 64), the first 9 of them largest-only (about half the cost of a sandwich epoch),
+    # then one QAT epoch of 70 steps (a QAT step costs about twice an FP32 sandwich step); held-out
+    # top-1 after every 4th epoch and at the end of each phase (an evaluation takes 3-5 s).
+    # `spaceevo train --space tiny-1144-1101 --threads 2` on our 2-core VM, on a slow day (sandwich
+    # epochs 83-96 s; 79-84 s on a quiet one): 19m39s; test ONNX Runtime INT8 top-1 of the largest /
+    # smallest subnet 90.15 / 86.45 % (README, "Supernet training"). The same recipe with 16 epochs
+    # (8 largest-only) and an evaluation after every epoch took 17m55s on a quiet day and reached
+    # 89.7 / 86.55 %. QAT at 0.003 rather than 0.01: the smallest subnet lost 0.6 points against
+    # FP32 at 0.01.
+    # The first default, 8 sandwich epochs and a full QAT epoch, took 16m31s and reached
     # 86.95 / 84.1 %. BatchNorm is recalibrated on the whole held-out split (1,000 images): test
     # top-1 of the largest subnet was 87.40 with 256 calibration images and 87.75 with 1,000.
     "default": TrainConfig(
-        epochs=16,
+        epochs=17,
         qat_epochs=1,
-        largest_epochs=8,
+        largest_epochs=9,
+        eval_every=4,
         qat_steps_per_epoch=70,
         batch_size=64,
         lr=0.1,

@@ -144,6 +144,7 @@ def train_supernet(
     qat_epochs: int | None = None,
     largest_epochs: int | None = None,
     seed: int | None = None,
+    eval_every: int | None = None,
     resume: bool = False,
     threads: int | None = None,
     progress: bool = True,
@@ -151,8 +152,8 @@ def train_supernet(
 ) -> TrainResult:
     """Train (or resume training) the supernet of candidate space ``space`` in run directory ``run``.
 
-    ``config`` (default: the ``budget`` preset) with ``epochs``, ``qat_epochs``, ``largest_epochs``
-    and ``seed`` overriding it when given (:meth:`TrainConfig.override`). A run directory that
+    ``config`` (default: the ``budget`` preset) with ``epochs``, ``qat_epochs``, ``largest_epochs``,
+    ``seed`` and ``eval_every`` overriding it when given (:meth:`TrainConfig.override`). A run directory that
     already holds a checkpoint is continued only with ``resume=True`` and only for the same space,
     hyperspace YAML, data and config (:class:`~spaceevo.errors.RunMismatchError` otherwise); a
     finished run returns at once.
@@ -171,7 +172,7 @@ def train_supernet(
     spec = DataSpec.parse(data) if isinstance(data, str) else data
     spec.check()
     config = (config or TrainConfig.preset(budget)).override(
-        epochs=epochs, qat_epochs=qat_epochs, largest_epochs=largest_epochs, seed=seed
+        epochs=epochs, qat_epochs=qat_epochs, largest_epochs=largest_epochs, seed=seed, eval_every=eval_every
     )
     if config.reduce_range is None:
         from spaceevo.latency.fingerprint import device_fingerprint
@@ -383,7 +384,7 @@ class _Trainer:
             if self.world > 1:
                 ddp.broadcast_state(supernet, buffers_only=True)
             eval_start = time.perf_counter()
-            top1 = self._evaluate(supernet, datasets)
+            top1 = self._evaluate(supernet, datasets) if config.evaluates_after(epoch) else {"max": None, "min": None}
             record = {
                 "epoch": epoch,
                 "phase": phase,
