@@ -21,7 +21,7 @@ DISTILL_LOSSES = ("kl",)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides the weights a supernet training run produces.
+    """Everything that decides the weights a supernet training run produces, and how often it evaluates them.
 
     The first ``largest_epochs`` of the ``epochs`` FP32 epochs train the largest subnet alone (the
     first stage of Once-for-All's progressive shrinking); the others are sandwich epochs. The
