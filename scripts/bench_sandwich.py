@@ -31,7 +31,7 @@ from spaceevo.space import load_space, require_candidate_space
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import load_data, make_loader
 from spaceevo.train.optim import make_optimizer
-from spaceevo.train.sandwich import SandwichStep, autocast_dtype
+from spaceevo.train.sandwich import SandwichStep, autocast_dtype, memory_format
 from spaceevo.train.weights import initialize_weights
 
 
@@ -69,14 +69,12 @@ def main() -> None:
     supernet = Supernet(space)
     initialize_weights(supernet)
     config = TrainConfig.preset("default", batch_size=args.batch, channels_last=args.channels_last)
-    channels_last = config.uses_channels_last(device.type)
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    supernet = supernet.to(device, memory_format=memory_format)
+    supernet = supernet.to(device, memory_format=memory_format(config, device))
     amp_dtype = None
     if args.qat:
         from spaceevo.quant.qat import initialize_quantizers, prepare_qat
 
-        supernet = prepare_qat(supernet, reduce_range=True).to(device, memory_format=memory_format)
+        supernet = prepare_qat(supernet, reduce_range=True)
         supernet.set_max()
         images, _ = next(iter(loader))
         initialize_quantizers(supernet, images.to(device))
@@ -109,7 +107,7 @@ def main() -> None:
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
                 "cudnn": {"enabled": args.cudnn, "benchmark": args.cudnn_benchmark} if device.type == "cuda" else None,
                 "batch": args.batch,
-                "channels_last": channels_last,
+                "channels_last": config.uses_channels_last(device.type),
                 "steps": len(times),
                 "step_s_median": round(median, 4),
                 "step_s_quartiles": [round(q, 4) for q in statistics.quantiles(times, n=4)] if len(times) > 1 else None,

@@ -277,6 +277,7 @@ def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads:
     from spaceevo.train.data import load_data, make_loader
     from spaceevo.train.loop import EVAL_SEED, HELDOUT_SEED
     from spaceevo.train.optim import make_optimizer, make_scheduler
+    from spaceevo.train.sandwich import memory_format
 
     done = run_dir / "result.json"
     if done.exists():
@@ -289,8 +290,8 @@ def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads:
     datasets = load_data("embedded", TORCHVISION_RESOLUTION, seed=HELDOUT_SEED)
     torch.manual_seed(config.seed)
     model = adapt_torchvision(name, datasets.num_classes, datasets.in_channels)
-    memory_format = torch.channels_last if config.uses_channels_last("cpu") else torch.preserve_format
-    model = model.to(memory_format=memory_format)
+    train_format = memory_format(config, torch.device("cpu"))
+    model = model.to(memory_format=train_format)
     loader = make_loader(datasets.train, config.batch_size, True, seed=config.seed, workers=config.workers, drop_last=True)
     steps = config.steps_in("fp32", len(loader))
     epochs = config.total_epochs
@@ -311,7 +312,7 @@ def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads:
         model.train()
         total, epoch_start = 0.0, time.perf_counter()
         for images, labels in itertools.islice(loader, steps):
-            loss = criterion(model(images.to(memory_format=memory_format)), labels)
+            loss = criterion(model(images.to(memory_format=train_format)), labels)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"torchvision {name}: non-finite loss at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)

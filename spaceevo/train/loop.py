@@ -62,7 +62,7 @@ from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import DataSpec, Datasets, ImageSplit, InMemorySplit, load_data, make_loader, resize_batch
 from spaceevo.train.evaluate import evaluate
 from spaceevo.train.optim import make_optimizer, make_scheduler
-from spaceevo.train.sandwich import SandwichStep, autocast_dtype
+from spaceevo.train.sandwich import SandwichStep, autocast_dtype, memory_format
 from spaceevo.train.weights import initialize_weights
 
 HELDOUT_SEED = 0
@@ -248,8 +248,7 @@ class _Trainer:
     def _prepare_qat(self, supernet: nn.Module) -> nn.Module:
         from spaceevo.quant.qat import prepare_qat
 
-        memory_format = torch.channels_last if self.config.uses_channels_last(self.device.type) else torch.preserve_format
-        return prepare_qat(supernet, reduce_range=bool(self.config.reduce_range)).to(self.device, memory_format=memory_format)
+        return prepare_qat(supernet, reduce_range=bool(self.config.reduce_range))  # quantizers on its device
 
     def _initialize_quantizers(self, supernet: nn.Module, datasets: Datasets) -> None:
         from spaceevo.quant.qat import initialize_quantizers
@@ -314,8 +313,7 @@ class _Trainer:
         rng = random.Random(config.seed)
         supernet: nn.Module = Supernet(self.space)
         initialize_weights(supernet, zero_init_residual=config.zero_init_residual)
-        channels_last = config.uses_channels_last(self.device.type)
-        supernet.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        supernet.to(self.device, memory_format=memory_format(config, self.device))
         start, history, qat_ready = 0, [], False
         if checkpoint is not None:
             start, history = int(checkpoint["epoch"]), list(checkpoint["history"])

@@ -75,6 +75,11 @@ def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | 
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format:
+    """The memory format a supernet trains in on ``device`` (:meth:`TrainConfig.uses_channels_last`)."""
+    return torch.channels_last if config.uses_channels_last(device.type) else torch.contiguous_format
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) at temperature 1, averaged over the batch."""
     return F.kl_div(F.log_softmax(student_logits.float(), dim=1), teacher_probs, reduction="batchmean")
@@ -84,9 +89,9 @@ class SandwichStep:
     """Callable that runs one sandwich step on a batch: ``step(images, labels) -> StepResult``
     (``step(images, labels, largest_only=True)``: the largest subnet alone).
 
-    ``rng`` draws the random subnets (seed it identically on every rank). Where
-    ``config.uses_channels_last`` for the supernet's device, its weights are converted to that memory
-    format (in place, the parameters stay the same objects) and so is every input. ``amp_dtype`` turns on CUDA autocast
+    ``rng`` draws the random subnets (seed it identically on every rank). The supernet's weights are
+    converted to the :func:`memory_format` of its device (in place, the parameters stay the same
+    objects) and so is every input. ``amp_dtype`` turns on CUDA autocast
     (bfloat16 or float16; float16 needs ``scaler``). Gradients are averaged over ranks when
     ``torch.distributed`` is initialised (:func:`~spaceevo.train.distributed.all_reduce_gradients`).
     """
@@ -103,9 +108,9 @@ class SandwichStep:
         scaler: torch.amp.GradScaler | None = None,
     ):
         self.device = next(supernet.parameters()).device
-        self.channels_last = config.uses_channels_last(self.device.type)
-        if self.channels_last:  # weights and inputs in one memory format (mixed formats are slow)
-            supernet.to(memory_format=torch.channels_last)
+        self.memory_format = memory_format(config, self.device)
+        # weights and inputs in one memory format (mixed formats are slow)
+        supernet.to(memory_format=self.memory_format)
         self.supernet = supernet
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -128,8 +133,7 @@ class SandwichStep:
     def _forward(self, subnet: Subnet, images: torch.Tensor) -> torch.Tensor:
         self.supernet.set_active(subnet)
         images = resize_batch(images, subnet.resolution)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=self.memory_format)
         with self._autocast():
             return self.supernet(images).float()
 
