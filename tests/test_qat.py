@@ -184,24 +184,74 @@ def measure(reference: np.ndarray, logits: np.ndarray, step: float) -> dict[str,
 
 
 def test_onnxruntime_runs_the_int8_export_as_pytorch_computes_it(case: QatCase):
-    """The QDQ graph is the PyTorch twin of :func:`fold_for_int8` (BN folded, int32 biases): ONNX
-    Runtime's reference semantics (no fusion) and its fused INT8 kernels both reproduce it. Their own
-    rounding (fixed-point QLinearAdd, float QLinearMul / requantization) moves an element by one step
-    now and then, which these random networks amplify; the eval-mode fake-quant forward differs
-    further by the bias rounding (see the report in spaceevo.quant.qat)."""
+    """The eval-mode fake-quant forward computes the deployed arithmetic (int32 biases, BN folded at
+    run time) and :func:`fold_for_int8` the same with BN folded into the weights: ONNX Runtime's
+    reference semantics (no fusion) and its fused INT8 kernels reproduce both. Float summation order
+    and the kernels' own rounding (fixed-point QLinearAdd, float QLinearMul / requantization) move an
+    element by one step now and then, which these random networks amplify."""
     with torch.no_grad():
         fake_quant = case.static(case.x).numpy()
+        supernet = case.net(case.x).numpy()
         twin = fold_for_int8(case.static)(case.x).numpy()
     assert fake_quant.std(axis=0).mean() > 10 * case.logit_step  # the logits depend on the input
+    np.testing.assert_array_equal(supernet, fake_quant)
     reference = _ort_logits(case.proto, case.x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     fused = _ort_logits(case.proto, case.x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
-    exact = measure(twin, reference, case.logit_step)
-    assert exact["argmax"] >= 0.99 and exact["mean_steps"] <= 0.25 and exact["max_steps"] <= 8, exact
-    kernels = measure(twin, fused, case.logit_step)
-    assert kernels["argmax"] >= 0.99 and kernels["mean_steps"] <= 0.25 and kernels["max_steps"] <= 8, kernels
-    trained = measure(fake_quant, fused, case.logit_step)
-    assert trained["argmax"] >= 0.85 and trained["mean_steps"] <= 4.0 and trained["max_steps"] <= 24, trained
+    for name, (ours, theirs) in {
+        "folded vs reference": (twin, reference),
+        "folded vs kernels": (twin, fused),
+        "fake-quant vs folded": (fake_quant, twin),
+        "fake-quant vs kernels": (fake_quant, fused),
+    }.items():
+        agreement = measure(ours, theirs, case.logit_step)
+        assert agreement["argmax"] >= 0.99 and agreement["mean_steps"] <= 0.25, (name, agreement)
+        assert agreement["max_steps"] <= 8, (name, agreement)
+
+
+def test_eval_forward_rounds_every_bias_as_deployed(case: QatCase, monkeypatch: pytest.MonkeyPatch):
+    """In eval mode every quantized conv / linear knows its input's step (so its bias is rounded to
+    the int32 grid and its BatchNorm folded, as deployed); in training mode none does."""
+    inputs: dict[int, object] = {}
+    original = LsqWeightQuantizer._input_step
+
+    def recording(self: LsqWeightQuantizer, x: torch.Tensor):
+        inputs[id(self)] = step = original(self, x)
+        return step
+
+    monkeypatch.setattr(LsqWeightQuantizer, "_input_step", recording)
+    for model in (case.static, case.net):
+        inputs.clear()
+        with torch.no_grad():
+            model(case.x[:4])
+        assert all(isinstance(step, torch.Tensor) and step.item() > 0 for step in inputs.values())
+        if model is case.static:  # every layer of the static network runs
+            assert set(inputs) == {id(m) for m in model.modules() if isinstance(m, LsqWeightQuantizer)}
+        assert len(inputs) >= 5
+    training = copy.deepcopy(case.static).train()
+    inputs.clear()
+    with torch.no_grad():
+        training(case.x[:4])
+    assert inputs and all(step is None for step in inputs.values())
+
+
+def test_deployed_bias_is_rounded_to_the_int32_grid(case: QatCase):
+    """The biases the eval forward adds are the int32 codes of the export times their grid."""
+    layer = case.static.head.classifier
+    features = {}
+    hook = layer.register_forward_pre_hook(lambda module, args: features.setdefault("x", args[0]))
+    with torch.no_grad():
+        case.static(case.x[:2])
+    hook.remove()
+    step = export_params(case.static.head.features_quant)[0]
+    grid = (step.double() * export_params(layer.weight_quant)[0].double()).float()
+    deployed = layer.weight_quant.deployed_bias(features["x"], layer.bias)
+    codes = deployed.double() / grid.double()
+    np.testing.assert_allclose(codes.numpy(), np.rint(codes.numpy()), atol=1e-6)
+    assert (deployed - layer.bias).abs().le(grid / 2 * (1 + 1e-6)).all()
+    assert not torch.equal(deployed, layer.bias.detach())
+    plain = torch.randn(4, layer.in_features)  # not from a quantizer: the bias is left as it is
+    assert layer.weight_quant.deployed_bias(plain, layer.bias) is layer.bias
 
 
 def _producer(proto: onnx.ModelProto, name: str) -> str:

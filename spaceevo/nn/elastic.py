@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint
+from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint, conv_batchnorm
 from spaceevo.nn.static import Block, ConvBN, Head, SqueezeExcite, mix_activation, post_add_activation, se_channels
 from spaceevo.space import BlockSpec, BlockTypeSpec, HeadSpec, StageChoices, shortcut_kind
 
@@ -95,7 +95,7 @@ class ElasticConv2d(nn.Module):
         return F.conv2d(
             x,
             self.weight_quant(self.weight_slice(in_channels, out_channels, kernel)),
-            self.bias_slice(out_channels),
+            self.weight_quant.deployed_bias(x, self.bias_slice(out_channels)),
             stride=self.stride,
             padding=kernel // 2,
             groups=in_channels if self.depthwise else 1,
@@ -192,7 +192,7 @@ class ElasticConvBN(nn.Module):
         self.act = Activation(act)
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x, out_channels, kernel)))
+        return self.act(conv_batchnorm(self.bn, self.conv(x, out_channels, kernel), x, self.conv.weight_quant))
 
     def to_static(self, in_channels: int, out_channels: int, kernel: int) -> ConvBN:
         """The :class:`ConvBN` layer of this active configuration, weights copied."""

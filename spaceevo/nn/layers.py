@@ -50,6 +50,18 @@ class QuantPoint(nn.Identity):
         self.kind = kind
         self.channels = channels
 
+    def deployed_bias(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias a layer whose weight passes here adds: ``bias`` itself in FP32. A weight quantizer
+        rounds it to its int32 grid in eval mode, as deployment does."""
+        return bias
+
+    def folded_batchnorm(
+        self, x: torch.Tensor, bn: nn.BatchNorm2d, channels: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """None in FP32: the conv is followed by ``bn`` as it is. A weight quantizer returns the
+        deployed per-channel factor and int32-rounded bias of the folded BatchNorm in eval mode."""
+        return None
+
     def extra_repr(self) -> str:
         return f"{self.kind}" + (f", channels={self.channels}" if self.channels else "")
 
@@ -98,7 +110,7 @@ class QuantizableConv2d(nn.Conv2d):
         self.weight_quant = QuantPoint("weight", self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        return self._conv_forward(x, self.weight_quant(self.weight), self.weight_quant.deployed_bias(x, self.bias))
 
 
 class QuantizableLinear(nn.Linear):
@@ -109,4 +121,16 @@ class QuantizableLinear(nn.Linear):
         self.weight_quant = QuantPoint("weight", self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.weight), self.bias)
+        return F.linear(x, self.weight_quant(self.weight), self.weight_quant.deployed_bias(x, self.bias))
+
+
+
+def conv_batchnorm(bn: nn.BatchNorm2d, conv_out: torch.Tensor, conv_in: torch.Tensor, weight_quant: nn.Module) -> torch.Tensor:
+    """``bn(conv_out)``; in an eval-mode quantization-aware network, the deployed arithmetic instead:
+    BN folded into the conv, its bias on the int32 grid (:meth:`QuantPoint.folded_batchnorm`).
+    ``conv_in`` is the conv's input, ``weight_quant`` its weight's quantization point."""
+    folded = weight_quant.folded_batchnorm(conv_in, bn, conv_out.shape[1])
+    if folded is None:
+        return bn(conv_out)
+    factor, bias = folded
+    return torch.addcmul(bias.view(1, -1, 1, 1), conv_out, factor.view(1, -1, 1, 1))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint
+from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint, conv_batchnorm
 from spaceevo.space import Architecture, BlockSpec, HeadSpec, make_divisible
 
 
@@ -37,7 +37,9 @@ class ConvBN(nn.Module):
         self.act = Activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        if not isinstance(self.bn, nn.BatchNorm2d):  # folded for export
+            return self.act(self.bn(self.conv(x)))
+        return self.act(conv_batchnorm(self.bn, self.conv(x), x, self.conv.weight_quant))
 
 
 class SqueezeExcite(nn.Module):

@@ -29,6 +29,11 @@ ops export with neither exporter). That exporter accepts only the int8 range -12
 are clamped to ``+-Qp * s_c`` first: a Max/Min pair on the weight initializer that ONNX Runtime
 constant-folds before its QDQ fusion.
 
+Biases: in eval mode an activation quantizer leaves its step on its output, and the weight quantizer
+of the conv / linear consuming it rounds that layer's bias to the int32 grid ``s_input * s_weight``
+and folds its BatchNorm, as the INT8 export does (:meth:`LsqWeightQuantizer.deployed_bias`,
+:meth:`LsqWeightQuantizer.folded_batchnorm`); training and export forwards leave biases in float.
+
 Gradient scaling: ``N`` is the number of elements that share one scale within one sample, i.e.
 ``x[0].numel()`` for an activation (LSQ's "features in the layer") and ``w[0].numel()`` for a weight
 channel (the weights of one output channel, LSQ's ``N_W`` taken per channel). It is recomputed on
@@ -60,9 +65,15 @@ __all__ = [
     "export_mode",
     "export_params",
     "fold_bn_scales",
+    "bias_grid",
+    "int32_codes",
 ]
 
 _MIN_SCALE = 1e-8  # keeps 1 / s finite; a learned scale never gets near it in practice
+
+#: Attribute under which an eval-mode activation quantizer leaves its step size on its output tensor,
+#: for the conv / linear consuming it (its int32 bias grid is ``s_input * s_weight``).
+_STEP_ATTRIBUTE = "_spaceevo_quant_step"
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -256,13 +267,17 @@ class LsqActivationQuantizer(LsqQuantizer):
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
         if not torch.is_grad_enabled():
             scale, zero_point = self._qparams(None)
-            return _fake_quantize_inference(x, scale, zero_point, self.qmax)
-        per_sample = x[0].numel() if x.dim() > 1 else x.numel()
-        scale, zero_point = self._qparams(1.0 / math.sqrt(per_sample * self.qmax))
-        # (clamp(round(x / s) + z, 0, Qp) - z) * s, STE for the rounding, LSQ gradients for s and z
-        # (passed on to ``scale`` and ``beta`` by autograd).
-        on_host = x.device.type == "cpu"
-        return _LsqPerTensorFakeQuant.apply(x, scale.reshape(1), zero_point.reshape(1), self.qmax, on_host)
+            y = _fake_quantize_inference(x, scale, zero_point, self.qmax)
+        else:
+            per_sample = x[0].numel() if x.dim() > 1 else x.numel()
+            scale, zero_point = self._qparams(1.0 / math.sqrt(per_sample * self.qmax))
+            # (clamp(round(x / s) + z, 0, Qp) - z) * s, STE for the rounding, LSQ gradients for s and z
+            # (passed on to ``scale`` and ``beta`` by autograd).
+            on_host = x.device.type == "cpu"
+            y = _LsqPerTensorFakeQuant.apply(x, scale.reshape(1), zero_point.reshape(1), self.qmax, on_host)
+        if not self.training:
+            setattr(y, _STEP_ATTRIBUTE, scale.detach())  # see LsqWeightQuantizer.deployed_bias
+        return y
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
@@ -349,6 +364,47 @@ class LsqWeightQuantizer(LsqQuantizer):
             weight, scale, torch.zeros_like(scale), 0, -self.qmax, self.qmax, 1.0
         )
 
+    def _input_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The step of the quantized input ``x`` when the layer computes the deployed arithmetic (eval
+        mode, quantization on, outside :func:`export_mode`), else None."""
+        if not self.enabled or self.training or self._export_qparams is not None:
+            return None
+        return getattr(x, _STEP_ATTRIBUTE, None)
+
+    def deployed_bias(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias of a conv / linear with this weight quantizer, as deployment adds it to ``x``'s products.
+
+        In eval mode, on an input from an activation quantizer, that is ``bias`` rounded to its int32
+        grid ``s_input * s_weight`` per output channel (what :func:`~spaceevo.quant.qat.export_int8`
+        writes and QLinearConv / QGemm add); otherwise ``bias`` itself (training, FP32, export).
+        """
+        step = self._input_step(x)
+        if bias is None or step is None:
+            return bias
+        with torch.no_grad():
+            return _dequantize_bias(bias, bias_grid(step, _positive(self.scale[: bias.shape[0]])))
+
+    def folded_batchnorm(
+        self, x: torch.Tensor, bn: nn.BatchNorm2d, channels: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(factor, bias)`` per channel such that ``conv(x) * factor + bias`` is the deployed conv + BN.
+
+        Deployment folds an eval-mode BatchNorm into the conv: ``factor = gamma / sigma`` and the bias
+        ``beta - mean * factor``, rounded to its int32 grid ``s_input * s_weight * |factor|``
+        (:func:`fold_bn_scales`). None when the layer does not compute the deployed arithmetic (see
+        :meth:`deployed_bias`) or ``bn`` is in training mode; the leading ``channels`` of ``bn``.
+        """
+        step = self._input_step(x)
+        if step is None or bn.training or bn.running_var is None:
+            return None
+        with torch.no_grad():
+            mean, var = bn.running_mean[:channels], bn.running_var[:channels]
+            gamma = bn.weight[:channels] if bn.weight is not None else torch.ones_like(var)
+            beta = bn.bias[:channels] if bn.bias is not None else torch.zeros_like(var)
+            factor = gamma / torch.sqrt(var + bn.eps)
+            grid = bias_grid(step, fold_bn_scales(_positive(self.scale[:channels]), bn))
+            return factor, _dequantize_bias(beta - mean * factor, grid)
+
     def extra_repr(self) -> str:
         return (
             f"max_channels={self.max_channels}, bits={self.bits}, reduce_range={self.reduce_range}, "
@@ -424,3 +480,21 @@ def fold_bn_scales(weight_scale: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tens
     sigma = torch.sqrt(bn.running_var[:channels] + bn.eps)
     gamma = bn.weight[:channels] if bn.weight is not None else torch.ones_like(sigma)
     return weight_scale.detach() * (gamma / sigma).abs()
+
+
+def bias_grid(input_step: torch.Tensor, weight_steps: torch.Tensor) -> torch.Tensor:
+    """The int32 bias grid of a quantized conv / linear, ``s_input * s_weight`` per output channel, as
+    ONNX Runtime's quantizer computes it (the product in float64, stored as float32)."""
+    return (input_step.detach().double() * weight_steps.detach().double()).float()
+
+
+def int32_codes(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The int32 codes of ``bias`` on ``grid``: ``round(bias / grid)`` in float64, half to even, as
+    ONNX Runtime's quantizer rounds biases."""
+    info = torch.iinfo(torch.int32)
+    return torch.round(bias.detach().double() / grid.double()).clamp(info.min, info.max).to(torch.int32)
+
+
+def _dequantize_bias(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``bias`` on its int32 grid, as float in ``bias``'s dtype (DequantizeLinear of the int32 codes)."""
+    return (int32_codes(bias, grid).double() * grid.double()).to(bias.dtype)

@@ -40,13 +40,19 @@ Per block type (body in order, then the residual where the block has one):
 * head: 1x1+BN→Q→hswish→Q, pool→Q, 1x1 conv→Q→hswish, flatten→Q (ORT quantizes the classifier's
   input after the Flatten), linear→Q (quantized logits: the classifier runs as QGemm, as in PTQ).
 
-Export: :func:`fold_for_int8` is the deployed network in PyTorch (BN folded, biases rounded to their
-int32 grid ``s_input * s_weight``); :func:`export_int8` writes exactly it, and ONNX Runtime's
-unfused QDQ reference reproduces it up to float summation order. The fused INT8 kernels round on
-their own now and then (QLinearAdd uses fixed-point multipliers, QLinearMul / QLinearConv requantize
-in float32): single elements move by one step. The eval-mode fake-quant forward keeps BN unfolded
-and biases in float; its difference to the deployed network is the bias rounding, at most half a
-step of ``s_input * s_weight`` per channel (a few hundredths of an output step in depthwise convs).
+Deployed arithmetic: in eval mode the fake-quant forward computes what the exported INT8 graph
+computes. Each activation quantizer leaves its step on its output tensor, and a conv / linear whose
+input carries one adds its bias rounded to the int32 grid ``s_input * s_weight`` and folds its
+BatchNorm (running statistics) with the folded bias on that grid scaled by ``|gamma / sigma|``
+(:meth:`~spaceevo.quant.lsq.LsqWeightQuantizer.deployed_bias` / ``folded_batchnorm``), as
+:func:`export_int8` stores them. So every evaluation of a QAT supernet (held-out top-1 in training,
+``extract``'s search fitness, ``spaceevo evaluate``) sees what ONNX Runtime runs, bias rounding
+included. The training forward keeps BatchNorm in batch-statistics mode and biases in float: a
+folded bias exists only for running statistics. :func:`fold_for_int8` is the deployed network with
+BN folded into the weights; :func:`export_int8` writes exactly it, and ONNX Runtime's unfused QDQ
+reference reproduces it up to float summation order. The fused INT8 kernels round on their own now
+and then (QLinearAdd uses fixed-point multipliers, QLinearMul / QLinearConv requantize in float32):
+single elements move by one step.
 
 Quantizers initialise on the first training-mode batch they see; :func:`initialize_quantizers` does
 that for all of them at once (the largest subnet, then subnets reaching the projection shortcuts it
@@ -64,10 +70,10 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
-from torch import fx, nn
+from torch import nn
 
 from spaceevo.errors import UsageError
-from spaceevo.nn.layers import QuantizableConv2d, QuantizableLinear, QuantPoint
+from spaceevo.nn.layers import QuantPoint
 from spaceevo.nn.static import ConvBN, StaticNet
 from spaceevo.nn.supernet import Supernet
 from spaceevo.quant.export import export_fp32
@@ -77,9 +83,11 @@ from spaceevo.quant.lsq import (
     LsqWeightQuantizer,
     _GradScale,
     _positive,
+    bias_grid,
     export_mode,
     export_params,
     fold_bn_scales,
+    int32_codes,
     set_quant_mode,
 )
 from spaceevo.space import BlockChoice, CandidateSpace, Subnet
@@ -294,66 +302,20 @@ def _fold_batchnorm(model: StaticNet) -> StaticNet:
             conv.weight = nn.Parameter(weight * factor.view(-1, 1, 1, 1))
             conv.bias = nn.Parameter(bn.bias - bn.running_mean * factor)
             module.bn = nn.Identity()
-    return folded
-
-
-_QUANTIZABLE_LAYERS = (QuantizableConv2d, QuantizableLinear)
-
-
-class _QuantTracer(fx.Tracer):
-    """Traces a static network down to its quantizers and quantizable convs / linears."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (LsqQuantizer,) + _QUANTIZABLE_LAYERS) or super().is_leaf_module(
-            module, qualified_name
-        )
-
-
-def _input_quantizers(model: nn.Module) -> dict[str, LsqActivationQuantizer]:
-    """For every quantizable conv / linear: the activation quantizer that produces its input."""
-    modules = dict(model.named_modules())
-    links = {}
-    for node in _QuantTracer().trace(model).nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], _QUANTIZABLE_LAYERS):
-            source = node.args[0]
-            if not (source.op == "call_module" and isinstance(modules[source.target], LsqActivationQuantizer)):
-                raise RuntimeError(f"the input of {node.target} is not produced by an activation quantizer")
-            links[node.target] = modules[source.target]
-    return links
-
-
-def _bias_scale(input_quantizer: LsqActivationQuantizer, layer: nn.Module) -> np.ndarray:
-    """The int32 bias grid of a quantized conv / linear, ``s_input * s_weight`` per output channel."""
-    input_scale = export_params(input_quantizer)[0].numpy().astype(np.float64)
-    weight_scale = export_params(layer.weight_quant, layer.weight.shape[0])[0].numpy().astype(np.float64)
-    return (input_scale * weight_scale).astype(np.float32)
-
-
-def _round_to_grid(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int32 codes of ``values`` on ``scale`` (round half to even, as the ONNX Runtime quantizer)."""
-    info = np.iinfo(np.int32)
-    return np.clip(np.rint(values.astype(np.float64) / scale.astype(np.float64)), info.min, info.max).astype(np.int32)
+    return folded.eval()
 
 
 def fold_for_int8(model: StaticNet) -> StaticNet:
-    """The network :func:`export_int8` writes, in PyTorch: BN folded, biases on their int32 grid.
+    """The network :func:`export_int8` writes, in PyTorch: a CPU float32 eval-mode copy of ``model``
+    (an initialised static QAT model, :func:`extract_qat`) with BatchNorm folded into the convs.
 
-    ``model`` is an initialised static QAT model (:func:`extract_qat`). The result (CPU, float32,
-    eval mode) computes what ONNX Runtime's QDQ graph of the export computes before kernel fusion;
-    it differs from ``model``'s eval forward by the bias rounding (at most half a step of
-    ``s_input * s_weight`` per channel) and float summation order. Use it to measure INT8 accuracy
-    in PyTorch.
+    In eval mode its convs and linear add their biases rounded to the int32 grid ``s_input * s_weight``
+    (:meth:`~spaceevo.quant.lsq.LsqWeightQuantizer.deployed_bias`), as the export stores them; so it
+    computes what ONNX Runtime's QDQ graph computes before kernel fusion, up to float summation order.
+    ``model``'s own eval forward computes the same with BatchNorm unfolded.
     """
     _check_exportable(model)
-    folded = _fold_batchnorm(model)
-    with torch.no_grad():
-        for name, quantizer in _input_quantizers(folded).items():
-            layer = folded.get_submodule(name)
-            if layer.bias is not None:
-                scale = _bias_scale(quantizer, layer)
-                codes = _round_to_grid(layer.bias.detach().numpy(), scale)
-                layer.bias.copy_(torch.from_numpy((codes.astype(np.float64) * scale).astype(np.float32)))
-    return folded
+    return _fold_batchnorm(model)
 
 
 def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
@@ -390,8 +352,9 @@ def _quantize_biases(proto: onnx.ModelProto) -> int:
             weight_scale = _constant(graph, sources[1].input[1])
             if input_scale is not None and weight_scale is not None:
                 name = node.input[2]
-                scale = (input_scale.astype(np.float64) * weight_scale.astype(np.float64)).astype(np.float32)
-                codes = _round_to_grid(numpy_helper.to_array(initializers[name]), scale)
+                grid = bias_grid(torch.tensor(input_scale), torch.tensor(weight_scale))
+                codes = int32_codes(torch.tensor(numpy_helper.to_array(initializers[name])), grid).numpy()
+                scale = grid.numpy()
                 graph.initializer.extend(
                     [
                         numpy_helper.from_array(codes, f"{name}_quantized"),
