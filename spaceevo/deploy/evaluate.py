@@ -231,7 +231,8 @@ def evaluate_subnet(
     """Test-split top-1 of a trained subnet in PyTorch and ONNX Runtime, and its latency.
 
     Returns ``fp32_top1`` (PyTorch, FP32 supernet), ``int8_fakequant_top1`` (PyTorch, LSQ+ fake
-    quantization; None without a QAT phase), ``qat_float_top1`` (PyTorch, the QAT supernet's weights
+    quantization in eval mode, i.e. the deployed arithmetic with int32-rounded biases; None without a
+    QAT phase), ``qat_float_top1`` (PyTorch, the QAT supernet's weights
     with every quantizer off; None without a QAT phase), ``ort_fp32_top1``, ``ort_int8_top1`` (the exported QAT
     INT8 model; None without a QAT phase), ``ptq_int8_top1`` (ONNX Runtime post-training
     quantization of the FP32 model), ``fp32_ms`` and ``int8_ms`` (exported FP32 and INT8 models on
