@@ -124,12 +124,16 @@ class QuantizableLinear(nn.Linear):
         return F.linear(x, self.weight_quant(self.weight), self.weight_quant.deployed_bias(x, self.bias))
 
 
-
-def conv_batchnorm(bn: nn.BatchNorm2d, conv_out: torch.Tensor, conv_in: torch.Tensor, weight_quant: nn.Module) -> torch.Tensor:
+def conv_batchnorm(
+    bn: nn.Module, conv_out: torch.Tensor, conv_in: torch.Tensor, weight_quant: nn.Module
+) -> torch.Tensor:
     """``bn(conv_out)``; in an eval-mode quantization-aware network, the deployed arithmetic instead:
     BN folded into the conv, its bias on the int32 grid (:meth:`QuantPoint.folded_batchnorm`).
-    ``conv_in`` is the conv's input, ``weight_quant`` its weight's quantization point."""
-    folded = weight_quant.folded_batchnorm(conv_in, bn, conv_out.shape[1])
+    ``conv_in`` is the conv's input, ``weight_quant`` its weight's quantization point; ``bn`` may be
+    an Identity where BN is already folded into the conv (the export's network)."""
+    folded = None
+    if isinstance(bn, nn.BatchNorm2d):
+        folded = weight_quant.folded_batchnorm(conv_in, bn, conv_out.shape[1])
     if folded is None:
         return bn(conv_out)
     factor, bias = folded

@@ -37,8 +37,6 @@ class ConvBN(nn.Module):
         self.act = Activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.bn, nn.BatchNorm2d):  # folded for export
-            return self.act(self.bn(self.conv(x)))
         return self.act(conv_batchnorm(self.bn, self.conv(x), x, self.conv.weight_quant))
 
 

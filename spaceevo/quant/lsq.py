@@ -65,6 +65,7 @@ __all__ = [
     "export_mode",
     "export_params",
     "fold_bn_scales",
+    "batchnorm_fold",
     "bias_grid",
     "int32_codes",
 ]
@@ -381,8 +382,7 @@ class LsqWeightQuantizer(LsqQuantizer):
         step = self._input_step(x)
         if bias is None or step is None:
             return bias
-        with torch.no_grad():
-            return _dequantize_bias(bias, bias_grid(step, _positive(self.scale[: bias.shape[0]])))
+        return _dequantize_bias(bias, bias_grid(step, _positive(self.scale[: bias.shape[0]])))
 
     def folded_batchnorm(
         self, x: torch.Tensor, bn: nn.BatchNorm2d, channels: int
@@ -397,13 +397,9 @@ class LsqWeightQuantizer(LsqQuantizer):
         step = self._input_step(x)
         if step is None or bn.training or bn.running_var is None:
             return None
-        with torch.no_grad():
-            mean, var = bn.running_mean[:channels], bn.running_var[:channels]
-            gamma = bn.weight[:channels] if bn.weight is not None else torch.ones_like(var)
-            beta = bn.bias[:channels] if bn.bias is not None else torch.zeros_like(var)
-            factor = gamma / torch.sqrt(var + bn.eps)
-            grid = bias_grid(step, fold_bn_scales(_positive(self.scale[:channels]), bn))
-            return factor, _dequantize_bias(beta - mean * factor, grid)
+        factor, bias = batchnorm_fold(bn, channels)
+        grid = bias_grid(step, _positive(self.scale[:channels]) * factor.abs())  # = fold_bn_scales
+        return factor, _dequantize_bias(bias, grid)
 
     def extra_repr(self) -> str:
         return (
@@ -464,6 +460,21 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
+def batchnorm_fold(bn: nn.BatchNorm2d, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(factor, bias)`` per channel of an eval-mode BatchNorm folded into the conv before it:
+    ``factor = gamma / sqrt(var + eps)``, ``bias = beta - mean * factor``; the leading ``channels``
+    (all when None) of ``bn``, which may be an elastic, wider one."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded")
+    channels = bn.running_var.shape[0] if channels is None else channels
+    sigma = torch.sqrt(bn.running_var[:channels] + bn.eps)
+    gamma = bn.weight[:channels] if bn.weight is not None else torch.ones_like(sigma)
+    factor = gamma / sigma
+    beta = bn.bias[:channels] if bn.bias is not None else torch.zeros_like(sigma)
+    return factor, beta - bn.running_mean[:channels] * factor
+
+
+@torch.no_grad()
 def fold_bn_scales(weight_scale: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """Per-channel weight scales after folding an eval-mode BatchNorm into the conv: ``s_c * |g_c / sigma_c|``.
 
@@ -474,13 +485,8 @@ def fold_bn_scales(weight_scale: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tens
     of a rounding boundary can land on the neighbouring code. ``bn`` may be wider than ``weight_scale``
     (an elastic BatchNorm): its leading channels are used.
     """
-    if bn.running_var is None:
-        raise ValueError("BatchNorm without running statistics cannot be folded")
-    channels = weight_scale.shape[0]
-    sigma = torch.sqrt(bn.running_var[:channels] + bn.eps)
-    gamma = bn.weight[:channels] if bn.weight is not None else torch.ones_like(sigma)
-    return weight_scale.detach() * (gamma / sigma).abs()
-
+    factor, _ = batchnorm_fold(bn, weight_scale.shape[0])
+    return weight_scale.detach() * factor.abs()
 
 def bias_grid(input_step: torch.Tensor, weight_steps: torch.Tensor) -> torch.Tensor:
     """The int32 bias grid of a quantized conv / linear, ``s_input * s_weight`` per output channel, as
@@ -496,5 +502,6 @@ def int32_codes(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize_bias(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``bias`` on its int32 grid, as float in ``bias``'s dtype (DequantizeLinear of the int32 codes)."""
+    """``bias`` on its int32 grid, as float in ``bias``'s dtype (DequantizeLinear of the int32 codes);
+    a constant to autograd."""
     return (int32_codes(bias, grid).double() * grid.double()).to(bias.dtype)

@@ -83,6 +83,7 @@ from spaceevo.quant.lsq import (
     LsqWeightQuantizer,
     _GradScale,
     _positive,
+    batchnorm_fold,
     bias_grid,
     export_mode,
     export_params,
@@ -293,14 +294,14 @@ def _fold_batchnorm(model: StaticNet) -> StaticNet:
             if not isinstance(module, ConvBN) or not isinstance(module.bn, nn.BatchNorm2d):
                 continue
             conv, bn = module.conv, module.bn
-            factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            factor, bias = batchnorm_fold(bn)
             quantizer = conv.weight_quant
             weight = quantizer(conv.weight)
             if isinstance(quantizer, LsqWeightQuantizer):
                 scales = fold_bn_scales(export_params(quantizer, conv.out_channels)[0], bn)
                 conv.weight_quant = LsqWeightQuantizer.from_scales(scales, quantizer.bits, quantizer.reduce_range)
             conv.weight = nn.Parameter(weight * factor.view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(bn.bias - bn.running_mean * factor)
+            conv.bias = nn.Parameter(bias)
             module.bn = nn.Identity()
     return folded.eval()
 
