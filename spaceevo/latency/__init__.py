@@ -8,7 +8,16 @@ They are imported on first use, so importing a light submodule such as
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spaceevo.latency.api import build_table, load_predictor, measure_latency, measure_onnx, predict_latency, validate_latency
+    from spaceevo.latency.build import BuildReport
+    from spaceevo.latency.fingerprint import DeviceFingerprint, device_fingerprint
+    from spaceevo.latency.predictor import LatencyPredictor, Prediction
+    from spaceevo.latency.table import LatencyTable
+    from spaceevo.latency.validate import ValidationReport
+
 
 _EXPORTS = {
     "BuildReport": "spaceevo.latency.build",

@@ -8,7 +8,14 @@ The names below are the Python API behind ``spaceevo score`` and ``spaceevo sear
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spaceevo.search.api import SearchResult, score_spaces, search_block_lut
+    from spaceevo.search.extract import ExtractResult, extract_subnets
+    from spaceevo.search.lut import BlockLUT, LutRow, load_block_lut, read_lut_csv, write_lut_csv
+    from spaceevo.search.qt_score import QTScorer, SpaceScore
+
 
 _EXPORTS = {
     "BlockLUT": "spaceevo.search.lut",

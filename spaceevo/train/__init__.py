@@ -15,7 +15,13 @@ The names below load on first use, so ``import spaceevo.train.config`` stays fre
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spaceevo.train.bn import recalibrate_bn
+    from spaceevo.train.config import BUDGETS, TrainConfig
+    from spaceevo.train.loop import TrainResult, train_supernet
+
 
 _EXPORTS = {
     "TrainConfig": "spaceevo.train.config",
