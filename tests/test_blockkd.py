@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from spaceevo.search.teacher import Teacher, TeacherArch, TeacherConfig, load_te
 from spaceevo.space import load_hyperspace
 from spaceevo.train.data import load_data
 
-LATENCY_ROOT = Path(__file__).resolve().parents[1] / "latency_tables"
 TINY = load_hyperspace("tiny")
 
 
@@ -155,11 +153,11 @@ def test_job_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, latency_tables):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("run")
-    lut_dir = build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=LATENCY_ROOT)
+    lut_dir = build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=latency_tables)
     torch.set_num_threads(threads)
     return run, lut_dir
 
@@ -184,7 +182,7 @@ def test_smoke_build_writes_every_lut_in_the_published_format(smoke_run):
     assert len(list((run / "search" / "blockkd").glob("*.done"))) == 24
 
 
-def test_rerun_skips_finished_work(smoke_run, monkeypatch):
+def test_rerun_skips_finished_work(smoke_run, monkeypatch, latency_tables):
     run, lut_dir = smoke_run
     search = run / "search"
     artifacts = [search / "teacher.pt", *search.glob("blockkd/*"), *lut_dir.glob("*.csv")]
@@ -192,29 +190,29 @@ def test_rerun_skips_finished_work(smoke_run, monkeypatch):
     calls = []
     original = lut_build.train_job
     monkeypatch.setattr(lut_build, "train_job", lambda job, *a, **k: calls.append(job.name) or original(job, *a, **k))
-    build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=LATENCY_ROOT)
+    build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=latency_tables)
     assert calls == []  # everything present: not even data or the teacher is loaded
     assert {p: p.stat().st_mtime_ns for p in artifacts} == mtimes
 
     # a kill after a job finished but before its LUT files were written: only those files are made
     victim = lut_dir / "stage2_3_1.csv"
     victim.unlink()
-    build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=LATENCY_ROOT)
+    build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=latency_tables)
     assert calls == ["stage2_3"] and victim.exists()
     for path, mtime in mtimes.items():
         if path != victim:
             assert path.stat().st_mtime_ns == mtime, path  # the job was loaded, not retrained
 
 
-def test_another_budget_is_refused(smoke_run):
+def test_another_budget_is_refused(smoke_run, latency_tables):
     run, _ = smoke_run
     with pytest.raises(RunMismatchError, match="budget"):
-        build_block_luts(run, "tiny", budget="default", show_progress=False, latency_root=LATENCY_ROOT)
+        build_block_luts(run, "tiny", budget="default", show_progress=False, latency_root=latency_tables)
 
 
-def test_lut_latency_is_the_tables_sum(smoke_run):
+def test_lut_latency_is_the_tables_sum(smoke_run, latency_tables):
     _, lut_dir = smoke_run
-    predictor = load_predictor(TINY, "cpu", 1, LATENCY_ROOT)
+    predictor = load_predictor(TINY, "cpu", 1, latency_tables)
     model = predictor.calibration.model
     jobs = {(j.searchable_index, j.block.digit): j for j in kd_jobs(TINY)}
     for name in ("stage1_2_0.csv", "stage3_5_1.csv", "stage4_0_0.csv"):
@@ -232,8 +230,8 @@ def test_lut_latency_is_the_tables_sum(smoke_run):
             assert row.latency_ms == pytest.approx(expected, abs=2e-6)
 
 
-def test_stage_latencies_add_up_to_the_predictor():
-    predictor = load_predictor(TINY, "cpu", 1, LATENCY_ROOT)
+def test_stage_latencies_add_up_to_the_predictor(latency_tables):
+    predictor = load_predictor(TINY, "cpu", 1, latency_tables)
     fixed = fixed_stage_latency_ms(TINY, predictor)
     rng = random.Random(3)
     for encoding in ("tiny-1111-0000", "tiny-3052-1101"):

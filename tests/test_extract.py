@@ -16,7 +16,8 @@ from optuna.storages import InMemoryStorage
 
 from spaceevo.cli import main
 from spaceevo.deploy.evaluate import ExportReport
-from spaceevo.errors import SpaceEvoError, UsageError
+from spaceevo.errors import UsageError
+from spaceevo.latency.api import load_predictor
 from spaceevo.latency.measure import LatencyStats
 from spaceevo.search import extract_subnets
 from spaceevo.search.evolution import open_storage, open_study
@@ -26,25 +27,16 @@ from spaceevo.search.subnet_search import SubnetSearch, SubnetSearchBudget, Wind
 from spaceevo.space import Subnet, load_space
 
 SPACE = "tiny-1111-0000"
-TABLES = Path(__file__).resolve().parents[1] / "latency_tables"
-TINY_SEARCH = SubnetSearchBudget(population=3, generations=1, heldout_images=64)  # 3 + 2 evaluations
-
-
-def _predictor():
-    from spaceevo.latency.api import load_predictor
-
-    try:
-        return load_predictor(SPACE, "cpu", 1, TABLES)
-    except SpaceEvoError as error:
-        pytest.skip(f"no latency table for this device under {TABLES}: {error}")
+TINY_SEARCH = SubnetSearchBudget(population=3, generations=1, heldout_images=64)  # 3 + 2 evaluations at most
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def predict_ms():
-    predictor, space = _predictor(), load_space(SPACE)
+def predict_ms(latency_tables):
+    """Predicted INT8 ms of a subnet of SPACE, from the session's synthetic latency table."""
+    predictor, space = load_predictor(SPACE, "cpu", 1, latency_tables), load_space(SPACE)
     return lambda subnet: predictor.predict(space.resolve(subnet)).int8_ms
 
 
@@ -109,7 +101,7 @@ def test_search_stays_in_its_window_and_is_reproducible(predict_ms) -> None:
         found = fake_search(InMemoryStorage(), predict_ms, target_fitness(space), seed=seed).run(progress=False)
         assert all(0.4 <= predict_ms(space.subnet(e.subnet)) <= 0.45 for e in found.evaluated)
         assert len({e.subnet for e in found.evaluated}) == len(found.evaluated) == found.evaluated_here
-        assert len(found.evaluated) == 8 + 3 * 6  # no child dropped in this roomy window
+        assert 8 < len(found.evaluated) <= 8 + 3 * 6  # the population, then children of every generation
         results.append([(e.subnet, e.heldout_top1) for e in found.evaluated])
     assert results[0] == results[1]  # same seed, same search
     assert results[0] != results[2]
@@ -129,7 +121,7 @@ def test_killed_search_resumes_without_reevaluating(tmp_path, predict_ms) -> Non
         fake_search(storage, predict_ms, dies_at_11).run(progress=False)
     resumed_fitness = target_fitness(space)
     found = fake_search(open_storage(url), predict_ms, resumed_fitness).run(progress=False)
-    assert len(found.evaluated) == 26 and found.evaluated_here == 26 - 11 == len(resumed_fitness.calls)
+    assert found.evaluated_here == len(found.evaluated) - 11 == len(resumed_fitness.calls) > 0
     assert not set(fitness.calls) & set(resumed_fitness.calls)
     fresh = fake_search(InMemoryStorage(), predict_ms, target_fitness(space)).run(progress=False)
     assert found.evaluated == fresh.evaluated  # an interrupted search ends where an uninterrupted one does
@@ -156,22 +148,28 @@ def test_search_beats_the_best_of_random_subnets_in_the_window(predict_ms) -> No
 # ---- extract on a smoke-trained supernet ----------------------------------------------------------
 
 
-def test_extract_finds_subnets_in_their_windows_writes_the_front_and_resumes(run_dir, predict_ms) -> None:
+def test_extract_finds_subnets_in_their_windows_writes_the_front_and_resumes(run_dir, predict_ms, latency_tables) -> None:
     space = load_space(SPACE)
-    kwargs = dict(budget=TINY_SEARCH, verify=False, tables=TABLES, show_progress=False)
+    kwargs = dict(budget=TINY_SEARCH, verify=False, tables=latency_tables, show_progress=False)
     result = extract_subnets(run_dir, [0.3, 0.5], **kwargs)
     assert [r.budget_ms for r in result.results] == [0.3, 0.5] and result.fitness == "int8 fake-quant"
     for r in result.results:
         assert r.window_ms == (pytest.approx(0.9 * r.budget_ms), r.budget_ms)
         assert r.window_ms[0] <= predict_ms(space.subnet(r.subnet)) <= r.budget_ms
         assert r.measured_int8_ms is None and r.over_budget is None
-    assert result.evaluated_here == sum(r.evaluated for r in result.results) == 2 * 5
+        assert TINY_SEARCH.population <= r.evaluated <= TINY_SEARCH.max_evaluations
+    assert result.evaluated_here == sum(r.evaluated for r in result.results)
     with result.pareto_csv.open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(float(r["budget_ms"]), r["subnet"]) for r in rows] == [(r.budget_ms, r.subnet) for r in result.results]
     assert {"predicted_int8_ms", "heldout_int8_top1", "pareto_optimal"} <= set(rows[0])
     with result.evaluated_csv.open() as handle:
-        assert len(list(csv.DictReader(handle))) == 10
+        evaluated = list(csv.DictReader(handle))
+    assert len(evaluated) == result.evaluated_here
+    windows = {r.budget_ms: r.window_ms for r in result.results}
+    for row in evaluated:  # every evaluated subnet lies in its budget's window
+        low, high = windows[float(row["budget_ms"])]
+        assert low <= predict_ms(space.subnet(row["subnet"])) <= high
     assert result.pareto_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.pareto_png.parent == run_dir / "extract"
 
@@ -179,16 +177,19 @@ def test_extract_finds_subnets_in_their_windows_writes_the_front_and_resumes(run
     assert again.evaluated_here == 0 and [r.to_dict() for r in again.results] == [r.to_dict() for r in result.results]
 
 
-def test_budget_below_the_smallest_subnet_names_the_smallest_latency(run_dir, capsys) -> None:
-    with pytest.raises(UsageError, match=r"smallest achievable predicted INT8 latency is 0\.1\d* ms"):
-        extract_subnets(run_dir, [0.5, 0.01], budget=TINY_SEARCH, verify=False, tables=TABLES, show_progress=False)
-    code = main(["extract", "--run", str(run_dir), "--latency-budget", "0.01", "--tables", str(TABLES), "--no-verify"])
+def test_budget_below_the_smallest_subnet_names_the_smallest_latency(run_dir, predict_ms, latency_tables, capsys) -> None:
+    space = load_space(SPACE)
+    smallest = min(predict_ms(space.min_subnet(r)) for r in space.hyperspace.resolutions)
+    assert 0.01 < smallest < 0.5
+    with pytest.raises(UsageError, match=rf"smallest achievable predicted INT8 latency is {smallest:.4g} ms"):
+        extract_subnets(run_dir, [0.5, 0.01], budget=TINY_SEARCH, verify=False, tables=latency_tables, show_progress=False)
+    code = main(["extract", "--run", str(run_dir), "--latency-budget", "0.01", "--tables", str(latency_tables), "--no-verify"])
     err = capsys.readouterr().err
     assert code == 2 and "smallest achievable predicted INT8 latency" in err and "Traceback" not in err
 
 
-def test_budget_above_the_largest_subnet_returns_it_and_says_so(run_dir, capsys) -> None:
-    code = main(["extract", "--run", str(run_dir), "--latency-budget", "50", "--budget", "smoke", "--tables", str(TABLES),
+def test_budget_above_the_largest_subnet_returns_it_and_says_so(run_dir, latency_tables, capsys) -> None:
+    code = main(["extract", "--run", str(run_dir), "--latency-budget", "50", "--budget", "smoke", "--tables", str(latency_tables),
                  "--no-verify", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -198,21 +199,21 @@ def test_budget_above_the_largest_subnet_returns_it_and_says_so(run_dir, capsys)
     assert r["measured_int8_ms"] is None and r["onnx_int8"] is None
 
 
-def test_missing_supernet_and_unreachable_storage_are_clear_errors(run_dir, tmp_path, capsys) -> None:
-    code = main(["extract", "--run", str(tmp_path / "empty"), "--latency-budget", "0.3", "--tables", str(TABLES)])
+def test_missing_supernet_and_unreachable_storage_are_clear_errors(run_dir, tmp_path, latency_tables, capsys) -> None:
+    code = main(["extract", "--run", str(tmp_path / "empty"), "--latency-budget", "0.3", "--tables", str(latency_tables)])
     err = capsys.readouterr().err
     assert code == 3 and "no trained supernet" in err and "spaceevo train --space" in err and "Traceback" not in err
-    code = main(["extract", "--run", str(run_dir), "--latency-budget", "0.3", "--tables", str(TABLES),
+    code = main(["extract", "--run", str(run_dir), "--latency-budget", "0.3", "--tables", str(latency_tables),
                  "--storage", "nosuchdb://host/db"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot open Optuna storage 'nosuchdb://host/db'" in err and "Traceback" not in err
-    code = main(["extract", "--run", str(run_dir), "--latency-budget", "0.3", "--tables", str(TABLES),
+    code = main(["extract", "--run", str(run_dir), "--latency-budget", "0.3", "--tables", str(latency_tables),
                  "--storage", f"journal:{tmp_path}/no/such/folder.log"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_winners_are_exported_and_measured_on_the_device(run_dir) -> None:
-    result = extract_subnets(run_dir, [0.3], budget=TINY_SEARCH, tables=TABLES, show_progress=False)
+def test_winners_are_exported_and_measured_on_the_device(run_dir, latency_tables) -> None:
+    result = extract_subnets(run_dir, [0.3], budget=TINY_SEARCH, tables=latency_tables, show_progress=False)
     r = result.results[0].to_dict()  # the search itself is cached from the first extract test
     assert {"budget_ms", "subnet", "predicted_int8_ms", "measured_int8_ms", "measured_fp32_ms", "heldout_int8_top1",
             "test_ort_int8_top1", "onnx_int8", "onnx_fp32", "over_budget", "note"} <= set(r)
@@ -224,11 +225,11 @@ def test_winners_are_exported_and_measured_on_the_device(run_dir) -> None:
         assert float(next(csv.DictReader(handle))["measured_int8_ms"]) == r["measured_int8_ms"]
 
 
-def test_winner_over_budget_is_reported_with_the_next_feasible_candidate(run_dir, monkeypatch) -> None:
+def test_winner_over_budget_is_reported_with_the_next_feasible_candidate(run_dir, monkeypatch, latency_tables) -> None:
     import spaceevo.deploy.evaluate as evaluate_module
     import spaceevo.latency.api as latency_api
 
-    extraction = open_extraction(run_dir, budget=TINY_SEARCH, tables=TABLES, show_progress=False)
+    extraction = open_extraction(run_dir, budget=TINY_SEARCH, tables=latency_tables, show_progress=False)
     plan = extraction.plan([0.3], None)[0]
     found = extraction.search(plan.budget_ms, plan.window)  # cached by the first extract test
     slowest = max(found.evaluated, key=lambda e: e.predicted_int8_ms)  # has cheaper alternatives
@@ -251,7 +252,7 @@ def test_winner_over_budget_is_reported_with_the_next_feasible_candidate(run_dir
     monkeypatch.setattr(evaluate_module, "ort_top1", lambda *_: 50.0)
     monkeypatch.setattr(evaluate_module.onnx, "load_from_string", lambda data: data)
     monkeypatch.setattr(latency_api, "measure_onnx", fake_measure)
-    verify_results(extraction, results, "cpu", 1, TABLES, show_progress=False)
+    verify_results(extraction, results, "cpu", 1, latency_tables, show_progress=False)
     (r,) = results
     assert r.over_budget is True and "over the budget" in r.note and r.fallback is not None
     assert r.fallback.predicted_int8_ms < r.predicted_int8_ms and r.fallback.over_budget is False
@@ -261,7 +262,7 @@ def test_winner_over_budget_is_reported_with_the_next_feasible_candidate(run_dir
 
 
 @pytest.mark.slow
-def test_search_on_a_trained_supernet_is_no_worse_than_50_random_subnets_within_fitness_noise(tmp_path_factory) -> None:
+def test_search_on_a_trained_supernet_is_no_worse_than_50_random_subnets_within_fitness_noise(tmp_path_factory, latency_tables) -> None:
     """The whole extraction on a real (15-step) supernet against 50 random subnets of each window,
     with as many search evaluations as random ones and the same fitness (256 held-out images).
 
@@ -275,8 +276,8 @@ def test_search_on_a_trained_supernet_is_no_worse_than_50_random_subnets_within_
                      "--threads", "1", "--json"]) == 0
     sizes = SubnetSearchBudget(population=12, generations=5, heldout_images=256)
     assert sizes.max_evaluations >= 50
-    result = extract_subnets(run, [0.3, 0.5], budget=sizes, verify=False, tables=TABLES, show_progress=False)
-    extraction = open_extraction(run, budget=sizes, tables=TABLES, show_progress=False)
+    result = extract_subnets(run, [0.3, 0.5], budget=sizes, verify=False, tables=latency_tables, show_progress=False)
+    extraction = open_extraction(run, budget=sizes, tables=latency_tables, show_progress=False)
     for r, plan in zip(result.results, extraction.plan([0.3, 0.5], None)):
         assert r.predicted_int8_ms in plan.window
         baseline = random_baseline(extraction, plan.budget_ms, plan.window, 50, seed=1)

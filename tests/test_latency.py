@@ -8,9 +8,11 @@ end-to-end test (marked slow) compares two predictors relatively.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
+import shutil
 import statistics
 
 import numpy as np
@@ -19,8 +21,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from spaceevo.errors import ArtifactError, DeviceMismatchError, UsageError
+from spaceevo.latency import build as build_module
 from spaceevo.latency.build import build_latency_table
-from spaceevo.latency.fingerprint import DeviceFingerprint, device_fingerprint
+from spaceevo.latency.fingerprint import OVERRIDE_ENV, DeviceFingerprint, device_fingerprint
 from spaceevo.latency.measure import LatencyStats, MeasureConfig, Timer, measure_interleaved
 from spaceevo.latency.predictor import (
     BoundaryModel,
@@ -29,7 +32,7 @@ from spaceevo.latency.predictor import (
     LatencyPredictor,
 )
 from spaceevo.latency.segments import Segment, network_segments, required_segments, segment_model
-from spaceevo.latency.table import TABLE_FILE, GROUP_SIZE, LatencyTable, TableEntry, measure_segments
+from spaceevo.latency.table import TABLE_FILE, GROUP_SIZE, LatencyTable, TableEntry, default_root, measure_segments
 from spaceevo.latency.validate import validate_predictor
 from spaceevo.space import conv_output_size, load_hyperspace, load_space
 
@@ -111,6 +114,67 @@ def test_fingerprint_rejects_bad_device_and_threads():
         device_fingerprint("gpu")
     with pytest.raises(UsageError, match="threads"):
         device_fingerprint("cpu", 0)
+
+
+def test_fingerprint_override_replaces_cpu_model_and_isa(monkeypatch):
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    here = device_fingerprint("cpu", 1)
+    monkeypatch.setenv(OVERRIDE_ENV, "cpu_model=CI Test CPU;isa=avx2")
+    fp = device_fingerprint("cpu", 1)
+    assert fp == dataclasses.replace(here, cpu_model="CI Test CPU", isa=("avx2",)) and fp.slug != here.slug
+    assert fp.reduce_range is (fp.machine in ("x86_64", "AMD64"))  # reduce_range follows the ISA given
+    monkeypatch.setenv(OVERRIDE_ENV, " isa=avx512_vnni, avx2 ; ")
+    vnni = device_fingerprint("cpu", 1)
+    assert vnni.cpu_model == here.cpu_model and vnni.isa == ("avx2", "avx512_vnni") and not vnni.reduce_range
+    monkeypatch.setenv(OVERRIDE_ENV, "isa=")
+    assert device_fingerprint("cpu", 1).isa == ()
+    monkeypatch.setenv(OVERRIDE_ENV, "")
+    assert device_fingerprint("cpu", 1) == here
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("cpu=x", r"bad field 'cpu=x'.*fields cpu_model, isa"),
+        ("ci-host", r"bad field 'ci-host'.*'cpu_model=NAME;isa=FLAG,FLAG'"),
+        ("cpu_model=a;cpu_model=b", r"bad field 'cpu_model=b'.*at most once"),
+        ("cpu_model= ;isa=avx2", r"cpu_model must not be empty"),
+        ("isa=avx2,sse4", r"unknown isa flag\(s\) sse4; allowed: amx_int8, avx2, avx512, "),
+    ],
+)
+def test_bad_fingerprint_override_is_a_usage_error(monkeypatch, capsys, value, message):
+    from spaceevo.cli import main
+
+    monkeypatch.setenv(OVERRIDE_ENV, value)
+    with pytest.raises(UsageError, match=message) as info:
+        device_fingerprint("cpu", 1)
+    assert str(info.value).startswith(f"${OVERRIDE_ENV}=")
+    assert main(["latency", "predict", "--space", "tiny-1111-0000", "--subnet", "min"]) == 2
+    err = capsys.readouterr().err
+    assert OVERRIDE_ENV in err and "Traceback" not in err
+
+
+def test_the_suites_table_is_the_default_complete_and_a_fixed_point_of_build(latency_tables, tiny, tmp_path, monkeypatch):
+    """The synthetic table of tests/conftest.py: where every test looks by default, complete for
+    ``tiny`` under this host's fingerprint, and a build over it measures nothing and changes no
+    prediction (so a test that builds, like the pipeline's, never times anything)."""
+    assert default_root() == latency_tables
+    fp = device_fingerprint("cpu", 1)
+    before = LatencyPredictor.load(LatencyTable.open(latency_tables, fp), tiny)
+    assert before.table.missing(required_segments(tiny)) == [] and before.regressor is None
+    root = tmp_path / "copy"
+    shutil.copytree(latency_tables, root)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the synthetic table made a build time something")
+
+    monkeypatch.setattr(build_module, "stable_meter", lambda *args, **kwargs: None)
+    monkeypatch.setattr(build_module, "measure_models", no_timing)
+    monkeypatch.setattr(build_module, "measure_segments", lambda table, missing, **kwargs: missing and no_timing())
+    after, report = build_latency_table(tiny, fp, root, show_progress=False)
+    assert report.segments_measured_now == 0 and report.calibration_samples == len(before.calibration.samples) > 0
+    for arch in build_module.sample_architectures(tiny, 20, seed=5):
+        assert after.predict_ms(arch) == pytest.approx(before.predict_ms(arch), rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import yaml
 from spaceevo import space as S
 from spaceevo.errors import ConfigError, EncodingError, SpaceEvoError, UsageError
 
-PUBLISHED_YAML = Path(__file__).resolve().parents[2] / "shared" / "reference" / "spaceevo_published.yaml"
+# Published SpaceEvo search results (microsoft/Moonlit, MIT licence), verbatim: shipped with the tests.
+PUBLISHED_YAML = Path(__file__).resolve().parent / "data" / "spaceevo_published.yaml"
 PUBLISHED_SPACE = "onnxw-151122-023231"
-# SEQnet@vnni-A0 as written in DESIGN.md (published SpaceEvo artifact), kept here so that the
-# published-encoding check runs even where the shared reference file is absent.
+# SEQnet@vnni-A0 as written in DESIGN.md (published SpaceEvo artifact), checked against the file.
 SEQNET_VNNI_A0 = (
     "d1#1#2#2#2#2#2#1_k3#3#3#3#3#3#3#3#3#3#3#3#3_w16#16#32#32#64#64#112#112#144#144#240#240#320"
     "_e0#0.5#4.0#4.0#1.0#1.0#4.0#4.0#4.0#4.0#4.0#4.0#4.0_r160"
@@ -164,7 +164,7 @@ def test_mobilenetv3_has_a_single_candidate_space():
 
 
 def test_published_space_and_seqnet_a0_hard_coded():
-    """Never skips: the published spaceevo@vnni space and SEQnet@vnni-A0 from DESIGN.md."""
+    """The published spaceevo@vnni space and SEQnet@vnni-A0 from DESIGN.md."""
     cs = published_space()
     assert cs.encoding == PUBLISHED_SPACE
     names = [s.block_type.name for s in cs.stages if s.searchable]
@@ -213,8 +213,6 @@ def test_published_seqnet_a0_resolves():
 
 
 def _published_vnni_subnets() -> dict[str, str]:
-    if not PUBLISHED_YAML.exists():
-        pytest.skip(f"published reference file not found at {PUBLISHED_YAML}")
     data = yaml.safe_load(PUBLISHED_YAML.read_text())
     assert data["spaces"]["spaceevo@vnni"] == PUBLISHED_SPACE
     subnets = {
@@ -239,8 +237,6 @@ def test_published_vnni_subnets_round_trip():
 
 
 def test_published_vnni_space_string_from_reference():
-    if not PUBLISHED_YAML.exists():
-        pytest.skip(f"published reference file not found at {PUBLISHED_YAML}")
     data = yaml.safe_load(PUBLISHED_YAML.read_text())
     for key in ("spaceevo@vnni", "spaceevo@vnni-large"):
         encoding = data["spaces"][key]

@@ -4,7 +4,6 @@ divergence, two-process data parallelism and the ``spaceevo train`` command."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import itertools
 import json
@@ -32,8 +31,6 @@ from spaceevo.train.sandwich import SandwichStep
 from spaceevo.train.weights import initialize_weights, residual_blocks
 
 SPACE = "tiny-1111-0000"
-QAT = importlib.util.find_spec("spaceevo.quant.qat") is not None
-needs_qat = pytest.mark.skipif(not QAT, reason="spaceevo.quant.qat is not available yet")
 
 # A few steps per epoch, small batches and evaluations: seconds per epoch on one thread.
 # reduce_range is given, so these runs skip the device fingerprint (the smoke run decides it).
@@ -59,11 +56,9 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, int, str, str]:
-    """``spaceevo train --budget smoke --json`` once (with QAT when spaceevo.quant.qat exists)."""
+    """``spaceevo train --budget smoke --json`` once (FP32 then QAT epochs)."""
     run = tmp_path_factory.mktemp("smoke") / "run"
     argv = ["train", "--space", SPACE, "--data", "embedded", "--run", str(run), "--budget", "smoke", "--json"]
-    if not QAT:
-        argv += ["--qat-epochs", "0"]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
@@ -307,7 +302,7 @@ def test_cli_smoke_training_writes_the_run(smoke_run) -> None:
     run, code, out, err = smoke_run
     assert code == 0, err
     summary = json.loads(out)
-    total = BUDGETS["smoke"].epochs + (BUDGETS["smoke"].qat_epochs if QAT else 0)
+    total = BUDGETS["smoke"].epochs + BUDGETS["smoke"].qat_epochs
     assert summary["space"] == SPACE and summary["epochs"] == f"{total}/{total}"
     assert 0.0 <= summary["heldout_top1_max"] <= 100.0 and summary["images_per_s"] > 0
     assert "epoch 1/" in err, "a progress bar per epoch on stderr"
@@ -324,17 +319,16 @@ def test_cli_smoke_training_writes_the_run(smoke_run) -> None:
     checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
     assert checkpoint["epoch"] == total and checkpoint["space"] == SPACE
     assert {"model", "optimizer", "scheduler", "rng", "phase", "history"} <= set(checkpoint)
-    assert checkpoint["phase"] == ("qat" if QAT else "fp32")
+    assert checkpoint["phase"] == "qat"
     assert not list(run.rglob("*.tmp")), "atomic writes leave no temporary files"
 
 
 def test_finished_run_resumes_at_once_and_needs_resume_flag(smoke_run, capsys) -> None:
     run, *_ = smoke_run
     before = (run / "checkpoints" / "last.pt").read_bytes()
-    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke",
-                           *([] if QAT else ["--qat-epochs", "0"]))
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke")
     assert code == 2 and "--resume" in err and "Traceback" not in err
-    config = BUDGETS["smoke"].replace(**({} if QAT else {"qat_epochs": 0}))
+    config = BUDGETS["smoke"]
     result = train_supernet(SPACE, run, config=config, resume=True, progress=False)
     assert result.resumed_from == result.epochs_done == config.total_epochs and result.train_images == 0
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
@@ -412,7 +406,6 @@ def test_eval_every_skips_evaluations_but_not_the_end_of_a_phase(tmp_path) -> No
     assert_same_state(state_of(tmp_path / "run" / "checkpoints" / "last.pt"), state_of(tmp_path / "every" / "checkpoints" / "last.pt"))
 
 
-@needs_qat
 def test_resume_at_the_qat_boundary_matches_an_uninterrupted_run(tmp_path) -> None:
     config = TINY.replace(epochs=1, qat_epochs=1, qat_steps_per_epoch=1)  # a shorter QAT epoch too
     train_supernet(SPACE, tmp_path / "whole", config=config, progress=False)

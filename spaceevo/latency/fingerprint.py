@@ -7,6 +7,7 @@ a table from another fingerprint is never used silently.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import re
 from dataclasses import asdict, dataclass
@@ -27,6 +28,8 @@ ISA_FLAGS = {
     "i8mm": "neon_i8mm",
 }
 DEVICES = {"cpu": "CPUExecutionProvider"}
+OVERRIDE_ENV = "SPACEEVO_FINGERPRINT_OVERRIDE"
+OVERRIDE_FIELDS = ("cpu_model", "isa")
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,45 @@ def _cpu_info() -> tuple[str, set[str]]:
     return model, flags
 
 
+def _overridden(model: str, isa: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """CPU model and ISA flags with ``$SPACEEVO_FINGERPRINT_OVERRIDE`` applied: for tests and CI only.
+
+    The value is ``cpu_model=NAME;isa=FLAG,FLAG`` (either field may be left out; ``isa=`` means no
+    flags). It lets the test suite run as a host whose fingerprint matches no committed latency
+    table, or as a host with the other ``reduce_range``, on any machine. Never set it for real work:
+    tables and models made under it carry a fingerprint that is not this machine's.
+    """
+    value = os.environ.get(OVERRIDE_ENV, "").strip()
+    if not value:
+        return model, isa
+    allowed_isa = sorted(set(ISA_FLAGS.values()))
+    seen: dict[str, str] = {}
+    for part in filter(str.strip, value.split(";")):
+        key, sep, text = (s.strip() for s in part.partition("="))
+        if not sep or key not in OVERRIDE_FIELDS or key in seen:
+            raise UsageError(
+                f"${OVERRIDE_ENV}={value!r}: bad field {part.strip()!r}; expected "
+                f"'cpu_model=NAME;isa=FLAG,FLAG' with each of the fields {', '.join(OVERRIDE_FIELDS)} at most once"
+            )
+        seen[key] = text
+    if "cpu_model" in seen:
+        if not seen["cpu_model"]:
+            raise UsageError(f"${OVERRIDE_ENV}={value!r}: cpu_model must not be empty")
+        model = seen["cpu_model"]
+    if "isa" in seen:
+        flags = {f.strip() for f in seen["isa"].split(",") if f.strip()}
+        unknown = sorted(flags - set(allowed_isa))
+        if unknown:
+            raise UsageError(
+                f"${OVERRIDE_ENV}={value!r}: unknown isa flag(s) {', '.join(unknown)}; allowed: {', '.join(allowed_isa)}"
+            )
+        isa = tuple(sorted(flags))
+    return model, isa
+
+
 def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerprint:
-    """Fingerprint of this host for ``device`` (``cpu`` = ONNX Runtime's CPU execution provider)."""
+    """Fingerprint of this host for ``device`` (``cpu`` = ONNX Runtime's CPU execution provider);
+    tests and CI can replace its CPU model and ISA flags with ``$SPACEEVO_FINGERPRINT_OVERRIDE``."""
     if device not in DEVICES:
         raise UsageError(f"unknown device '{device}'; allowed: {', '.join(DEVICES)}")
     if threads < 1:
@@ -107,7 +147,7 @@ def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerpri
     if provider not in ort.get_available_providers():
         raise UsageError(f"ONNX Runtime here has no {provider}; available: {ort.get_available_providers()}")
     model, flags = _cpu_info()
-    isa = tuple(sorted({name for flag, name in ISA_FLAGS.items() if flag in flags}))
+    model, isa = _overridden(model, tuple(sorted({name for flag, name in ISA_FLAGS.items() if flag in flags})))
     return DeviceFingerprint(
         cpu_model=model,
         isa=isa,
