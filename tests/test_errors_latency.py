@@ -233,6 +233,24 @@ def test_complete_table_is_neither_timed_nor_written(tmp_path, micro, monkeypatc
     assert snapshot(tmp_path) == before
 
 
+def test_read_only_table_with_work_to_do_fails_before_measuring(tmp_path, micro, monkeypatch):
+    fingerprint = fake_fingerprint()
+    table = synthetic_table(tmp_path, fingerprint, micro)
+    lines = table.path.read_text().splitlines()
+    table.path.write_text("\n".join(lines[:-1]) + "\n")  # one segment to measure
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("nothing may be measured when the result cannot be stored")
+
+    monkeypatch.setattr(table_module, "open", refuse, raising=False)
+    monkeypatch.setattr(build_module, "stable_meter", no_timing)
+    with pytest.raises(ArtifactError, match=rf"{table.folder}: cannot write the latency table \(Permission denied\)"):
+        build_latency_table(micro, fingerprint, tmp_path, workers=1, calibration_samples=1, show_progress=False)
+
+
 def test_unwritable_tables_folder_is_an_artifact_error(capsys, tmp_path):
     (tmp_path / "micro.yaml").write_text(MICRO_YAML)
     blocked = tmp_path / "tables"

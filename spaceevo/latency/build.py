@@ -102,6 +102,7 @@ def build_latency_table(
     ]
     meter = None
     if missing or archs:  # a complete table is neither timed nor written (it may be read-only)
+        table.check_writable()
         meter = stable_meter(fingerprint, table.reference_ms)
         if table.reference_ms is None:
             table.set_reference(meter.baseline_ms)

@@ -51,7 +51,10 @@ GROUP_SIZE = 16
 CHUNK_SIZE = 64
 #: Relative difference between two passes above which a segment is timed a third time.
 DISAGREEMENT = 0.10
-REBUILD_HINT = "run 'spaceevo latency build' again for your hyperspace (same --tables and --threads) to re-measure it"
+REBUILD_HINT = (
+    "run 'spaceevo latency build' again for your hyperspace (same --tables and --threads): it drops corrupt rows "
+    "and measures them again"
+)
 WRITE_HINT = "make the folder writable or choose another with --tables or $SPACEEVO_LATENCY_TABLES"
 
 
@@ -250,6 +253,12 @@ class LatencyTable:
                 os.fsync(handle.fileno())
         for entry in entries:
             self.entries[entry.key] = entry.stored()
+
+    def check_writable(self) -> None:
+        """Raise the error an append would raise, before minutes of measuring rather than after."""
+        with writing(self.folder, "the latency table", WRITE_HINT):
+            with open(self.path, "a"):
+                pass
 
     def _cut_truncated_tail(self) -> None:
         """A killed build can leave a last line without newline: cut it off, so the next append
