@@ -19,13 +19,14 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import statistics
 import platform
 import sys
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -289,24 +290,23 @@ def _line_list(rows: Sequence[tuple[int, str]], shown: int = 10) -> str:
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _worker_init(parent_pid: int) -> None:
+def _worker_init() -> None:
     """Run in every build worker: die with the build and leave Ctrl-C to it.
 
     A killed build (``kill -9``) must not leave workers blocked forever on a queue nobody writes to:
-    on Linux the kernel kills them with the parent (``PR_SET_PDEATHSIG``), elsewhere a watchdog
-    thread does when the parent is gone. SIGINT is ignored here: the parent stops its workers."""
+    on Linux the kernel kills them with their parent (``PR_SET_PDEATHSIG``); a thread waiting on the
+    parent's sentinel also ends them elsewhere, and under any start method. SIGINT is ignored here:
+    the parent stops its workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    else:
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
-        os._exit(1)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
-def _watch_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    multiprocessing.connection.wait([parent.sentinel])
     os._exit(1)
 
 
@@ -376,7 +376,7 @@ def measure_segments(
         meter = stable_meter(fingerprint, table.reference_ms)
         if table.reference_ms is None:
             table.set_reference(meter.baseline_ms)
-    pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init)
     try:
         for chunk in chunks:
             per_worker = max(1, -(-len(chunk) // max(1, workers)))
