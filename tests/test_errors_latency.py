@@ -158,6 +158,14 @@ def test_many_corrupt_rows_are_counted_and_listed(tmp_path, micro):
     assert f"and {len(broken) - 1} more corrupt row(s), lines {', '.join(map(str, broken[1:]))}" in message
 
 
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00binary", b'{"format": "something else"}\n'])
+def test_unreadable_table_file_is_an_artifact_error(tmp_path, content):
+    path = tmp_path / TABLE_FILE
+    path.write_bytes(content)
+    with pytest.raises(ArtifactError, match=rf"{path}: (cannot read|not a spaceevo) latency table"):
+        LatencyTable.load(path)
+
+
 def test_truncated_last_line_is_dropped_without_error_and_cut_before_the_next_append(tmp_path):
     table = LatencyTable.create(tmp_path, fake_fingerprint())
     table.append([TableEntry("a", 0.5, 0.0), TableEntry("b", 0.6, 0.0)])

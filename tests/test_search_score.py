@@ -178,6 +178,13 @@ def test_bad_number_names_its_column(tmp_path, column, name):
         read_lut_csv(path)
 
 
+def test_binary_lut_file_is_an_artifact_error(tmp_path):
+    path = tmp_path / "stage1_0_0.csv"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ArtifactError, match=rf"{path}: cannot read block LUT file"):
+        read_lut_csv(path)
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "stage1_0_0.csv"
     path.write_text("3#16#0,1x16x24x24,0.1,1,0.1,1.0\n3#16#0,1x16x24,0.1,1,0.1,1.0\n")
