@@ -25,7 +25,7 @@ from spaceevo.latency import build as build_module
 from spaceevo.latency import table as table_module
 from spaceevo.latency.build import CALIBRATION_SEED, build_latency_table, sample_architectures
 from spaceevo.latency.fingerprint import DeviceFingerprint, device_fingerprint
-from spaceevo.latency.predictor import Calibration, CalibrationSample, LatencyPredictor
+from spaceevo.latency.predictor import BoundaryModel, Calibration, CalibrationSample, LatencyPredictor
 from spaceevo.latency.segments import network_segments, required_segments
 from spaceevo.latency.table import TABLE_FILE, LatencyTable, TableEntry
 from spaceevo.space import load_hyperspace
@@ -257,6 +257,18 @@ def test_read_only_table_with_work_to_do_fails_before_measuring(tmp_path, micro,
     monkeypatch.setattr(build_module, "stable_meter", no_timing)
     with pytest.raises(ArtifactError, match=rf"{table.folder}: cannot write the latency table \(Permission denied\)"):
         build_latency_table(micro, fingerprint, tmp_path, workers=1, calibration_samples=1, show_progress=False)
+
+
+def test_calibration_left_unfitted_by_a_killed_build_is_refitted(tmp_path, micro):
+    fingerprint = fake_fingerprint()
+    table = synthetic_table(tmp_path, fingerprint, micro)
+    path = Calibration.path_for(table, micro)
+    calibration = Calibration.load(path)
+    fitted = calibration.model
+    calibration.model = BoundaryModel()  # samples saved, the final fit not (killed in between)
+    calibration.save(path)
+    build_latency_table(micro, fingerprint, tmp_path, workers=1, calibration_samples=CALIBRATION_SAMPLES, show_progress=False)
+    assert Calibration.load(path).model == fitted
 
 
 def test_unwritable_tables_folder_is_an_artifact_error(capsys, tmp_path):

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from spaceevo.errors import EncodingError
 from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.predictor import Calibration, CalibrationSample, LatencyPredictor, fit_regressor
+from spaceevo.latency.predictor import BoundaryModel, Calibration, CalibrationSample, LatencyPredictor, fit_regressor
 from spaceevo.latency.reference import stable_meter
 from spaceevo.latency.regression import sample_segments
 from spaceevo.latency.segments import required_segments
@@ -62,6 +63,11 @@ def _with_features(
         return None
     total, cuts, elements = predictor.segment_features(arch)
     return replace(sample, segments_ms=total, cuts=cuts, cut_elements=elements)
+
+
+def _same_model(a: BoundaryModel, b: BoundaryModel) -> bool:
+    """Equal up to the rounding of a least-squares refit of the same samples."""
+    return bool(np.allclose(astuple(a), astuple(b), rtol=1e-9, atol=1e-12))
 
 
 def build_latency_table(
@@ -130,9 +136,11 @@ def build_latency_table(
                 )
             calibration.save(path)
             bar.update(len(group))
-    fitted = calibration.model
-    if calibration.fit() != fitted or archs or stale:
+    stored = calibration.model
+    if archs or stale or not _same_model(calibration.fit(), stored):
         calibration.save(path)
+    else:
+        calibration.model = stored  # nothing changed: the file stays as it is, bit for bit
     report = BuildReport(
         table_path=str(table.path),
         hyperspace=hyperspace.name,
