@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from spaceevo.errors import ArtifactError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -33,3 +36,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def writing(folder: str | Path, what: str, hint: str = "") -> Iterator[None]:
+    """Report an ``OSError`` raised while writing ``what`` into ``folder`` (read-only or missing
+    folder, full disk) as an :class:`ArtifactError` naming the folder, not as a traceback."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ArtifactError(f"{folder}: cannot write {what} ({reason}){'; ' + hint if hint else ''}") from None

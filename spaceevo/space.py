@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
@@ -305,9 +306,9 @@ class CandidateSpace:
         searchable = self.hyperspace.searchable_stages
         if len(self.block_digits) != len(searchable) or len(self.window_digits) != len(searchable):
             raise EncodingError(
-                f"candidate space of '{self.hyperspace.name}' needs {len(searchable)} block digits "
-                f"and {len(searchable)} window digits, got {len(self.block_digits)} and "
-                f"{len(self.window_digits)}"
+                f"candidate space '{self.encoding}' of '{self.hyperspace.name}' needs {len(searchable)} block "
+                f"digits and {len(searchable)} window digits, one per searchable stage "
+                f"({', '.join(s.name for s in searchable)}), got {len(self.block_digits)} and {len(self.window_digits)}"
             )
         by_digit = self.hyperspace.block_type_by_digit
         for stage, digit, window in zip(searchable, self.block_digits, self.window_digits):
@@ -315,12 +316,12 @@ class CandidateSpace:
             if digit not in allowed:
                 names = ", ".join(f"{d}={by_digit[d].name}" for d in allowed)
                 raise EncodingError(
-                    f"block type digit {digit} is not allowed in {stage.name} of "
+                    f"'{self.encoding}': block type digit {digit} is not allowed in {stage.name} of "
                     f"'{self.hyperspace.name}'; allowed: {names}"
                 )
             if not 0 <= window < len(stage.windows):
                 raise EncodingError(
-                    f"width window digit {window} is out of range in {stage.name} of "
+                    f"'{self.encoding}': width window digit {window} is out of range in {stage.name} of "
                     f"'{self.hyperspace.name}'; allowed: 0..{len(stage.windows) - 1} "
                     f"(windows {', '.join(str(list(w)) for w in stage.windows)})"
                 )
@@ -350,7 +351,11 @@ class CandidateSpace:
             )
         _, blocks, windows = parts
         if not (blocks.isdigit() and windows.isdigit()):
-            raise EncodingError(f"'{encoding}': block and window fields must be digits")
+            count = len(hyperspace.searchable_stages)
+            raise EncodingError(
+                f"'{encoding}': the block and window fields must be digits, {count} each (one per searchable "
+                f"stage), e.g. '{hyperspace.name}-{'0' * count}-{'0' * count}'"
+            )
         return cls(hyperspace, tuple(int(c) for c in blocks), tuple(int(c) for c in windows))
 
     # ---- per-stage choices -------------------------------------------------------------------
@@ -418,18 +423,23 @@ class CandidateSpace:
             return self.max_subnet()
         if text == "min":
             return self.min_subnet()
-        subnet = parse_subnet(text)
+        subnet = parse_subnet(text, self)
         self.check_subnet(subnet)
         return subnet
+
+    def check_depth_count(self, count: int) -> None:
+        """Raise :class:`EncodingError` unless ``count`` depths (field d) give one per stage."""
+        stages = self.stages
+        if count != len(stages):
+            raise EncodingError(
+                f"subnet has {count} depths (field d) but {self.encoding} has {len(stages)} stages "
+                f"({', '.join(s.name for s in stages)}): give one depth per stage"
+            )
 
     def check_subnet(self, subnet: Subnet) -> None:
         """Raise :class:`EncodingError` naming the first field that does not fit this space."""
         stages = self.stages
-        if len(subnet.stages) != len(stages):
-            raise EncodingError(
-                f"subnet has {len(subnet.stages)} depths (field d) but {self.encoding} has "
-                f"{len(stages)} stages ({', '.join(s.name for s in stages)})"
-            )
+        self.check_depth_count(len(subnet.stages))
         if subnet.resolution not in self.hyperspace.resolutions:
             raise EncodingError(
                 f"resolution r{subnet.resolution} (field r) is not allowed in {self.encoding}; "
@@ -508,8 +518,10 @@ def shortcut_kind(block: BlockTypeSpec, position: int, in_channels: int, out_cha
     return "projection"
 
 
-def parse_subnet(text: str) -> Subnet:
-    """Parse ``d…_k…_w…_e…_r…`` (fields ``#``-separated) without checking it against a space."""
+def parse_subnet(text: str, space: CandidateSpace | None = None) -> Subnet:
+    """Parse ``d…_k…_w…_e…_r…`` (fields ``#``-separated). With a ``space``, the number of depths is
+    checked against its stages first, so a missing or extra depth is blamed on field d; the values
+    themselves are checked by :meth:`CandidateSpace.check_subnet`."""
     fields: dict[str, str] = {}
     for part in text.strip().split("_"):
         if not part or part[0] not in "dkwer" or part[0] in fields:
@@ -539,13 +551,24 @@ def parse_subnet(text: str) -> Subnet:
         resolution = int(fields["r"])
     except ValueError:
         raise EncodingError(f"field r of subnet '{text}' must be an integer, got '{fields['r']}'") from None
+    if space is not None:
+        space.check_depth_count(len(depths))
+    if min(depths) < 1:
+        raise EncodingError(f"field d of subnet '{text}' holds depth {min(depths)}; every depth must be at least 1")
     total = sum(depths)
-    for letter, values in (("k", kernels), ("w", widths), ("e", expands)):
-        if len(values) != total:
-            raise EncodingError(
-                f"field {letter} of subnet '{text}' has {len(values)} values but the depths "
-                f"(field d) add up to {total} blocks"
-            )
+    counts = {"k": len(kernels), "w": len(widths), "e": len(expands)}
+    wrong = [letter for letter, count in counts.items() if count != total]
+    if len(wrong) == 3 and len(set(counts.values())) == 1:
+        raise EncodingError(
+            f"field d of subnet '{text}' adds up to {total} blocks ({fields['d']}), but field k, field w "
+            f"and field e have {counts['k']} values each, one per block: the depths must add up to {counts['k']}"
+        )
+    if wrong:
+        letter = wrong[0]
+        raise EncodingError(
+            f"field {letter} of subnet '{text}' has {counts[letter]} values but the depths "
+            f"(field d) add up to {total} blocks: give one value per block"
+        )
     stages, index = [], 0
     for depth in depths:
         stages.append(
@@ -591,6 +614,26 @@ def _load_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     return data, lines
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """Which numbers a YAML field allows, and how an error message names them."""
+
+    allows: Callable[[Any], bool]
+    allowed: str
+
+
+AT_LEAST_1 = _Rule(lambda v: v >= 1, "integers at least 1")
+ODD_KERNELS = _Rule(lambda v: v >= 1 and v % 2 == 1, "odd integers at least 1 (1, 3, 5, 7, ...)")
+EXPAND_RATIOS = _Rule(lambda v: v > 0, "numbers greater than 0")
+NO_EXPANSION = _Rule(lambda v: v == 0, "[0]")
+CLASSES = _Rule(lambda v: v >= 2, "an integer at least 2")
+
+
+def _expand_rule(block_name: str) -> _Rule:
+    """Expand ratios a block type allows: none for blocks without expansion, positive for the rest."""
+    return NO_EXPANSION if BLOCK_TYPES[block_name]["expand"] == "none" else EXPAND_RATIOS
+
+
 class _Fields:
     """Reads typed fields from one YAML mapping and reports errors with file, line and key."""
 
@@ -611,7 +654,9 @@ class _Fields:
             if key not in allowed:
                 raise self.error(key, f"unknown key; allowed keys: {', '.join(allowed)}")
 
-    def get(self, key: str, kind: type, default: Any = ..., choices: Sequence | None = None) -> Any:
+    def get(
+        self, key: str, kind: type, default: Any = ..., choices: Sequence | None = None, rule: _Rule | None = None
+    ) -> Any:
         if key not in self.data:
             if default is ...:
                 raise self.error(None, f"missing key '{key}'")
@@ -623,9 +668,11 @@ class _Fields:
             raise self.error(key, f"expected {kind.__name__}, got {value!r}")
         if choices is not None and value not in choices:
             raise self.error(key, f"{value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+        self.check(key, value, rule)
         return value
 
-    def get_list(self, key: str, kind: type, default: Any = ..., positive: bool = True) -> tuple:
+    def get_list(self, key: str, kind: type, default: Any = ..., rule: _Rule | None = None) -> tuple:
+        """A non-empty list of ``kind``; numbers must be finite and, with a ``rule``, allowed by it."""
         raw = self.get(key, list, default)
         if raw is None:
             return None
@@ -637,10 +684,16 @@ class _Fields:
                 item = float(item)
             if not isinstance(item, kind) or isinstance(item, bool):
                 raise self.error(key, f"expected a list of {kind.__name__}, got item {item!r}")
-            if positive and kind is not str and item < 0:
-                raise self.error(key, f"values must not be negative, got {item!r}")
+            self.check(key, item, rule)
             values.append(item)
         return tuple(values)
+
+    def check(self, key: str, value: Any, rule: _Rule | None) -> None:
+        """Raise naming the key and the allowed values if ``value`` is a non-finite number or breaks ``rule``."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(key, f"{value!r} is not allowed; allowed: finite numbers")
+        if rule is not None and not rule.allows(value):
+            raise self.error(key, f"{value!r} is not allowed; allowed: {rule.allowed}")
 
     def child(self, key: Any) -> "_Fields":
         value = self.data.get(key) if isinstance(self.data, dict) else None
@@ -682,14 +735,13 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
     name = top.get("name", str)
     if not name or "-" in name:
         raise top.error("name", "must be a non-empty name without '-' (it starts every encoding)")
-    description = top.get("description", str, "")
-    del description
+    top.get("description", str, "")  # free text: only its type is checked
 
     inp = top.child("input")
     inp.check_keys(["channels", "resolutions"])
-    in_channels = inp.get("channels", int)
-    resolutions = inp.get_list("resolutions", int)
-    num_classes = top.get("num_classes", int)
+    in_channels = inp.get("channels", int, rule=AT_LEAST_1)
+    resolutions = inp.get_list("resolutions", int, rule=AT_LEAST_1)
+    num_classes = top.get("num_classes", int, rule=CLASSES)
 
     block_types: dict[str, BlockTypeSpec] = {}
     raw_blocks = top.get("block_types", dict)
@@ -707,15 +759,8 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
         if digit in digits_seen or not 0 <= digit <= 9:
             raise bf.error("digit", f"digit {digit} must be 0-9 and unique (also used by {digits_seen.get(digit)})")
         digits_seen[digit] = block_name
-        kernels = bf.get_list("kernels", int)
-        for k in kernels:
-            if k % 2 == 0:
-                raise bf.error("kernels", f"kernel sizes must be odd, got {k}")
-        expands = bf.get_list("expand_ratios", float, (0.0,))
-        if defaults["expand"] == "none" and any(e != 0 for e in expands):
-            raise bf.error("expand_ratios", f"{block_name} has no expansion; allowed: [0]")
-        if defaults["expand"] != "none" and any(e <= 0 for e in expands):
-            raise bf.error("expand_ratios", f"{block_name} needs positive expand ratios")
+        kernels = bf.get_list("kernels", int, rule=ODD_KERNELS)
+        expands = bf.get_list("expand_ratios", float, (0.0,), rule=_expand_rule(block_name))
         activation = bf.get("activation", str, defaults["activation"], choices=ACTIVATIONS)
         block_types[block_name] = BlockTypeSpec(
             name=block_name,
@@ -749,29 +794,27 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
                         f"(declared under block_types)",
                     )
             searchable = True
-        widths = sf.get_list("widths", int)
+        widths = sf.get_list("widths", int, rule=AT_LEAST_1)
         if list(widths) != sorted(set(widths)):
             raise sf.error("widths", "widths must be strictly increasing")
         window = sf.get("window", int, len(widths) if not searchable else ...)
         if not 1 <= window <= len(widths):
             raise sf.error("window", f"window {window} must be between 1 and the number of widths ({len(widths)})")
-        depths = sf.get_list("depths", int)
-        if min(depths) < 1:
-            raise sf.error("depths", "depths must be at least 1")
+        depths = sf.get_list("depths", int, rule=AT_LEAST_1)
         stride = sf.get("stride", int, choices=[1, 2])
-        kernels = sf.get_list("kernels", int, None)
+        kernels = sf.get_list("kernels", int, None, rule=ODD_KERNELS)
         expands = sf.get_list("expand_ratios", float, None)
+        for n in names if expands is not None else ():
+            rule = _expand_rule(n)
+            for e in expands:
+                if not rule.allows(e):
+                    raise sf.error("expand_ratios", f"{e!r} is not allowed for block type '{n}'; allowed: {rule.allowed}")
         fixed = None
         if not searchable:
             defaults = BLOCK_TYPES[names[0]]
             declared = block_types.get(names[0])
             if kernels is None and declared is None:
                 raise sf.error(None, f"fixed stage of '{names[0]}' needs 'kernels' (the block type is not declared under block_types)")
-            for k in kernels or ():
-                if k % 2 == 0:
-                    raise sf.error("kernels", f"kernel sizes must be odd, got {k}")
-            if defaults["expand"] == "none" and expands and any(e != 0 for e in expands):
-                raise sf.error("expand_ratios", f"{names[0]} has no expansion; allowed: [0]")
             if defaults["expand"] != "none" and expands is None and declared is None:
                 raise sf.error(None, f"fixed stage of '{names[0]}' needs 'expand_ratios'")
             fixed = BlockTypeSpec(
@@ -802,7 +845,7 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
 
     hf = top.child("head")
     hf.check_keys(["widths", "activation"])
-    head_widths = hf.get_list("widths", int)
+    head_widths = hf.get_list("widths", int, rule=AT_LEAST_1)
     if len(head_widths) != 2:
         raise hf.error("widths", "the head takes exactly two widths: [final_expand, feature_mix]")
     head = HeadSpec(widths=(head_widths[0], head_widths[1]), activation=hf.get("activation", str, "relu", choices=ACTIVATIONS))

@@ -5,6 +5,8 @@ constraints no space can meet) and the `spaceevo score` command."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from spaceevo.search.lut import (
     LutRow,
     load_block_lut,
     lut_filename,
+    parse_stage_config,
     read_lut_csv,
     required_files,
     stage_input_sizes,
@@ -28,9 +31,10 @@ from spaceevo.search.qt_score import (
     space_min_latency_ms,
     space_rng,
 )
-from spaceevo.space import load_hyperspace
+from spaceevo.space import BlockChoice, load_hyperspace
 
 TINY = load_hyperspace("tiny")
+PUBLISHED = Path(__file__).parent / "data" / "published_lut_sample"
 STAGE_LOSS = [0.1, 0.2, 0.3, 0.4]
 STAGE_LATENCY_MS = [1.0, 2.0, 3.0, 4.0]
 
@@ -80,10 +84,111 @@ def test_published_lines_read_and_ours_round_trip(tmp_path):
     assert read_lut_csv(tmp_path / "copy.csv") == rows
 
 
+@pytest.mark.parametrize("path", sorted(PUBLISHED.glob("*/*.csv")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_published_rows_of_both_hyperspaces_read(path):
+    lines = [line for line in path.read_text().splitlines() if line]
+    rows = read_lut_csv(path)
+    assert len(rows) == len(lines) > 0
+    for line, row in zip(lines, rows):
+        assert line.startswith(row.config + ",") and row.input_shape[0] == 1
+        blocks = parse_stage_config(row.config)
+        assert len(blocks) == row.config.count("_") + 1
+        assert all(b.kernel in (3, 5, 7) and b.width >= 16 and b.expand >= 0 for b in blocks)
+        assert row.latency_ms > 0 and row.mflops > 0 and 0 < row.nsr_loss < 2
+
+
+def test_published_expand_ratios_none_integers_and_floats():
+    assert parse_stage_config("3#48#None_5#32#None") == (BlockChoice(3, 48, 0.0), BlockChoice(5, 32, 0.0))
+    assert parse_stage_config("5#48#1_5#48#2") == (BlockChoice(5, 48, 1.0), BlockChoice(5, 48, 2.0))
+    assert parse_stage_config("7#48#1.0_7#48#0.5") == (BlockChoice(7, 48, 1.0), BlockChoice(7, 48, 0.5))
+    first = read_lut_csv(PUBLISHED / "onnxw" / "stage1_0_0.csv")[0]
+    assert first == LutRow("3#48#None_5#32#None", (1, 32, 80, 80), 0.3918, 19.5072, 0.0130, 0.9899)
+    mobile = read_lut_csv(PUBLISHED / "mobilew" / "stage1_0_0.csv")[1]
+    assert [b.expand for b in parse_stage_config(mobile.config)] == [0.0] * 4
+
+
+def test_published_onnxw_rows_map_to_the_hyperspace_resolutions(tmp_path):
+    """The published files hold rows at 160, 192 and 224 (SpaceEvo's resolution list); an input size
+    shared by two of onnxw's resolutions (stage6: H=6 at 176 and 192) serves both."""
+    onnxw = load_hyperspace("onnxw")
+    lut = load_block_lut(PUBLISHED / "onnxw", onnxw, [onnxw.candidate_space("onnxw-000000-000000")])
+    counts = {key: dict(zip(onnxw.resolutions, table.counts.tolist())) for key, table in lut.tables.items()}
+    assert all(c[160] and c[192] and c[224] for key, c in counts.items() if key[0] > 1)
+    assert counts[(6, 0, 0)][176] == counts[(6, 0, 0)][192] and counts[(1, 0, 0)][176] == 0
+
+
+def test_score_command_on_a_published_onnxw_lut_folder(capsys, tmp_path):
+    """A block LUT folder assembled from published rows: every stage1 block type of onnxw in window 0,
+    stages 2-6 of block type 0 (tests/data/published_lut_sample/README.md)."""
+    folder = tmp_path / "onnxw_lut"
+    shutil.copytree(PUBLISHED / "onnxw", folder)
+    spaces = [f"onnxw-{block}00000-000000" for block in range(6)]
+    code, out, err = run_cli(
+        capsys, "score", "--block-lut", str(folder), "--hyperspace", "onnxw", "--latency-constraints", "5", "7",
+        "--spaces", *spaces, "--samples", "2000", "--json",
+    )
+    assert code == 0, err
+    scores = json.loads(out)["scores"]
+    assert [s["space"] for s in scores] == spaces
+    assert all(np.isfinite(s["qt_score"]) and s["qt_score"] > 0 for s in scores)
+    assert any(s["feasible_fraction"][1] > 0 for s in scores)
+
+
+def test_nan_in_the_mflops_column_names_that_column(tmp_path):
+    lines = (PUBLISHED / "onnxw" / "stage1_1_0.csv").read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[3] = "nan"
+    lines[1] = ",".join(fields)
+    path = tmp_path / "stage1_1_0.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ArtifactError) as info:
+        read_lut_csv(path)
+    message = str(info.value)
+    assert f"{path}, line 2, column 4 (MFLOPs): 'nan'" in message and "finite" in message
+    assert "latency" not in message and "nsr loss" not in message
+
+
+@pytest.mark.parametrize(
+    "config, fragments",
+    [
+        ("3#48#Nonee_5#32#None", ["block 1 '3#48#Nonee'", "None"]),
+        ("3#48#None_5#32", ["block 2 '5#32'", "kernel#width#expand"]),
+        ("3#0#None", ["block 1", "at least 1"]),
+        ("", ["block 1 ''"]),
+    ],
+)
+def test_corrupt_config_column_names_file_line_column_and_block(tmp_path, config, fragments):
+    path = tmp_path / "stage1_0_0.csv"
+    path.write_text(f"3#48#None,1x32x80x80,0.39,19.5,0.01,0.99\n{config},1x32x80x80,0.39,19.5,0.01,0.99\n")
+    with pytest.raises(ArtifactError) as info:
+        read_lut_csv(path)
+    message = str(info.value)
+    assert f"{path}, line 2, column 1 (config)" in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize("column, name", [(3, "nsr loss"), (5, "MParams"), (6, "latency ms")])
+def test_bad_number_names_its_column(tmp_path, column, name):
+    fields = ["3#48#None", "1x32x80x80", "0.39", "19.5", "0.01", "0.99"]
+    fields[column - 1] = "-1" if column == 6 else "x"
+    path = tmp_path / "stage1_0_0.csv"
+    path.write_text(",".join(fields) + "\n")
+    with pytest.raises(ArtifactError, match=rf"line 1, column {column} \({name}\): '{fields[column - 1]}'"):
+        read_lut_csv(path)
+
+
+def test_binary_lut_file_is_an_artifact_error(tmp_path):
+    path = tmp_path / "stage1_0_0.csv"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ArtifactError, match=rf"{path}: cannot read block LUT file"):
+        read_lut_csv(path)
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "stage1_0_0.csv"
     path.write_text("3#16#0,1x16x24x24,0.1,1,0.1,1.0\n3#16#0,1x16x24,0.1,1,0.1,1.0\n")
-    with pytest.raises(ArtifactError, match=r"stage1_0_0.csv, line 2: input shape '1x16x24'"):
+    with pytest.raises(ArtifactError, match=r"stage1_0_0.csv, line 2, column 2 \(input shape\): '1x16x24'"):
         read_lut_csv(path)
 
 
@@ -101,7 +206,7 @@ def test_missing_files_are_all_named(tmp_path):
 def test_row_of_an_input_size_no_resolution_has_is_refused(tmp_path):
     write_one_row_lut(tmp_path)
     write_lut_csv(tmp_path / "stage2_0_0.csv", [LutRow("3#32#0", (1, 16, 13, 13), 0.1, 1, 0.1, 1.0)])
-    with pytest.raises(ArtifactError, match=r"stage2_0_0.csv, row 1: input size 13"):
+    with pytest.raises(ArtifactError, match=r"stage2_0_0.csv, line 1, column 2 \(input shape\): input size 13"):
         load_block_lut(tmp_path, TINY)
 
 

@@ -581,9 +581,12 @@ def test_reject_window_digit_out_of_range():
     [
         ("onnxw-15112-023231", ["6 block digits", "6 window digits", "got 5 and 6"]),
         ("onnxw-151122-0232311", ["6 window digits", "got 6 and 7"]),
-        ("onnxw-1511x2-023231", ["must be digits"]),
+        ("onnxw-1511x2-023231", ["'onnxw-1511x2-023231'", "must be digits, 6 each", "'onnxw-000000-000000'"]),
         ("onnxw-151122", ["not a candidate space of 'onnxw'", "onnxw-<block digits>-<window digits>"]),
         ("onnxw--", ["must be digits"]),
+        ("onnxw-15112-023231", ["'onnxw-15112-023231'", "stage1, stage2, stage3, stage4, stage5, stage6"]),
+        ("onnxw-751122-023231", ["'onnxw-751122-023231'", "block type digit 7"]),
+        ("onnxw-151122-223231", ["'onnxw-151122-223231'", "window digit 2"]),
     ],
 )
 def test_reject_malformed_candidate_space(text, fragments):
@@ -605,6 +608,31 @@ def test_direct_construction_is_validated():
         S.CandidateSpace(hyperspace("tiny"), (1, 1, 1), (0, 0, 0, 0))
     with pytest.raises(EncodingError, match="window digit 2"):
         S.CandidateSpace(hyperspace("tiny"), (1, 1, 1, 1), (0, 2, 0, 0))
+
+
+def test_a_missing_depth_is_blamed_on_field_d_not_k():
+    text = "d1#1#1#1_k3#3#3#3#3_w16#16#32#64#96_e0#3.0#3.0#3.0#3.0_r28"  # four depths, five blocks
+    message = _encoding_error(tiny_space(), text)
+    assert "field d" in message and "4 depths" in message and "5 stages" in message
+    assert "field k" not in message
+
+
+def test_depths_that_add_up_wrong_are_blamed_on_field_d():
+    text = "d1#1#1#1#2_k3#3#3#3#3_w16#16#32#64#96_e0#3.0#3.0#3.0#3.0_r28"  # k, w, e agree on five blocks
+    for message in (_encoding_error(tiny_space(), text), _parse_error(text)):
+        assert message.startswith("field d") and "adds up to 6 blocks" in message
+        assert "5 values each" in message and "must add up to 5" in message
+
+
+def test_depth_zero_is_rejected():
+    message = _parse_error("d1#0_k3_w16_e0_r28")
+    assert "field d" in message and "depth 0" in message and "at least 1" in message
+
+
+def _parse_error(text: str) -> str:
+    with pytest.raises(EncodingError) as info:
+        S.parse_subnet(text)
+    return str(info.value)
 
 
 def test_subnet_of_other_space_is_rejected():
@@ -746,6 +774,57 @@ def test_other_validation_errors(tmp_path, old, new, fragments):
     message = _config_error(_write(tmp_path, text))
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize(
+    "old, new, key, value, allowed",
+    [
+        ("    widths: [16, 24, 32]", "    widths: [0, 24, 32]", "stages.1.widths", "0", "integers at least 1"),
+        ("num_classes: 10", "num_classes: 0", "num_classes", "0", "an integer at least 2"),
+        ("num_classes: 10", "num_classes: 1", "num_classes", "1", "an integer at least 2"),
+        ("  channels: 1", "  channels: 0", "input.channels", "0", "integers at least 1"),
+        ("  resolutions: [24, 28, 32]", "  resolutions: [0, 28, 32]", "input.resolutions", "0", "integers at least 1"),
+        ("  resolutions: [24, 28, 32]", "  resolutions: [-24, 28]", "input.resolutions", "-24", "integers at least 1"),
+        ("mbv2:         {digit: 1, kernels: [3, 5]", "mbv2:         {digit: 1, kernels: [-3, 5]",
+         "block_types.mbv2.kernels", "-3", "odd integers at least 1"),
+        ("mbv2:         {digit: 1, kernels: [3, 5]", "mbv2:         {digit: 1, kernels: [0, 5]",
+         "block_types.mbv2.kernels", "0", "odd integers at least 1"),
+        ("expand_ratios: [3, 6]}", "expand_ratios: [0, 6]}", "block_types.mbv2.expand_ratios", "0.0",
+         "numbers greater than 0"),
+        ("expand_ratios: [3, 6]}", "expand_ratios: [.nan, 6]}", "block_types.mbv2.expand_ratios", "nan",
+         "finite numbers"),
+        ("expand_ratios: [3, 6]}", "expand_ratios: [.inf, 6]}", "block_types.mbv2.expand_ratios", "inf",
+         "finite numbers"),
+        ("    depths: [1, 2]\n", "    depths: [-1, 2]\n", "stages.1.depths", "-1", "integers at least 1"),
+        ("stride: 1, kernels: [3]}", "stride: 1, kernels: [4]}", "stages.0.kernels", "4", "odd integers at least 1"),
+        ("    stride: 2\n", "    stride: 2\n    kernels: [2]\n", "stages.1.kernels", "2", "odd integers at least 1"),
+        ("    stride: 2\n", "    stride: 2\n    expand_ratios: [0]\n", "stages.1.expand_ratios", "'mbv2'",
+         "numbers greater than 0"),
+        ("  widths: [256, 512]", "  widths: [256, 0]", "head.widths", "0", "integers at least 1"),
+        ("    window: 2\n", "    window: 0\n", "stages.1.window", "0", "between 1 and"),
+        ("    stride: 2\n", "    stride: 0\n", "stages.1.stride", "0", "allowed: 1, 2"),
+    ],
+)
+def test_every_numeric_field_is_validated(tmp_path, old, new, key, value, allowed):
+    """Values that used to pass validation and fail later, inside a latency or training worker."""
+    text = _tiny_with(old, new)
+    message = _config_error(_write(tmp_path, text))
+    changed = next(line for line in new.splitlines() if line.strip() and line not in old.splitlines())
+    assert f"line {_line_of(text, changed.strip())}" in message, message
+    for fragment in (f"key '{key}'", value, allowed):
+        assert fragment in message, (fragment, message)
+
+
+def test_stage_expand_ratios_must_fit_every_block_type_of_the_stage(tmp_path):
+    text = _tiny_with("    stride: 2\n", "    stride: 2\n    expand_ratios: [2]\n")
+    message = _config_error(_write(tmp_path, text))
+    assert "stages.1.expand_ratios" in message and "'mbv1_dual'" in message and "allowed: [0]" in message
+
+
+def test_fixed_stage_with_expansion_needs_positive_ratios(tmp_path):
+    text = (S.SEARCH_SPACES_DIR / "onnxw.yaml").read_text().replace("expand_ratios: [0.5]}", "expand_ratios: [0]}")
+    message = _config_error(_write(tmp_path, text))
+    assert "stages.1.expand_ratios" in message and "'resnet'" in message and "greater than 0" in message
 
 
 def test_hyperspace_without_searchable_stage(tmp_path):

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from spaceevo.errors import ArtifactError
-from spaceevo.io import atomic_write_text
+from spaceevo.io import atomic_write_text, writing
 from spaceevo.latency.regression import SegmentRegressor
 from spaceevo.latency.segments import Segment, network_segments, required_segments
-from spaceevo.latency.table import LatencyTable
+from spaceevo.latency.table import WRITE_HINT, LatencyTable
 from spaceevo.space import Architecture, Hyperspace
 
 
@@ -86,7 +86,8 @@ class Calibration:
             "model": asdict(self.model),
             "samples": [asdict(s) for s in self.samples],
         }
-        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+        with writing(Path(path).parent, "the latency calibration", WRITE_HINT):
+            atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
     def fit(self) -> BoundaryModel:
         """Least squares on relative error of ``BoundaryModel.apply`` over the samples.

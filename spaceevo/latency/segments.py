@@ -27,7 +27,6 @@ from spaceevo.space import (
     HeadSpec,
     Hyperspace,
     conv_output_size,
-    format_number,
     shortcut_kind,
 )
 
@@ -176,12 +175,3 @@ def segment_model(segment: Segment, *, reduce_range: bool, seed: int = 0) -> byt
     int8 = strip_io_quantization(int8, strip_input=not segment.first, strip_output=not segment.last)
     return int8.SerializeToString()
 
-
-def describe_segment(segment: Segment) -> str:
-    if segment.block is not None:
-        b = segment.block
-        return (
-            f"{b.block_type} {b.in_channels}->{b.out_channels} k{b.kernel} e{format_number(b.expand)} "
-            f"s{b.stride} @{b.input_size}px"
-        )
-    return f"head {segment.in_channels}@{segment.input_size}px"

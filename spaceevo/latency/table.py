@@ -5,6 +5,9 @@ space it came from), stored as ``<root>/<fingerprint slug>/segments.jsonl``: a h
 fingerprint and versions, then one line per measured segment. Building is resumable: each finished
 batch is appended and fsynced, a killed build leaves at most one truncated last line (dropped on
 load), and a re-run measures only the keys that are missing. Compaction rewrites the file atomically.
+Any other unreadable row (bad JSON, ``ms`` missing, NaN or not positive) is corruption: loading the
+table refuses it, naming the file and line, and ``spaceevo latency build`` drops such rows and
+measures their segments again (:meth:`LatencyTable.load` with ``repair``).
 
 Figures are in the scale of the reference model (:mod:`spaceevo.latency.reference`): the header's
 ``reference_ms`` is the reference's usual latency when the table was started, and every entry,
@@ -13,10 +16,17 @@ calibration sample and validation measurement made against this table is express
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import statistics
 import platform
+import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from spaceevo.errors import ArtifactError, DeviceMismatchError
-from spaceevo.io import atomic_write_text
+from spaceevo.io import atomic_write_text, writing
 from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.measure import MeasureConfig, StableMeter, Timer
 from spaceevo.latency.segments import Segment, segment_model
@@ -42,6 +52,11 @@ GROUP_SIZE = 16
 CHUNK_SIZE = 64
 #: Relative difference between two passes above which a segment is timed a third time.
 DISAGREEMENT = 0.10
+REBUILD_HINT = (
+    "run 'spaceevo latency build' again for your hyperspace (same --tables and --threads): it drops corrupt rows "
+    "and measures them again"
+)
+WRITE_HINT = "make the folder writable or choose another with --tables or $SPACEEVO_LATENCY_TABLES"
 
 
 def default_root() -> Path:
@@ -71,6 +86,38 @@ class TableEntry:
     ms: float
     spread: float
 
+    @classmethod
+    def parse(cls, line: str) -> "TableEntry":
+        """One row of the table file; ``ValueError`` says what is wrong with it."""
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError("not a JSON object") from None
+        if not isinstance(row, dict):
+            raise ValueError("not a JSON object")
+        key = row.get("key")
+        if not isinstance(key, str) or not key:
+            raise ValueError("no segment key")
+        ms, spread = row.get("ms"), row.get("spread")
+        if not _is_number(ms) or not math.isfinite(ms) or ms <= 0:
+            raise ValueError(f"ms must be a finite number > 0, got {json.dumps(ms) if 'ms' in row else 'none'}")
+        if not _is_number(spread) or not math.isfinite(spread) or spread < 0:
+            raise ValueError(f"spread must be a finite number >= 0, got {json.dumps(spread) if 'spread' in row else 'none'}")
+        return cls(key, float(ms), float(spread))
+
+    def stored(self) -> "TableEntry":
+        """The entry as the file holds it (ms to the nanosecond, spread to 4 digits), so a table in
+        memory predicts exactly what the same table read back does."""
+        return TableEntry(self.key, round(self.ms, 6), round(self.spread, 4))
+
+    def to_line(self) -> str:
+        stored = self.stored()
+        return json.dumps({"key": stored.key, "ms": stored.ms, "spread": stored.spread})
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 @dataclass
 class LatencyTable:
@@ -80,6 +127,9 @@ class LatencyTable:
     fingerprint: DeviceFingerprint
     entries: dict[str, TableEntry] = field(default_factory=dict)
     header: dict = field(default_factory=dict)
+    #: Lines of the file that were not read (a truncated last line, or with ``repair`` corrupt rows):
+    #: :meth:`compact` drops them from the file.
+    dropped: list[int] = field(default_factory=list)
 
     @property
     def folder(self) -> Path:
@@ -118,16 +168,23 @@ class LatencyTable:
             "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        atomic_write_text(path, json.dumps(header) + "\n")
+        with writing(path.parent, "a latency table", WRITE_HINT):
+            atomic_write_text(path, json.dumps(header) + "\n")
         return cls(path=path, fingerprint=fingerprint, header=header)
 
     @classmethod
-    def load(cls, path: Path, expected: DeviceFingerprint | None = None) -> "LatencyTable":
-        """Read a table; refuse it if it was measured on another fingerprint than ``expected``."""
+    def load(cls, path: Path, expected: DeviceFingerprint | None = None, *, repair: bool = False) -> "LatencyTable":
+        """Read a table; refuse it if it was measured on another fingerprint than ``expected``.
+
+        A truncated last line (a killed build) is dropped; any other corrupt row raises
+        :class:`ArtifactError` naming the file and line, unless ``repair`` (the build, which
+        measures the dropped rows' segments again) lists it in :attr:`dropped` instead."""
         try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as error:
-            raise ArtifactError(f"{path}: cannot read latency table ({error.strerror})") from None
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise ArtifactError(f"{path}: cannot read latency table ({reason})") from None
+        lines = text.splitlines()
         try:
             header = json.loads(lines[0])
             if header.get("format") != FORMAT:
@@ -149,22 +206,33 @@ class LatencyTable:
                 f"Build a table for this device with 'spaceevo latency build'."
             )
         table = cls(path=Path(path), fingerprint=fingerprint, header=header)
-        for line in lines[1:]:
+        corrupt: list[tuple[int, str]] = []
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
             try:
-                row = json.loads(line)
-                entry = TableEntry(key=str(row["key"]), ms=float(row["ms"]), spread=float(row["spread"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a killed build: its segment is measured again
-            if entry.ms > 0:
-                table.entries[entry.key] = entry
+                entry = TableEntry.parse(line)
+            except ValueError as error:
+                table.dropped.append(number)
+                if number < len(lines) or text.endswith("\n"):  # not a line cut by a killed build
+                    corrupt.append((number, str(error)))
+                continue
+            table.entries[entry.key] = entry
+        if corrupt and not repair:
+            first, reason = corrupt[0]
+            more = f" (and {len(corrupt) - 1} more corrupt row(s), lines {_line_list(corrupt[1:])})" if len(corrupt) > 1 else ""
+            raise ArtifactError(f"{path}, line {first}: corrupt latency table row: {reason}{more}; {REBUILD_HINT}")
         return table
 
     @classmethod
-    def open(cls, root: Path, fingerprint: DeviceFingerprint, create: bool = False) -> "LatencyTable":
-        """The table of ``fingerprint`` under ``root``: loaded, or created when ``create``."""
+    def open(
+        cls, root: Path, fingerprint: DeviceFingerprint, create: bool = False, *, repair: bool = False
+    ) -> "LatencyTable":
+        """The table of ``fingerprint`` under ``root``: loaded (``repair``: see :meth:`load`), or
+        created when ``create``."""
         path = Path(root) / fingerprint.slug / TABLE_FILE
         if path.exists():
-            return cls.load(path, expected=fingerprint)
+            return cls.load(path, expected=fingerprint, repair=repair)
         if create:
             return cls.create(root, fingerprint)
         others = sorted(p.parent.name for p in Path(root).glob(f"*/{TABLE_FILE}"))
@@ -177,34 +245,78 @@ class LatencyTable:
 
     def append(self, entries: Sequence[TableEntry]) -> None:
         """Append finished entries durably (one write, flush, fsync)."""
-        text = "".join(json.dumps({"key": e.key, "ms": round(e.ms, 6), "spread": round(e.spread, 4)}) + "\n" for e in entries)
-        self._repair_tail()
-        with open(self.path, "a") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        text = "".join(e.to_line() + "\n" for e in entries)
+        with writing(self.folder, "the latency table", WRITE_HINT):
+            self._cut_truncated_tail()
+            with open(self.path, "a") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
         for entry in entries:
-            self.entries[entry.key] = entry
+            self.entries[entry.key] = entry.stored()
 
-    def _repair_tail(self) -> None:
-        """A killed build can leave a last line without newline: end it so appends stay parseable."""
-        with open(self.path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            if handle.tell() == 0:
+    def check_writable(self) -> None:
+        """Raise the error an append would raise, before minutes of measuring rather than after."""
+        with writing(self.folder, "the latency table", WRITE_HINT):
+            with open(self.path, "a"):
+                pass
+
+    def _cut_truncated_tail(self) -> None:
+        """A killed build can leave a last line without newline: cut it off, so the next append
+        starts on a line of its own and the cut line does not become a corrupt row mid-file."""
+        with open(self.path, "rb+") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
                 return
             handle.seek(-1, os.SEEK_END)
-            last = handle.read(1)
-        if last != b"\n":
-            with open(self.path, "a") as handle:
-                handle.write("\n")
+            if handle.read(1) == b"\n":
+                return
+            handle.seek(0)
+            handle.truncate(handle.read().rfind(b"\n") + 1)
 
     def compact(self) -> None:
         """Rewrite the file atomically: header plus one valid line per entry, sorted by key."""
-        lines = [json.dumps(self.header)]
-        for key in sorted(self.entries):
-            e = self.entries[key]
-            lines.append(json.dumps({"key": e.key, "ms": round(e.ms, 6), "spread": round(e.spread, 4)}))
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
+        lines = [json.dumps(self.header)] + [self.entries[key].to_line() for key in sorted(self.entries)]
+        with writing(self.folder, "the latency table", WRITE_HINT):
+            atomic_write_text(self.path, "\n".join(lines) + "\n")
+        self.dropped = []
+
+
+def _line_list(rows: Sequence[tuple[int, str]], shown: int = 10) -> str:
+    numbers = ", ".join(str(number) for number, _ in rows[:shown])
+    return numbers + (", ..." if len(rows) > shown else "")
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _worker_init() -> None:
+    """Run in every build worker: die with the build and leave Ctrl-C to it.
+
+    A killed build (``kill -9``) must not leave workers blocked forever on a queue nobody writes to:
+    on Linux the kernel kills them with their parent (``PR_SET_PDEATHSIG``); a thread waiting on the
+    parent's sentinel also ends them elsewhere, and under any start method. SIGINT is ignored here:
+    the parent stops its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    multiprocessing.connection.wait([parent.sentinel])
+    os._exit(1)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool at once (an interrupt or error): drop queued work and kill the workers instead
+    of waiting for the models they are building."""
+    processes = list((pool._processes or {}).values())  # no public way before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def _build_models(args: tuple[list[Segment], bool]) -> list[bytes]:
@@ -264,7 +376,8 @@ def measure_segments(
         meter = stable_meter(fingerprint, table.reference_ms)
         if table.reference_ms is None:
             table.set_reference(meter.baseline_ms)
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init)
+    try:
         for chunk in chunks:
             per_worker = max(1, -(-len(chunk) // max(1, workers)))
             parts = [chunk[i : i + per_worker] for i in range(0, len(chunk), per_worker)]
@@ -277,3 +390,7 @@ def measure_segments(
                 )
                 if progress is not None:
                     progress(len(group))
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()

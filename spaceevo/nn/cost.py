@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spaceevo.nn.static import se_channels
-from spaceevo.space import Architecture, BlockSpec, HeadSpec, conv_output_size
+from spaceevo.space import BlockSpec, HeadSpec, conv_output_size
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,3 @@ def layers_cost(layers: list[ConvLayer]) -> Cost:
 def block_cost(spec: BlockSpec) -> Cost:
     return layers_cost(block_layers(spec))
 
-
-def network_cost(arch: Architecture) -> Cost:
-    """MACs and parameters of a whole subnet (BatchNorm folded)."""
-    layers = [layer for block in arch.blocks for layer in block_layers(block)]
-    layers += head_layers(arch.final_channels, arch.final_size, arch.head, arch.num_classes)
-    return layers_cost(layers)

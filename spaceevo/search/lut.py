@@ -7,7 +7,9 @@ onnxw, after the fixed stem and stage0). Every line is one sampled sub-stage, no
     3#48#4.0_5#48#6.0,1x32x80x80,0.2581,120.3343,0.0421,1.2873
 
 fields: the sub-stage configuration (``kernel#width#expand`` per block, ``_``-joined), the stage's
-input shape ``1xCxHxW``, the NSR loss, MFLOPs, MParams and the INT8 latency in ms.
+input shape ``1xCxHxW``, the NSR loss, MFLOPs, MParams and the INT8 latency in ms. The published files
+write the expand ratio of a block without expansion (MBv1-dual) as ``None`` and other ratios as
+integers or floats (``4``, ``1.0``); we read all three and write ``0`` for none, as in subnet encodings.
 
 This matches the published implementation (github.com/xudoong/SpaceEvo): ``eval_block_kd.py`` writes
 ``f'{kwe},{"x".join(shape)},{loss:.4f},{mflops:.4f},{mparams:.4f},{latency:.4f}'`` to
@@ -65,12 +67,30 @@ def format_stage_config(blocks: Sequence[BlockChoice]) -> str:
     return "_".join(f"{b.kernel}#{b.width}#{format_number(b.expand)}" for b in blocks)
 
 
+#: How the published LUTs write the expand ratio of a block without expansion.
+NO_EXPANSION = "None"
+
+
 def parse_stage_config(text: str) -> tuple[BlockChoice, ...]:
-    """Inverse of :func:`format_stage_config`; raises ``ValueError`` on a malformed field."""
+    """Inverse of :func:`format_stage_config`, also reading the published ``None`` for no expansion;
+    raises ``ValueError`` saying which block is malformed and why."""
     blocks = []
-    for part in text.split("_"):
-        kernel, width, expand = part.split("#")
-        blocks.append(BlockChoice(int(kernel), int(width), float(expand)))
+    for number, part in enumerate(text.split("_"), start=1):
+        fields = part.split("#")
+        if len(fields) != 3:
+            raise ValueError(f"block {number} '{part}' has {len(fields)} '#'-separated field(s), expected kernel#width#expand")
+        kernel, width, expand = fields
+        try:
+            choice = BlockChoice(int(kernel), int(width), 0.0 if expand == NO_EXPANSION else float(expand))
+        except ValueError:
+            raise ValueError(
+                f"block {number} '{part}': kernel and width must be integers, expand a number or {NO_EXPANSION}"
+            ) from None
+        if choice.kernel < 1 or choice.width < 1 or not np.isfinite(choice.expand) or choice.expand < 0:
+            raise ValueError(
+                f"block {number} '{part}': kernel and width must be at least 1, expand finite and not negative"
+            )
+        blocks.append(choice)
     return tuple(blocks)
 
 
@@ -80,17 +100,22 @@ def write_lut_csv(path: str | Path, rows: Iterable[LutRow]) -> Path:
 
 
 def read_lut_csv(path: str | Path) -> list[LutRow]:
-    """Read one LUT file; a malformed line raises :class:`ArtifactError` naming the file and line."""
-    path = Path(path)
+    """Read one LUT file; a malformed line raises :class:`ArtifactError` naming the file, line and column."""
+    return [row for _, row in _read_numbered(Path(path))]
+
+
+#: Column names of a LUT line, in order, as error messages name them.
+COLUMNS = ("config", "input shape", "nsr loss", "MFLOPs", "MParams", "latency ms")
+
+
+def _read_numbered(path: Path) -> list[tuple[int, LutRow]]:
+    """The rows of one LUT file with their 1-based line numbers (blank lines skipped)."""
     try:
         text = path.read_text()
-    except OSError as error:
-        raise ArtifactError(f"{path}: cannot read block LUT file ({error.strerror or error})") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        rows.append(_parse_line(path, number, line))
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise ArtifactError(f"{path}: cannot read block LUT file ({reason})") from None
+    rows = [(number, _parse_line(path, number, line)) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not rows:
         raise ArtifactError(f"{path}: block LUT file has no rows")
     return rows
@@ -99,28 +124,33 @@ def read_lut_csv(path: str | Path) -> list[LutRow]:
 def _parse_line(path: Path, number: int, line: str) -> LutRow:
     fields = [f.strip() for f in line.split(",")]
     where = f"{path}, line {number}"
-    if len(fields) != 6:
+    if len(fields) != len(COLUMNS):
         raise ArtifactError(
-            f"{where}: expected 6 comma-separated fields (config, 1xCxHxW, nsr loss, MFLOPs, "
-            f"MParams, latency ms), got {len(fields)}"
+            f"{where}: expected {len(COLUMNS)} comma-separated columns ({', '.join(COLUMNS)}), got {len(fields)}"
         )
     config, shape_text, *numbers = fields
     try:
         parse_stage_config(config)
-    except ValueError:
-        raise ArtifactError(f"{where}: config '{config}' is not kernel#width#expand per block, '_'-joined") from None
+    except ValueError as error:
+        raise ArtifactError(
+            f"{where}, column 1 (config): '{config}' is not kernel#width#expand per block, '_'-joined: {error}"
+        ) from None
     try:
         shape = tuple(int(v) for v in shape_text.split("x"))
     except ValueError:
         shape = ()
     if len(shape) != 4 or min(shape) < 1:
-        raise ArtifactError(f"{where}: input shape '{shape_text}' is not 1xCxHxW")
-    try:
-        loss, mflops, mparams, latency = (float(v) for v in numbers)
-    except ValueError:
-        raise ArtifactError(f"{where}: nsr loss, MFLOPs, MParams and latency must be numbers, got {numbers}") from None
-    if not all(np.isfinite([loss, mflops, mparams, latency])) or latency < 0 or loss < 0:
-        raise ArtifactError(f"{where}: nsr loss and latency must be finite and not negative, got {loss}, {latency}")
+        raise ArtifactError(f"{where}, column 2 (input shape): '{shape_text}' is not 1xCxHxW with positive sizes")
+    values = []
+    for column, (name, text) in enumerate(zip(COLUMNS[2:], numbers), start=3):
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not np.isfinite(value) or value < 0:
+            raise ArtifactError(f"{where}, column {column} ({name}): '{text}' is not a finite number >= 0")
+        values.append(value)
+    loss, mflops, mparams, latency = values
     return LutRow(config, shape, loss, mflops, mparams, latency)  # type: ignore[arg-type]
 
 
@@ -171,18 +201,20 @@ class StageTable:
         )
 
 
-def _stage_table(path: Path, rows: list[LutRow], sizes: dict[int, int], resolutions: Sequence[int]) -> StageTable:
+def _stage_table(
+    path: Path, rows: list[tuple[int, LutRow]], sizes: dict[int, int], resolutions: Sequence[int]
+) -> StageTable:
     by_size: dict[int, list[int]] = {}
     for index, resolution in enumerate(resolutions):
         by_size.setdefault(sizes[resolution], []).append(index)
     groups: list[list[LutRow]] = [[] for _ in resolutions]
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         indices = by_size.get(row.input_size)
         if indices is None:
             allowed = ", ".join(f"{h} (r{r})" for r, h in sizes.items())
             raise ArtifactError(
-                f"{path}, row {number}: input size {row.input_size} fits no resolution of the "
-                f"hyperspace at this stage; allowed input sizes: {allowed}"
+                f"{path}, line {number}, column 2 (input shape): input size {row.input_size} fits no "
+                f"resolution of the hyperspace at this stage; allowed input sizes: {allowed}"
             )
         for index in indices:
             groups[index].append(row)
@@ -259,5 +291,5 @@ def load_block_lut(
     tables = {}
     for key in keys:
         path = directory / lut_filename(*key)
-        tables[key] = _stage_table(path, read_lut_csv(path), sizes[key[0] - 1], hyperspace.resolutions)
+        tables[key] = _stage_table(path, _read_numbered(path), sizes[key[0] - 1], hyperspace.resolutions)
     return BlockLUT(directory, hyperspace, tables)
