@@ -4,18 +4,23 @@ unreachable storage and the `spaceevo search --block-lut` command."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import random
+import re
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import yaml
 
+import spaceevo
 from spaceevo.cli import main
 from spaceevo.errors import RunMismatchError, UsageError
 from spaceevo.search.api import score_spaces, search_block_lut
@@ -230,3 +235,29 @@ def test_search_command(lut_dir, tmp_path, capsys):
     code = main(["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path / "x"),
                  "--latency-constraints", "1"])
     assert code == 2 and "smallest achievable latency" in capsys.readouterr().err
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    package = Path(spaceevo.__file__).resolve().parent
+    imported = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "spaceevo"}
+    assert {"optuna", "sqlalchemy", "torch"} <= third_party
+    pyproject = (package.parent / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[\n(.*?)^\]", pyproject, re.S | re.M).group(1)
+    declared = {_canonical(re.match(r'\s*"([A-Za-z0-9_.-]+)', line).group(1)) for line in block.splitlines() if line.strip()}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {
+        name: distributions.get(name, [name]) for name in third_party
+        if not {_canonical(d) for d in distributions.get(name, [name])} & declared
+    }
+    assert not undeclared, f"imported but not in pyproject.toml's dependencies: {undeclared}"
