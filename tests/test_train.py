@@ -236,6 +236,25 @@ def test_sandwich_step_with_an_infinite_weight_does_not_step(data) -> None:
     assert all(torch.equal(v, after[k]) for k, v in before.items()), "no optimizer step after a non-finite loss"
 
 
+def test_grad_norm_under_a_gradient_scaler_is_the_unscaled_norm(data) -> None:
+    """float16 autocast scales the loss; the logged norm is that of the true (unscaled) gradients.
+    A CPU scaler runs the same code path as the CUDA one (autocast itself is CUDA only)."""
+    x, y = next(iter(make_loader(data.train, 8, True, seed=0)))
+    norms, grads = [], []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        torch.manual_seed(0)
+        net = Supernet(load_space(SPACE))
+        initialize_weights(net)
+        step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, TrainConfig(batch_size=8), random.Random(0),
+                            scaler=scaler)
+        result = step(x, y)
+        assert result.finite
+        norms.append(result.grad_norm)
+        grads.append(float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])))
+    assert norms[1] == pytest.approx(grads[1], rel=1e-6), "the norm of the gradients the optimizer stepped with"
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4), "the same norm as without a scaler"
+
+
 def test_largest_only_step_trains_the_largest_subnet_alone(data) -> None:
     torch.manual_seed(0)
     space = load_space(SPACE)
