@@ -119,6 +119,9 @@ def _train(args: argparse.Namespace) -> None:
         resume=args.resume,
         threads=args.threads,
     )
+    if result.resumed_from == result.total_epochs:
+        print(f"spaceevo: {result.run_dir} already holds all {result.total_epochs} epochs of this training; nothing to do",
+              file=sys.stderr)
     _emit(args, result.summary())
 
 

@@ -24,7 +24,7 @@ from spaceevo.train import sandwich
 from spaceevo.train.bn import batchnorms, preserved_bn_state, recalibrate_bn
 from spaceevo.train.checkpoint import load_checkpoint
 from spaceevo.train.config import BUDGETS, TrainConfig
-from spaceevo.train.data import load_data, make_loader
+from spaceevo.train.data import FASHION_MNIST_FILES, load_data, make_loader
 from spaceevo.train.evaluate import evaluate
 from spaceevo.train.loop import train_supernet
 from spaceevo.train.optim import WarmupCosine, make_optimizer, parameter_groups
@@ -370,6 +370,52 @@ def test_resume_with_another_config_is_refused(smoke_run) -> None:
     run, *_ = smoke_run
     with pytest.raises(RunMismatchError, match="batch_size: run 32, now 8"):
         train_supernet(SPACE, run, config=BUDGETS["smoke"].replace(batch_size=8), resume=True, progress=False)
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, to))
+
+
+def test_resume_without_config_json_compares_the_checkpoints_config(smoke_run, tmp_path, capsys) -> None:
+    run = _copy_run(smoke_run[0], tmp_path / "run")
+    (run / "config.json").unlink()
+    files = {p: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    extra = [] if QAT else ["--qat-epochs", "0"]
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume",
+                           "--epochs", "3", "--seed", "1", *extra)
+    assert code == 2 and "Traceback" not in err
+    assert "last.pt was started with another training config (epochs: run 1, now 3; seed: run 0, now 1)" in err
+    assert "resume with --budget smoke" in err
+    assert {p: p.read_bytes() for p in (run / "checkpoints").iterdir()} == files
+    assert not (run / "config.json").exists() and not (run / "log.jsonl").read_text().count('"epoch": 3')
+
+    other = tmp_path / "other-data"  # the files exist (the check that runs first); the run is refused before reading them
+    other.mkdir()
+    for name in FASHION_MNIST_FILES:
+        (other / name).touch()
+    with pytest.raises(RunMismatchError, match="last.pt trains on data 'embedded', this command asks for 'fashion-mnist:"):
+        train_supernet(SPACE, run, data=f"fashion-mnist:{other}", budget="smoke", resume=True, progress=False)
+
+    # the same settings: nothing to train, says so, and config.json is written again
+    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    assert code == 0 and "already holds all" in err and "nothing to do" in err
+    assert {p: p.read_bytes() for p in (run / "checkpoints").iterdir()} == files
+    assert json.loads((run / "config.json").read_text())["config"] == load_checkpoint(run / "checkpoints" / "last.pt")["config"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"space": "tiny-1111-0000"}'])
+def test_corrupt_config_json_is_named_with_the_remedy(smoke_run, tmp_path, capsys, content) -> None:
+    run = _copy_run(smoke_run[0], tmp_path / "run")
+    (run / "config.json").write_text(content)
+    extra = [] if QAT else ["--qat-epochs", "0"]
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    assert code == 3 and "Traceback" not in err
+    assert f"{run / 'config.json'} is" in err and "delete it and run the same `spaceevo train` command with --resume" in err
+    (run / "config.json").unlink()  # the remedy works
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    assert code == 0 and "nothing to do" in err and (run / "config.json").exists()
 
 
 class _Interrupt(KeyboardInterrupt):
