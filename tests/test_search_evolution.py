@@ -23,6 +23,7 @@ import yaml
 import spaceevo
 from spaceevo.cli import main
 from spaceevo.errors import RunMismatchError, UsageError
+from spaceevo.search import evolution
 from spaceevo.search.api import score_spaces, search_block_lut
 from spaceevo.search.evolution import (
     Budget,
@@ -163,6 +164,80 @@ def test_killed_search_resumes_without_reevaluating_finished_trials(lut_dir, tmp
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed worker's trial, no longer claiming
     assert states.count(optuna.trial.TrialState.RUNNING) == 0
+
+
+KILLED_AFTER_ASK = textwrap.dedent(
+    """
+    import os, signal, sys
+    import optuna
+    from spaceevo.search.evolution import Budget, open_study, run_evolution
+    from spaceevo.search.lut import load_block_lut
+    from spaceevo.search.qt_score import QTScorer
+    from spaceevo.space import load_hyperspace
+
+    lut_dir, url = sys.argv[1], sys.argv[2]
+    hyperspace = load_hyperspace("tiny")
+    scorer = QTScorer(load_block_lut(lut_dir, hyperspace), [4.1, 4.6], samples=2000)
+    created = []
+    init = optuna.Trial.__init__
+
+    def init_then_die(self, study, trial_id):
+        init(self, study, trial_id)
+        created.append(trial_id)
+        if len(created) == 30:  # the last trial exists in storage; nothing else has been written to it
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    optuna.Trial.__init__ = init_then_die
+    run_evolution(open_study(url, {"test": 1}), hyperspace, lambda space: scorer.score(space), Budget(16, 4, 30),
+                  progress=False)
+    """
+)
+
+
+def test_search_killed_right_after_creating_a_trial_resumes_at_once(lut_dir, tmp_path, monkeypatch):
+    """The issue: killed between study.ask() and the trial's worker attribute, the re-run waited at
+    29/30 for the stale timeout (600 s). The orphan names its dead worker now, so it is freed at once:
+    the resumed search never sleeps waiting for it (a sleep here fails the test, no clock involved)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ASK, str(lut_dir), url], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert len(complete_trials(url)) == 29
+    study = open_study(url, {"test": 1})
+    orphan = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(orphan) == 1 and "space" not in orphan[0].user_attrs
+
+    def no_waiting(seconds):
+        raise AssertionError(f"the resumed search waited ({seconds} s) for the killed worker's trial")
+
+    monkeypatch.setattr(evolution.time, "sleep", no_waiting)
+    scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
+    result = run_evolution(study, TINY, lambda space: scorer.score(space), Budget(16, 4, 30), progress=False,
+                           stale_after_s=1e9)
+    assert result.evaluated_here == 1 and len(result.scores) == 30 == len({s.space for s in result.scores})
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and optuna.trial.TrialState.RUNNING not in states
+
+
+def test_waiting_for_other_workers_says_for_what(lut_dir, tmp_path, monkeypatch, capsys):
+    """A trial claimed by a live worker elsewhere (here: a RUNNING trial of another host) holds the
+    last place: the progress bar says which trial, whose, how long it has run and when it is freed."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(url, {"test": 1})
+    scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
+    run_evolution(study, TINY, lambda space: scorer.score(space), Budget(4, 2, 5), progress=False)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, user_attrs={"worker": "elsewhere:1"}))
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == 2:
+            raise KeyboardInterrupt  # the user gives up waiting
+
+    monkeypatch.setattr(evolution.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        run_evolution(study, TINY, lambda space: scorer.score(space), Budget(4, 2, 6), progress=True, stale_after_s=600)
+    err = capsys.readouterr().err
+    assert re.search(r"waiting for 1 space\(s\) of other workers: trial 5 \(elsewhere:1\) running \d+ s, freed after 600 s", err), err
 
 
 WORKER = textwrap.dedent(

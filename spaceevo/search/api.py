@@ -34,6 +34,7 @@ from spaceevo.search.evolution import (
 from spaceevo.search.lut import BlockLUT, load_block_lut
 from spaceevo.search.qt_score import FixedStageMs, QTScorer, SpaceScore, auto_constraints, check_constraints
 from spaceevo.space import CandidateSpace, Hyperspace, load_hyperspace
+from spaceevo.train.checkpoint import require_writable
 
 Constraints = Sequence[float] | Literal["auto"]
 
@@ -166,11 +167,13 @@ def search_block_lut(
     The study lives in ``storage`` (default: SQLite ``run_dir/search/study.db``); running the same
     call again resumes it, and ``workers`` > 1 starts that many processes on it (other machines can
     join with the same storage URL and settings). Writes ``run_dir/search/result.json`` and
-    ``run_dir/search/best_space.yaml`` atomically."""
+    ``run_dir/search/best_space.yaml`` atomically; an unwritable ``run_dir`` raises
+    :class:`~spaceevo.errors.ArtifactError` before any work."""
     if workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
     hyper = _hyperspace(hyperspace)
     sizes = budget_for(budget, hyper)
+    require_writable(Path(run_dir) / "search", "--run directory")
     url = storage_url(storage, run_dir)
     opened = open_storage(url)  # an unreachable storage fails before the LUT is read
     lut = load_block_lut(block_lut_dir, hyper)

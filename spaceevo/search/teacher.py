@@ -173,7 +173,7 @@ def check_teacher_fits(teacher: Teacher, hyperspace: Hyperspace, source: str) ->
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return load_state(path, TEACHER_FORMAT, "spaceevo teacher checkpoint", "train the teacher again or give another --teacher")
+    return load_state(path, TEACHER_FORMAT, "spaceevo teacher checkpoint", "delete it to train the teacher again, or give another --teacher")
 
 
 def load_teacher(path: str | Path, hyperspace: Hyperspace) -> Teacher:
