@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print JSON on stdout")
     search.set_defaults(
         handler=_search,
-        interrupt_hint="interrupted; finished spaces are in the study, run the same command again to resume",
+        interrupt_hint="interrupted; finished work is saved (teacher and block-KD epochs, LUT files, evaluated spaces), "
+                       "run the same command again to resume",
     )
 
     extract = commands.add_parser(

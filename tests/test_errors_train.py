@@ -5,12 +5,14 @@ a traceback; interrupted runs (SIGINT, ``kill -9``) resume on re-run without los
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,10 @@ from spaceevo.search import blockkd
 from spaceevo.search.blockkd import KDConfig, kd_jobs, train_job
 from spaceevo.search.teacher import Teacher, TeacherArch, TeacherConfig, load_teacher, train_teacher
 from spaceevo.space import load_hyperspace
-from spaceevo.train.checkpoint import save_checkpoint
+from spaceevo.train.checkpoint import load_checkpoint, save_checkpoint
+from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import load_data
+from spaceevo.train.loop import train_supernet
 
 SPACE = "tiny-1111-0000"
 TINY = load_hyperspace("tiny")
@@ -166,3 +170,189 @@ def test_storage_url_without_a_file_lists_the_allowed_forms(tmp_path, capsys, ur
     assert (code, out) == (2, "") and "Traceback" not in err
     assert err.startswith(f"spaceevo: error: --storage '{url}' {reason}")
     assert "allowed: sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db" in err and "journal:PATH" in err
+
+
+# ---- interruptions: kill -9 at a point inside a run, then the re-run -------------------------------
+
+KILL = "import os, signal\ndef die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+
+
+def run_killed(script: str, *args: str) -> None:
+    """Run ``script`` (which kills itself with SIGKILL at the point it chooses) in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", KILL + textwrap.dedent(script), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+TRAIN = TrainConfig(
+    epochs=2, qat_epochs=0, batch_size=16, lr=0.05, warmup_epochs=0.0, steps_per_epoch=2,
+    calibration_images=32, eval_images=64, reduce_range=True,
+)
+
+TRAIN_KILLED = """
+import json, os, sys, torch
+torch.set_num_threads(1)
+from spaceevo.train import sandwich
+from spaceevo.train.config import TrainConfig
+from spaceevo.train.loop import train_supernet
+
+run, config, point = sys.argv[1], TrainConfig.from_dict(json.loads(sys.argv[2])), sys.argv[3]
+if point == "mid-step":  # epoch 2, step 1, between two subnets' backward passes
+    calls, loss = [], sandwich.distillation_loss
+    def distillation_loss(*args):
+        calls.append(1)
+        if len(calls) == 3 * config.steps_per_epoch + 2:
+            die()
+        return loss(*args)
+    sandwich.distillation_loss = distillation_loss
+else:  # epoch 2's checkpoint written to its temporary file, not yet renamed
+    renames, replace = [], os.replace
+    def rename(src, dst):
+        if str(dst).endswith("last.pt"):
+            renames.append(1)
+            if len(renames) == 2:
+                die()
+        return replace(src, dst)
+    os.replace = rename
+train_supernet("tiny-1111-0000", run, config=config, progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def whole_training(tmp_path_factory) -> dict[str, torch.Tensor]:
+    run = tmp_path_factory.mktemp("whole") / "run"
+    train_supernet(SPACE, run, config=TRAIN, progress=False)
+    return load_checkpoint(run / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("point", ["mid-step", "checkpoint-write"])
+def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path, whole_training, point):
+    run = tmp_path / "run"
+    run_killed(TRAIN_KILLED, str(run), json.dumps(TRAIN.to_dict()), point)
+    kept = load_checkpoint(run / "checkpoints" / "last.pt")  # intact: the last finished epoch
+    assert kept["epoch"] == 1 and len((run / "log.jsonl").read_text().splitlines()) == 1
+    resumed = train_supernet(SPACE, run, config=TRAIN, resume=True, progress=False)
+    assert resumed.resumed_from == 1 and [r["epoch"] for r in resumed.history] == [1, 2]
+    final = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert_same_weights(final["model"], whole_training["model"])
+    assert [r["loss"] for r in final["history"]] == [r["loss"] for r in whole_training["history"]]
+
+
+TEACHER_KILLED = """
+import sys, torch
+torch.set_num_threads(1)
+from spaceevo.search import teacher as module
+from spaceevo.search.teacher import TeacherConfig, train_teacher
+from spaceevo.space import load_hyperspace
+from spaceevo.train.data import load_data
+
+saved, steps, save, resize = [], [], module._save, module.resize_batch
+def save_and_count(path, state):
+    save(path, state)
+    saved.append(state["epoch"])
+def resize_or_die(images, resolution):
+    if saved:
+        steps.append(1)
+        if len(steps) == 2:  # epoch 2, step 2: step 1 already changed the weights in memory
+            die()
+    return resize(images, resolution)
+module._save, module.resize_batch = save_and_count, resize_or_die
+train_teacher(__import__("pathlib").Path(sys.argv[1]), load_hyperspace("tiny"), load_data("embedded", 28, seed=0),
+              TeacherConfig(epochs=2, steps_per_epoch=2, batch_size=16, width_multiplier=0.5), show_progress=False)
+"""
+
+
+def test_teacher_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    config = TeacherConfig(epochs=2, steps_per_epoch=2, batch_size=16, width_multiplier=0.5)
+    datasets = load_data("embedded", 28, seed=0)
+    whole = train_teacher(tmp_path / "whole.pt", TINY, datasets, config, show_progress=False)
+    run_killed(TEACHER_KILLED, str(tmp_path / "cut.pt"))
+    resumed = train_teacher(tmp_path / "cut.pt", TINY, datasets, config, show_progress=False)
+    assert_same_weights(resumed.state_dict(), whole.state_dict())
+
+
+BLOCKKD_KILLED = """
+import sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from spaceevo.search import blockkd
+from spaceevo.search.blockkd import KDConfig, kd_jobs, train_job
+from spaceevo.search.teacher import Teacher, TeacherArch, TeacherConfig
+from spaceevo.space import load_hyperspace
+from spaceevo.train.data import load_data
+
+tiny = load_hyperspace("tiny")
+torch.manual_seed(0)
+teacher = Teacher(TeacherArch.for_hyperspace(tiny, TeacherConfig(width_multiplier=0.5))).eval()
+cache = blockkd.build_feature_cache(teacher, load_data("embedded", 28, seed=0).train, 32, tiny.resolutions,
+                                    show_progress=False)
+saved, losses, save, loss = [], [], blockkd._save, blockkd.nsr_loss
+def save_and_count(path, state):
+    save(path, state)
+    saved.append(state["epoch"])
+def loss_or_die(student, target):
+    if saved:
+        losses.append(1)
+        if len(losses) == 6:  # the QAT epoch, step 2, between two sub-stages' backward passes
+            die()
+    return loss(student, target)
+blockkd._save, blockkd.nsr_loss = save_and_count, loss_or_die
+config = KDConfig(epochs=1, qat_epochs=1, steps_per_epoch=2, batch_size=8, train_images=32)
+train_job(kd_jobs(tiny)[-6], teacher, "t", cache, config, Path(sys.argv[1]), reduce_range=True, show_progress=False)
+"""
+
+
+def test_block_kd_job_killed_mid_qat_resumes_to_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    teacher = Teacher(TeacherArch.for_hyperspace(TINY, TeacherConfig(width_multiplier=0.5))).eval()
+    cache = blockkd.build_feature_cache(teacher, load_data("embedded", 28, seed=0).train, 32, TINY.resolutions,
+                                        show_progress=False)
+    job = kd_jobs(TINY)[-6]
+    config = KDConfig(epochs=1, qat_epochs=1, steps_per_epoch=2, batch_size=8, train_images=32)
+    whole = train_job(job, teacher, "t", cache, config, tmp_path / "whole", reduce_range=True, show_progress=False)
+    run_killed(BLOCKKD_KILLED, str(tmp_path / "cut"))
+    assert not (tmp_path / "cut" / f"{job.name}.done").exists()
+    assert torch.load(tmp_path / "cut" / f"{job.name}.pt", weights_only=True)["epoch"] == 1
+    resumed = train_job(job, teacher, "t", cache, config, tmp_path / "cut", reduce_range=True, show_progress=False)
+    assert_same_weights(resumed.state_dict(), whole.state_dict())
+    assert (tmp_path / "cut" / f"{job.name}.done").exists()
+
+
+# ---- interruptions: SIGINT (Ctrl-C) ---------------------------------------------------------------
+
+
+def interrupt_when(argv: list[str], ready) -> subprocess.CompletedProcess:
+    """Run ``spaceevo ARGV`` in a fresh process and send it SIGINT once ``ready()`` holds."""
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from spaceevo.cli import main; sys.exit(main())", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not ready():
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
+def test_training_interrupted_by_sigint_exits_130_with_the_hint_and_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--epochs", "2", "--qat-epochs", "0",
+            "--threads", "1"]
+    log = run / "log.jsonl"
+    done = interrupt_when(argv, lambda: log.exists() and log.read_text().count("\n") == 1)  # in epoch 2
+    assert done.returncode == 130 and done.stdout == "" and "Traceback" not in done.stderr
+    assert "spaceevo: interrupted; finished epochs are saved, run the same command with --resume to continue" in done.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    code, out, err = run_cli(capsys, *argv, "--resume", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs"] == "2/2"

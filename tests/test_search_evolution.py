@@ -7,8 +7,10 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -238,6 +240,131 @@ def test_waiting_for_other_workers_says_for_what(lut_dir, tmp_path, monkeypatch,
         run_evolution(study, TINY, lambda space: scorer.score(space), Budget(4, 2, 6), progress=True, stale_after_s=600)
     err = capsys.readouterr().err
     assert re.search(r"waiting for 1 space\(s\) of other workers: trial 5 \(elsewhere:1\) running \d+ s, freed after 600 s", err), err
+
+
+SEARCH_COMMAND = textwrap.dedent(
+    """
+    import sys, time
+    from spaceevo.cli import main
+    from spaceevo.search.qt_score import QTScorer
+
+    score = QTScorer.score
+    def slower(self, *args, **kwargs):  # at least 0.05 s per space: the signal lands mid-search
+        time.sleep(0.05)
+        return score(self, *args, **kwargs)
+    QTScorer.score = slower
+    sys.exit(main())
+    """
+)
+
+
+def test_search_interrupted_by_sigint_exits_130_with_the_hint_and_resumes(lut_dir, tmp_path, capsys):
+    import sqlite3
+
+    argv = ["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path), "--budget", "smoke",
+            "--samples", "500", "--latency-constraints", "4.1", "4.6"]
+    database = tmp_path / "search" / "study.db"
+
+    def complete() -> int:
+        if not database.exists():
+            return 0
+        try:
+            with sqlite3.connect(database, timeout=5) as connection:
+                return connection.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.OperationalError:  # the tables are being created
+            return 0
+
+    process = subprocess.Popen([sys.executable, "-c", SEARCH_COMMAND, *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        while complete() < 1:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and out == "" and "Traceback" not in err
+    assert ("spaceevo: interrupted; finished work is saved (teacher and block-KD epochs, LUT files, evaluated spaces), "
+            "run the same command again to resume") in err
+    before = complete()
+    assert 1 <= before < 48
+
+    code = main([*argv, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["evaluated"] == 48 and summary["evaluated_here"] == 48 - before
+    trials = optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(summary["storage"])).get_trials()
+    spaces = [t.user_attrs["space"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(spaces) == 48 == len(set(spaces))
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(url)).get_trials()
+    except (KeyError, UsageError):  # the study is being created
+        return []
+
+
+def _pid(trial: optuna.trial.FrozenTrial) -> int:
+    return int(trial.user_attrs["worker"].rpartition(":")[2])
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, which an init that does not reap leaves, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _search_with_a_helper(lut_dir: Path, run: Path) -> tuple[subprocess.Popen, str, int]:
+    """``spaceevo search --workers 2`` (budget default: far from done when stopped), once the helper
+    process has finished a space: the process, the storage URL and the helper's pid."""
+    argv = ["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(run), "--budget", "default",
+            "--samples", "500", "--latency-constraints", "4.1", "4.6", "--workers", "2"]
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from spaceevo.cli import main; sys.exit(main())", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"sqlite:///{run.resolve() / 'search' / 'study.db'}"
+    while True:
+        assert process.poll() is None, process.communicate()
+        helpers = {_pid(t) for t in _trials(url) if t.state == optuna.trial.TrialState.COMPLETE} - {process.pid}
+        if helpers:
+            return process, url, helpers.pop()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("to", ["the main process", "the process group (Ctrl-C)"])
+def test_search_with_helpers_interrupted_by_sigint_stops_them(lut_dir, tmp_path, to):
+    process, url, helper = _search_with_a_helper(lut_dir, tmp_path / "run")
+    if to == "the main process":
+        process.send_signal(signal.SIGINT)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert "spaceevo: interrupted;" in err
+    assert not _alive(helper), "the helper stopped with the search"
+    trials = _trials(url)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) < 1000, "it did not search on alone"
+    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert all(evolution.is_abandoned(t, stale_after_s=1e9) for t in running), "a re-run frees their claims at once"
+
+
+def test_search_helpers_end_when_the_search_is_killed(lut_dir, tmp_path):
+    process, url, helper = _search_with_a_helper(lut_dir, tmp_path / "run")
+    process.kill()
+    process.communicate()
+    for _ in range(600):  # the helper notices within about half a second; this bounds a failure, it times nothing
+        if not _alive(helper):
+            break
+        time.sleep(0.1)
+    assert not _alive(helper), "the helper outlived the killed search"
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in _trials(url))
+    assert complete < 1000, "the helper searched on alone"
 
 
 WORKER = textwrap.dedent(

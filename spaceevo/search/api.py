@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -184,7 +187,14 @@ def search_block_lut(
     config = _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed)
     study = open_study(url, config, storage=opened)  # a foreign study is refused before any helper starts
     helpers = _start_workers(workers - 1, block_lut_dir, hyper.source or hyper.name, constraints, url, budget, seed, fixed_stage_ms, samples)
-    result = _evolve(study, hyper, lut, constraints, sizes, seed, fixed_stage_ms, samples, progress)
+    try:
+        result = _evolve(study, hyper, lut, constraints, sizes, seed, fixed_stage_ms, samples, progress)
+    except BaseException:  # interrupted or failed: the helpers stop too (their claims are freed at once)
+        for helper in helpers:
+            helper.terminate()
+        for helper in helpers:
+            helper.join()
+        raise
     for helper in helpers:
         helper.join()
     failed = [h.exitcode for h in helpers if h.exitcode != 0]
@@ -275,12 +285,32 @@ def _worker_main(
     fixed_stage_ms: FixedStageMs,
     samples: int,
 ) -> None:
-    """A helper process of ``search_block_lut``: the same loop on the same study, without a bar."""
+    """A helper process of ``search_block_lut``: the same loop on the same study, without a bar. It
+    ends with the process that started it, also when that one is killed (``kill -9``), and quietly on
+    Ctrl-C (the starting process reports it)."""
+    _exit_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    hyper = load_hyperspace(hyperspace)
-    lut = load_block_lut(block_lut_dir, hyper)
-    study = open_study(url, _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed))
-    _evolve(study, hyper, lut, constraints, budget_for(budget, hyper), seed, fixed_stage_ms, samples, progress=False)
+    try:
+        hyper = load_hyperspace(hyperspace)
+        lut = load_block_lut(block_lut_dir, hyper)
+        study = open_study(url, _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed))
+        _evolve(study, hyper, lut, constraints, budget_for(budget, hyper), seed, fixed_stage_ms, samples, progress=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this process as soon as its parent is gone (a thread polls the parent's id): an orphaned
+    helper would otherwise search on alone. Its claimed trial is freed at once by the next worker
+    on this host (:func:`~spaceevo.search.evolution.is_abandoned`)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _search_config(
