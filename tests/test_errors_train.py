@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from spaceevo.cli import main
-from spaceevo.errors import ArtifactError
+from spaceevo.errors import ArtifactError, RunMismatchError
 from spaceevo.search import blockkd
 from spaceevo.search.blockkd import KDConfig, kd_jobs, train_job
 from spaceevo.search.teacher import Teacher, TeacherArch, TeacherConfig, load_teacher, train_teacher
@@ -149,6 +149,19 @@ def test_corrupt_block_kd_checkpoint_is_named_with_the_remedy(tmp_path):
     config = KDConfig(epochs=1, qat_epochs=0, steps_per_epoch=1, batch_size=8, train_images=16)
     with pytest.raises(ArtifactError, match=r"is not a spaceevo block-KD checkpoint \(truncated or corrupt\): delete it"):
         train_job(job, teacher, "t", cache, config, tmp_path, reduce_range=True, show_progress=False)
+
+
+# ---- settings that differ from a stored run --------------------------------------------------------
+
+
+def test_teacher_of_other_settings_names_each_differing_field(tmp_path):
+    datasets = load_data("embedded", 28, seed=0)
+    config = TeacherConfig(epochs=1, steps_per_epoch=1, batch_size=8, width_multiplier=0.5, eval_images=16)
+    train_teacher(tmp_path / "teacher.pt", TINY, datasets, config, show_progress=False)
+    other = TeacherConfig(epochs=1, steps_per_epoch=1, batch_size=8, width_multiplier=0.5, eval_images=16, lr=0.2, seed=1)
+    with pytest.raises(RunMismatchError) as info:
+        train_teacher(tmp_path / "teacher.pt", TINY, datasets, other, show_progress=False)
+    assert "holds a teacher trained with other settings (lr: stored 0.1, now 0.2; seed: stored 0, now 1)" in str(info.value)
 
 
 # ---- storage URLs -------------------------------------------------------------------------------------
