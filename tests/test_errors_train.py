@@ -139,6 +139,16 @@ def test_corrupt_teacher_checkpoint_is_named_with_the_remedy(tmp_path, corruptio
     assert str(info.value).startswith(expected)
 
 
+def test_corrupt_teacher_given_to_search_is_named_before_any_work(tmp_path, capsys):
+    teacher = tmp_path / "teacher.pt"
+    CORRUPTIONS["empty"](teacher)
+    code, out, err = run_cli(capsys, "search", "--space", "tiny", "--run", str(tmp_path / "run"), "--budget", "smoke",
+                             "--teacher", str(teacher), "--tables", str(tmp_path / "tables"))
+    assert (code, out) == (3, "") and "Traceback" not in err
+    assert f"{teacher} is not a spaceevo teacher checkpoint (truncated or corrupt)" in err
+    assert not (tmp_path / "tables").exists(), "refused before the latency table is built"
+
+
 def test_corrupt_block_kd_checkpoint_is_named_with_the_remedy(tmp_path):
     datasets = load_data("embedded", 28, seed=0)
     teacher = Teacher(TeacherArch.for_hyperspace(TINY, TeacherConfig(width_multiplier=0.5))).eval()
