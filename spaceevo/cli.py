@@ -119,6 +119,9 @@ def _train(args: argparse.Namespace) -> None:
         resume=args.resume,
         threads=args.threads,
     )
+    if result.resumed_from == result.total_epochs:
+        print(f"spaceevo: {result.run_dir} already holds all {result.total_epochs} epochs of this training; nothing to do",
+              file=sys.stderr)
     _emit(args, result.summary())
 
 
@@ -430,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print JSON on stdout")
     search.set_defaults(
         handler=_search,
-        interrupt_hint="interrupted; finished spaces are in the study, run the same command again to resume",
+        interrupt_hint="interrupted; finished work is saved (teacher and block-KD epochs, LUT files, evaluated spaces), "
+                       "run the same command again to resume",
     )
 
     extract = commands.add_parser(

@@ -23,7 +23,7 @@ from spaceevo.train import sandwich
 from spaceevo.train.bn import batchnorms, preserved_bn_state, recalibrate_bn
 from spaceevo.train.checkpoint import load_checkpoint
 from spaceevo.train.config import BUDGETS, TrainConfig
-from spaceevo.train.data import load_data, make_loader
+from spaceevo.train.data import FASHION_MNIST_FILES, load_data, make_loader
 from spaceevo.train.evaluate import evaluate
 from spaceevo.train.loop import train_supernet
 from spaceevo.train.optim import WarmupCosine, make_optimizer, parameter_groups
@@ -82,12 +82,12 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 def test_config_budgets_and_validation() -> None:
     assert set(BUDGETS) == {"smoke", "default"}
     smoke = TrainConfig.preset("smoke", epochs=3, seed=None)
-    assert smoke.epochs == 3 and smoke.seed == 0 and smoke.num_random_subnets == 2 and smoke.distill == "kl"
+    assert smoke.epochs == 3 and smoke.seed == 0 and smoke.num_random_subnets == 2
+    assert "distill" not in smoke.to_dict()  # KL at temperature 1 is the only distillation loss, not a setting
     assert TrainConfig.from_dict(smoke.to_dict()) == smoke
+    assert TrainConfig.from_dict({**smoke.to_dict(), "distill": "kl"}) == smoke  # a field of older runs
     with pytest.raises(UsageError, match="batch_size=0"):
         TrainConfig(batch_size=0)
-    with pytest.raises(UsageError, match="distill.*allowed: kl"):
-        TrainConfig(distill="alpha")
     with pytest.raises(UsageError, match="unknown training budget 'huge'.*smoke, default"):
         TrainConfig.preset("huge")
     with pytest.raises(UsageError, match="unknown field"):
@@ -231,6 +231,25 @@ def test_sandwich_step_with_an_infinite_weight_does_not_step(data) -> None:
     assert all(torch.equal(v, after[k]) for k, v in before.items()), "no optimizer step after a non-finite loss"
 
 
+def test_grad_norm_under_a_gradient_scaler_is_the_unscaled_norm(data) -> None:
+    """float16 autocast scales the loss; the logged norm is that of the true (unscaled) gradients.
+    A CPU scaler runs the same code path as the CUDA one (autocast itself is CUDA only)."""
+    x, y = next(iter(make_loader(data.train, 8, True, seed=0)))
+    norms, grads = [], []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        torch.manual_seed(0)
+        net = Supernet(load_space(SPACE))
+        initialize_weights(net)
+        step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, TrainConfig(batch_size=8), random.Random(0),
+                            scaler=scaler)
+        result = step(x, y)
+        assert result.finite
+        norms.append(result.grad_norm)
+        grads.append(float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])))
+    assert norms[1] == pytest.approx(grads[1], rel=1e-6), "the norm of the gradients the optimizer stepped with"
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4), "the same norm as without a scaler"
+
+
 def test_largest_only_step_trains_the_largest_subnet_alone(data) -> None:
     torch.manual_seed(0)
     space = load_space(SPACE)
@@ -345,6 +364,52 @@ def test_resume_with_another_config_is_refused(smoke_run) -> None:
     run, *_ = smoke_run
     with pytest.raises(RunMismatchError, match="batch_size: run 32, now 8"):
         train_supernet(SPACE, run, config=BUDGETS["smoke"].replace(batch_size=8), resume=True, progress=False)
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, to))
+
+
+def test_resume_without_config_json_compares_the_checkpoints_config(smoke_run, tmp_path, capsys) -> None:
+    run = _copy_run(smoke_run[0], tmp_path / "run")
+    (run / "config.json").unlink()
+    files = {p: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    extra = [] if QAT else ["--qat-epochs", "0"]
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume",
+                           "--epochs", "3", "--seed", "1", *extra)
+    assert code == 2 and "Traceback" not in err
+    assert "last.pt was started with another training config (epochs: run 1, now 3; seed: run 0, now 1)" in err
+    assert "resume with --budget smoke" in err
+    assert {p: p.read_bytes() for p in (run / "checkpoints").iterdir()} == files
+    assert not (run / "config.json").exists() and not (run / "log.jsonl").read_text().count('"epoch": 3')
+
+    other = tmp_path / "other-data"  # the files exist (the check that runs first); the run is refused before reading them
+    other.mkdir()
+    for name in FASHION_MNIST_FILES:
+        (other / name).touch()
+    with pytest.raises(RunMismatchError, match="last.pt trains on data 'embedded', this command asks for 'fashion-mnist:"):
+        train_supernet(SPACE, run, data=f"fashion-mnist:{other}", budget="smoke", resume=True, progress=False)
+
+    # the same settings: nothing to train, says so, and config.json is written again
+    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    assert code == 0 and "already holds all" in err and "nothing to do" in err
+    assert {p: p.read_bytes() for p in (run / "checkpoints").iterdir()} == files
+    assert json.loads((run / "config.json").read_text())["config"] == load_checkpoint(run / "checkpoints" / "last.pt")["config"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"space": "tiny-1111-0000"}'])
+def test_corrupt_config_json_is_named_with_the_remedy(smoke_run, tmp_path, capsys, content) -> None:
+    run = _copy_run(smoke_run[0], tmp_path / "run")
+    (run / "config.json").write_text(content)
+    extra = [] if QAT else ["--qat-epochs", "0"]
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    assert code == 3 and "Traceback" not in err
+    assert f"{run / 'config.json'} is" in err and "delete it and run the same `spaceevo train` command with --resume" in err
+    (run / "config.json").unlink()  # the remedy works
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    assert code == 0 and "nothing to do" in err and (run / "config.json").exists()
 
 
 class _Interrupt(KeyboardInterrupt):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -34,6 +37,7 @@ from spaceevo.search.evolution import (
 from spaceevo.search.lut import BlockLUT, load_block_lut
 from spaceevo.search.qt_score import FixedStageMs, QTScorer, SpaceScore, auto_constraints, check_constraints
 from spaceevo.space import CandidateSpace, Hyperspace, load_hyperspace
+from spaceevo.train.checkpoint import require_writable
 
 Constraints = Sequence[float] | Literal["auto"]
 
@@ -166,11 +170,13 @@ def search_block_lut(
     The study lives in ``storage`` (default: SQLite ``run_dir/search/study.db``); running the same
     call again resumes it, and ``workers`` > 1 starts that many processes on it (other machines can
     join with the same storage URL and settings). Writes ``run_dir/search/result.json`` and
-    ``run_dir/search/best_space.yaml`` atomically."""
+    ``run_dir/search/best_space.yaml`` atomically; an unwritable ``run_dir`` raises
+    :class:`~spaceevo.errors.ArtifactError` before any work."""
     if workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
     hyper = _hyperspace(hyperspace)
     sizes = budget_for(budget, hyper)
+    require_writable(Path(run_dir) / "search", "--run directory")
     url = storage_url(storage, run_dir)
     opened = open_storage(url)  # an unreachable storage fails before the LUT is read
     lut = load_block_lut(block_lut_dir, hyper)
@@ -181,7 +187,14 @@ def search_block_lut(
     config = _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed)
     study = open_study(url, config, storage=opened)  # a foreign study is refused before any helper starts
     helpers = _start_workers(workers - 1, block_lut_dir, hyper.source or hyper.name, constraints, url, budget, seed, fixed_stage_ms, samples)
-    result = _evolve(study, hyper, lut, constraints, sizes, seed, fixed_stage_ms, samples, progress)
+    try:
+        result = _evolve(study, hyper, lut, constraints, sizes, seed, fixed_stage_ms, samples, progress)
+    except BaseException:  # interrupted or failed: the helpers stop too (their claims are freed at once)
+        for helper in helpers:
+            helper.terminate()
+        for helper in helpers:
+            helper.join()
+        raise
     for helper in helpers:
         helper.join()
     failed = [h.exitcode for h in helpers if h.exitcode != 0]
@@ -272,12 +285,32 @@ def _worker_main(
     fixed_stage_ms: FixedStageMs,
     samples: int,
 ) -> None:
-    """A helper process of ``search_block_lut``: the same loop on the same study, without a bar."""
+    """A helper process of ``search_block_lut``: the same loop on the same study, without a bar. It
+    ends with the process that started it, also when that one is killed (``kill -9``), and quietly on
+    Ctrl-C (the starting process reports it)."""
+    _exit_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    hyper = load_hyperspace(hyperspace)
-    lut = load_block_lut(block_lut_dir, hyper)
-    study = open_study(url, _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed))
-    _evolve(study, hyper, lut, constraints, budget_for(budget, hyper), seed, fixed_stage_ms, samples, progress=False)
+    try:
+        hyper = load_hyperspace(hyperspace)
+        lut = load_block_lut(block_lut_dir, hyper)
+        study = open_study(url, _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed))
+        _evolve(study, hyper, lut, constraints, budget_for(budget, hyper), seed, fixed_stage_ms, samples, progress=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this process as soon as its parent is gone (a thread polls the parent's id): an orphaned
+    helper would otherwise search on alone. Its claimed trial is freed at once by the next worker
+    on this host (:func:`~spaceevo.search.evolution.is_abandoned`)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _search_config(

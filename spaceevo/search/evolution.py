@@ -98,6 +98,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open any Optuna RDB URL (``sqlite:///…``, ``postgresql://…``, ``mysql://…``) or a journal file
     (``journal:PATH`` or ``journal:///abs/path``); a storage that cannot be opened raises
     :class:`UsageError` saying why."""
+    _check_storage_url(url)
     for attempt in range(5):
         try:
             return _open_storage(url)
@@ -107,11 +108,33 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables right now
                 continue
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(
-                f"cannot open Optuna storage '{url}': {reason} (expected an RDB URL such as "
-                f"sqlite:///DIR/study.db or postgresql://user@host/db, or journal:PATH)"
-            ) from None
+            raise UsageError(f"cannot open Optuna storage '{url}': {reason} (allowed: {STORAGE_FORMS})") from None
     raise AssertionError("unreachable")
+
+
+STORAGE_FORMS = (
+    "sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db, another RDB URL such as "
+    "postgresql://USER@HOST/DB, or journal:PATH"
+)
+"""The storage URLs a search or an extraction accepts, as messages name them."""
+
+
+def _check_storage_url(url: str) -> None:
+    """:class:`UsageError` for a URL that names no shared, persistent study: no scheme, an empty
+    journal path, or an SQLite URL without a file (in-memory, lost when the process ends)."""
+    scheme, sep, rest = url.partition("://")
+    if url.startswith("journal:"):
+        if not url[len("journal:") :].removeprefix("//"):
+            raise UsageError(f"--storage '{url}' names no journal file; allowed: {STORAGE_FORMS}")
+    elif not sep:
+        raise UsageError(f"--storage '{url}' is not a storage URL; allowed: {STORAGE_FORMS}")
+    elif scheme.partition("+")[0] == "sqlite":
+        path = rest.partition("?")[0]
+        if not path.startswith("/") or path[1:] in ("", ":memory:"):
+            raise UsageError(
+                f"--storage '{url}' names no database file (SQLite would keep the study in memory, lost when "
+                f"the process ends); allowed: {STORAGE_FORMS}"
+            )
 
 
 def _open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -172,8 +195,20 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def ask_as_worker(study: optuna.Study) -> optuna.Trial:
+    """A new RUNNING trial that carries this process's ``worker`` attribute from its creation (one
+    storage write). ``study.ask()`` followed by ``set_user_attr("worker", …)`` leaves a trial
+    without a worker when the process is killed in between, which no one can tell from a live one
+    until ``stale_after_s``; a trial made here always names its process, so a killed worker's trial
+    is freed at once (:func:`is_abandoned`)."""
+    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"worker": worker_id()})
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)  # what study.ask() does
+    return optuna.Trial(study, trial_id)
+
+
 def is_abandoned(trial: FrozenTrial, stale_after_s: float) -> bool:
-    """A RUNNING trial whose worker process is gone (same host) or that has run too long."""
+    """A RUNNING trial whose worker process is gone (same host) or that has run too long (a trial
+    of another host, or one without a ``worker``, as :func:`ask_as_worker` never makes)."""
     host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
     if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
         try:
@@ -321,6 +356,7 @@ def run_evolution(
             if len(finished) >= budget.total:
                 break
             if len(finished) + len(running) >= budget.total:
+                bar.set_postfix_str(_waiting_for(running, stale_after_s), refresh=True)
                 time.sleep(poll_s)  # the last spaces are being evaluated by other workers
                 continue
             if _step(study, hyperspace, evaluate, budget, seed, finished):
@@ -331,6 +367,18 @@ def run_evolution(
         bar.close()
     latest = finished_in_order(study.get_trials(deepcopy=False))
     return EvolutionResult([trial_score(t) for t in latest], evaluated_here)
+
+
+def _waiting_for(running: Sequence[FrozenTrial], stale_after_s: float) -> str:
+    """What a worker waits for when the last spaces are claimed by others: the oldest claim, its
+    worker and when it is freed if that worker never finishes it."""
+    oldest = min(running, key=lambda t: t.datetime_start or datetime.now())
+    age = (datetime.now() - (oldest.datetime_start or datetime.now())).total_seconds()
+    worker = oldest.user_attrs.get("worker", "no worker recorded")
+    return (
+        f"waiting for {len(running)} space(s) of other workers: trial {oldest.number} ({worker}) running "
+        f"{age:.0f} s, freed after {stale_after_s:.0f} s"
+    )
 
 
 def _exhausted(study: optuna.Study, hyperspace: Hyperspace) -> bool:
@@ -347,9 +395,8 @@ def _step(
     finished: list[FrozenTrial],
 ) -> bool:
     """Ask one trial, claim a space for it, evaluate and tell; False if it backed off."""
-    trial = study.ask()
+    trial = ask_as_worker(study)
     try:
-        trial.set_user_attr("worker", worker_id())
         others = [t for t in study.get_trials(deepcopy=False, states=CLAIMS) if t.number != trial.number]
         rank = sum(1 for t in others if t.state == TrialState.COMPLETE or t.number < trial.number)
         if rank >= budget.total:  # not among the first T: another worker takes the last places

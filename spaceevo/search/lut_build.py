@@ -281,9 +281,9 @@ def _check_lut_record(path: Path, wanted: dict) -> None:
         raise ArtifactError(f"{path} is unreadable ({error}); delete it") from None
     differing = [k for k in wanted if stored.get(k) != wanted[k]]
     if differing:
+        details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {wanted[k]!r}" for k in differing)
         raise RunMismatchError(
-            f"{path.parent} holds block LUTs of another {', '.join(differing)} "
-            f"(stored: {', '.join(repr(stored.get(k)) for k in differing)}); use another run directory"
+            f"{path.parent} holds block LUTs of another {', '.join(differing)} ({details}); use another run directory"
         )
 
 

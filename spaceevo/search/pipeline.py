@@ -25,7 +25,9 @@ from spaceevo.search.api import Constraints, SearchResult, search_block_lut
 from spaceevo.search.lut import load_block_lut
 from spaceevo.search.lut_build import LUT_RECORD, build_block_luts
 from spaceevo.search.qt_score import QTScorer, space_rng
+from spaceevo.search.teacher import load_teacher
 from spaceevo.space import CandidateSpace, Hyperspace, load_hyperspace
+from spaceevo.train.checkpoint import require_writable
 
 PLOT_SAMPLES = 1500
 MBV3_BLOCK = "mbv3_se"
@@ -98,6 +100,9 @@ def search_space(
     from spaceevo.latency.api import build_table
 
     hyper = load_hyperspace(hyperspace) if isinstance(hyperspace, str) else hyperspace
+    require_writable(Path(run_dir) / "search", "--run directory")
+    if teacher_path is not None:
+        load_teacher(teacher_path, hyper)  # a missing, corrupt or unfitting --teacher fails before the latency table
     lut_budget = "default" if budget == "full" else budget
     build_table(hyper, device, 1, tables, show_progress=show_progress)  # loads a complete table at once
     lut_dir = build_block_luts(

@@ -173,7 +173,7 @@ def check_teacher_fits(teacher: Teacher, hyperspace: Hyperspace, source: str) ->
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return load_state(path, TEACHER_FORMAT, "spaceevo teacher checkpoint", "train the teacher again or give another --teacher")
+    return load_state(path, TEACHER_FORMAT, "spaceevo teacher checkpoint", "delete it to train the teacher again, or give another --teacher")
 
 
 def load_teacher(path: str | Path, hyperspace: Hyperspace) -> Teacher:
@@ -235,10 +235,16 @@ def train_teacher(
     start, history = 0, []
     if path.exists():
         state = _read(path)
-        if state.get("hyperspace_digest") != hyperspace.digest or state.get("config") != asdict(config):
+        stored, wanted = state.get("config") or {}, asdict(config)
+        differing = [f"{key}: stored {stored.get(key)!r}, now {wanted[key]!r}" for key in wanted if stored.get(key) != wanted[key]]
+        if state.get("hyperspace_digest") != hyperspace.digest:
+            differing.insert(
+                0, f"hyperspace YAML: stored {state.get('hyperspace')} (digest {state.get('hyperspace_digest')}), "
+                f"now {hyperspace.name} (digest {hyperspace.digest})",
+            )
+        if differing:
             raise RunMismatchError(
-                f"{path} holds a teacher of another hyperspace YAML or teacher config "
-                f"(stored: {state.get('hyperspace')} {state.get('config')}; asked: {hyperspace.name} {asdict(config)}); "
+                f"{path} holds a teacher trained with other settings ({'; '.join(differing)}); "
                 f"use another run directory or pass it as --teacher"
             )
         teacher.load_state_dict(state["model"])

@@ -15,9 +15,6 @@ from typing import Any
 
 from spaceevo.errors import UsageError
 
-DISTILL_LOSSES = ("kl",)
-"""Distillation losses of the in-place distilled subnets (KL divergence at temperature 1)."""
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -55,7 +52,6 @@ class TrainConfig:
     qat_warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     num_random_subnets: int = 2
-    distill: str = "kl"
     seed: int = 0
     workers: int | None = None
     steps_per_epoch: int | None = None
@@ -100,8 +96,6 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value < 1:
                 raise bad(name, "a number in [0, 1)")
-        if self.distill not in DISTILL_LOSSES:
-            raise bad("distill", ", ".join(DISTILL_LOSSES))
         for name in ("zero_init_residual", "amp"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")

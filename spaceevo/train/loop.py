@@ -53,6 +53,7 @@ from spaceevo.train.checkpoint import (
     check_space,
     load_checkpoint,
     read_run_record,
+    require_writable,
     run_record,
     save_checkpoint,
     write_config,
@@ -155,8 +156,10 @@ def train_supernet(
     ``config`` (default: the ``budget`` preset) with ``epochs``, ``qat_epochs``, ``largest_epochs``,
     ``seed`` and ``eval_every`` overriding it when given (:meth:`TrainConfig.override`). A run directory that
     already holds a checkpoint is continued only with ``resume=True`` and only for the same space,
-    hyperspace YAML, data and config (:class:`~spaceevo.errors.RunMismatchError` otherwise); a
-    finished run returns at once.
+    hyperspace YAML, data and config, compared with the checkpoint itself
+    (:class:`~spaceevo.errors.RunMismatchError` naming each differing field otherwise); a finished
+    run returns at once. An unwritable ``run`` raises :class:`~spaceevo.errors.ArtifactError` before
+    any work.
     ``threads`` sets torch's intra-op threads for this process (None: leave them). ``progress``
     shows a progress bar per epoch on stderr (rank 0 only); ``on_epoch_end(record)`` is called after
     each epoch's checkpoint and log are written. A NaN or infinite
@@ -174,13 +177,16 @@ def train_supernet(
     config = (config or TrainConfig.preset(budget)).override(
         epochs=epochs, qat_epochs=qat_epochs, largest_epochs=largest_epochs, seed=seed, eval_every=eval_every
     )
+    run_dir = RunDir(Path(run))
+    for folder in (run_dir.path, run_dir.checkpoint.parent):
+        require_writable(folder, "--run directory")
     if config.reduce_range is None:
         from spaceevo.latency.fingerprint import device_fingerprint
 
         config = config.replace(reduce_range=device_fingerprint("cpu").reduce_range)
     created = ddp.init_from_env()
     try:
-        trainer = _Trainer(candidate, spec, config, RunDir(Path(run)), progress, on_epoch_end)
+        trainer = _Trainer(candidate, spec, config, run_dir, progress, on_epoch_end)
         return trainer.run(resume, started)
     finally:
         ddp.shutdown(created)
@@ -220,7 +226,8 @@ class _Trainer:
         )
 
     def _open_run(self, resume: bool) -> dict[str, Any] | None:
-        """The checkpoint to continue from (None: a fresh run); checks it fits this request."""
+        """The checkpoint to continue from (None: a fresh run); checks that it, and ``config.json``
+        where present, hold what this call asks for."""
         run = self.run_dir
         if not run.checkpoint.exists():
             return None
@@ -237,9 +244,11 @@ class _Trainer:
                 f"{run.path} already holds a training run ({run.checkpoint}, epoch "
                 f"{checkpoint.get('epoch')}); add --resume to continue it or choose another --run directory"
             )
+        requested = self._record()
+        check_run_record(run.checkpoint, checkpoint, requested)  # the checkpoint holds its own config
         stored = read_run_record(run)
         if stored is not None:
-            check_run_record(run, stored, self._record())
+            check_run_record(run.config, stored, requested)
         return checkpoint
 
     def _load_data(self) -> Datasets:
@@ -408,6 +417,7 @@ class _Trainer:
                     {
                         "space": self.space.encoding,
                         "hyperspace_digest": self.space.hyperspace.digest,
+                        "data": str(self.spec),
                         "epoch": epoch,
                         "phase": phase,
                         "model": supernet.state_dict(),

@@ -40,7 +40,8 @@ class StepResult:
 
     ``min`` is None and ``random`` empty for a largest-only step. ``random`` holds the distillation
     losses of the random subnets in drawing order; ``grad_norm`` is the global L2 norm of the
-    accumulated (rank-averaged) gradients, NaN when a loss already was not finite. When ``finite`` is
+    accumulated (rank-averaged) gradients, unscaled under a float16 gradient scaler, NaN when a loss
+    already was not finite. When ``finite`` is
     False the optimizer did not step and the gradients were discarded.
     """
 
@@ -166,9 +167,11 @@ class SandwichStep:
         finite = bool(torch.isfinite(values).all())
         grad_norm = float("nan")
         if finite:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # the true gradients, for the norm and the step
             grads = [p.grad for p in self.supernet.parameters() if p.grad is not None]
             grad_norm = float(get_total_norm(grads))
-            # float16 autocast: the scaler skips steps with overflowing (scaled) gradients by itself
+            # float16 autocast: the scaler skips steps with overflowing gradients by itself
             finite = self.scaler is not None or math.isfinite(grad_norm)
         if finite:
             if self.scaler is not None:
