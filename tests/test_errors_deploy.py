@@ -248,7 +248,7 @@ MODEL_FILES = {
     "conv output": (lambda: _classifier(conv_output=True).SerializeToString(), "outputs shape 1 x 4 x 24 x 24"),
     "3 classes": (lambda: _classifier(classes=3).SerializeToString(), "outputs 3 classes"),
     "3 channels": (lambda: _classifier(channels=3).SerializeToString(), "takes 3 input channel(s)"),
-    "int64 input": (lambda: _classifier(elem=TensorProto.INT64).SerializeToString(), "takes a INT64 input"),
+    "int64 input": (lambda: _classifier(elem=TensorProto.INT64).SerializeToString(), "takes an input of type INT64 and shape 1 x 1 x 24 x 24"),
     "two inputs": (lambda: _classifier(inputs=2).SerializeToString(), "has 2 input(s)"),
 }
 

@@ -366,7 +366,7 @@ def classifier_shape(model: onnx.ModelProto, path: Path) -> tuple[int, int, int 
     if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or None in dims[1:] or dims[2] != dims[3]:
         shape = " x ".join("?" if d is None else str(d) for d in dims) or "no shape"
         kind = onnx.TensorProto.DataType.Name(tensor.elem_type)
-        raise ArtifactError(f"{path} takes a {kind} input of shape {shape}: expected {CLASSIFIER}")
+        raise ArtifactError(f"{path} takes an input of type {kind} and shape {shape}: expected {CLASSIFIER}")
     out = outputs[0].type.tensor_type
     out_dims = [d.dim_value if d.HasField("dim_value") else None for d in out.shape.dim]
     if out.HasField("shape") and len(out_dims) != 2:
