@@ -239,10 +239,12 @@ def _search(args: argparse.Namespace) -> None:
 
 def _extract(args: argparse.Namespace) -> None:
     from spaceevo.search import extract_subnets
+    from spaceevo.search.budgets import parse_latency_budgets
 
     result = extract_subnets(
-        args.run, args.latency_budget, delta_ms=args.delta, budget=args.budget, storage=args.storage, seed=args.seed,
-        verify=not args.no_verify, device=args.device, threads=args.threads, tables=args.tables,
+        args.run, parse_latency_budgets(args.latency_budget), num_budgets=args.num_budgets, delta_ms=args.delta,
+        budget=args.budget, storage=args.storage, seed=args.seed, verify=not args.no_verify, device=args.device,
+        threads=args.threads, tables=args.tables,
     )
     data = result.to_dict()
     if args.json:
@@ -262,7 +264,8 @@ def _extract(args: argparse.Namespace) -> None:
             f = r.fallback
             print(f"  fallback: {f.subnet}  predicted {f.predicted_int8_ms:.4g} ms  measured {f.measured_int8_ms} ms  "
                   f"held-out {f.heldout_int8_top1:.2f}%  {f.onnx_int8}")
-    _print_table([(k, data[k]) for k in ("pareto_csv", "pareto_png", "evaluated_csv", "storage", "evaluated_here")])
+    _print_table([("latency budgets", result.budgets.describe())]
+                 + [(k, data[k]) for k in ("pareto_csv", "pareto_png", "evaluated_csv", "storage", "evaluated_here", "verified_here")])
 
 
 # ---- run -----------------------------------------------------------------------------------------
@@ -270,10 +273,11 @@ def _extract(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from spaceevo.pipeline import report_rows, run_pipeline
+    from spaceevo.search.budgets import parse_latency_budgets
 
     report = run_pipeline(
-        args.run, args.latency_budget, hyperspace=args.space, data=args.data, budget=args.budget, seed=args.seed,
-        device=args.device, threads=args.threads, tables=args.tables,
+        args.run, parse_latency_budgets(args.latency_budget), num_budgets=args.num_budgets, hyperspace=args.space,
+        data=args.data, budget=args.budget, seed=args.seed, device=args.device, threads=args.threads, tables=args.tables,
     )
     _emit(args, report.to_dict(), report_rows(report))
 
@@ -444,8 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--run", required=True, metavar="DIR", help="training run directory (from spaceevo train); "
                          "writes DIR/extract/ (study.db, evaluated.csv, pareto.csv, pareto.png, budget_<MS>ms_*.onnx)")
-    extract.add_argument("--latency-budget", required=True, nargs="+", type=float, metavar="MS",
-                         help="predicted INT8 latency budgets in ms, one subnet each")
+    _add_latency_budgets(extract, "the smallest and largest subnets of the run's space")
     extract.add_argument("--delta", type=float, default=None, metavar="MS",
                          help="latency window [MS - delta, MS] searched (default: 10%% of each budget)")
     extract.add_argument("--budget", default="default", choices=["smoke", "default"],
@@ -467,8 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="the whole pipeline: space search, supernet training, extraction and verification per budget (resumable)"
     )
-    run.add_argument("--latency-budget", required=True, nargs="+", type=float, metavar="MS",
-                     help="INT8 latency budgets in ms on this device, one deployed subnet each")
+    _add_latency_budgets(run, "the hyperspace's sampled candidate spaces")
     run.add_argument("--space", default="tiny", metavar="HYPERSPACE", help="hyperspace name or YAML path (default: tiny)")
     run.add_argument("--data", default="embedded", help="embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
     run.add_argument("--run", default="runs/tiny", metavar="DIR", help="run directory (default: runs/tiny)")
@@ -479,6 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print JSON on stdout")
     run.set_defaults(handler=_run, interrupt_hint="interrupted; finished steps are saved, run the same command again to continue")
     return parser
+
+
+def _add_latency_budgets(parser: argparse.ArgumentParser, range_of: str) -> None:
+    parser.add_argument("--latency-budget", nargs="+", default=["auto"], metavar="MS",
+                        help="predicted INT8 latency budgets in ms on this device, one subnet each, or 'auto' "
+                             f"(default: --num-budgets budgets spread over the latency range of {range_of}, "
+                             "printed)")
+    parser.add_argument("--num-budgets", type=_positive_int, default=None, metavar="N",
+                        help="with --latency-budget auto: how many budgets (default: 3)")
 
 
 def _add_qt_options(parser: argparse.ArgumentParser) -> None:

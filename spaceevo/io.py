@@ -1,31 +1,81 @@
-"""Atomic file writes: every artifact is written to a temporary file and renamed into place, so a
-killed process never leaves a half-written file behind."""
+"""Files of spaceevo: atomic writes, writable folders and a lock between processes.
+
+Every artifact is written to a temporary file and renamed into place, so a killed process never
+leaves a half-written file behind; the file gets the permissions any new file gets (0666 masked by
+the umask), not the temporary file's 0600. A folder that cannot be created or written is a
+:class:`~spaceevo.errors.UsageError` naming it (the user chose it), never an ``OSError`` traceback.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from spaceevo.errors import ArtifactError
+from spaceevo.errors import ArtifactError, UsageError
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (threads may be writing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permissions of a newly created file: 0666 masked by the process's umask."""
+    return 0o666 & ~_umask()
+
+
+def unwritable(path: str | Path, error: OSError, purpose: str = "") -> UsageError:
+    """The error for a file or folder that cannot be written: its path, what it was for, the reason."""
+    reason = error.strerror or type(error).__name__
+    return UsageError(f"cannot write {path}{f' ({purpose})' if purpose else ''}: {reason}; choose a folder you can write to")
+
+
+def writable_folder(folder: str | Path, purpose: str = "") -> Path:
+    """Create ``folder`` (with its parents) and check that files can be created in it, before any
+    work whose results would go there; a :class:`UsageError` naming it (and ``purpose``) otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".spaceevo-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise unwritable(f"files in {folder}", error, purpose) from None
+    return folder
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise unwritable(path, error) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), file_mode())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise unwritable(path, error) from None
         raise
     return path
 
@@ -47,3 +97,26 @@ def writing(folder: str | Path, what: str, hint: str = "") -> Iterator[None]:
     except OSError as error:
         reason = error.strerror or str(error)
         raise ArtifactError(f"{folder}: cannot write {what} ({reason}){'; ' + hint if hint else ''}") from None
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) between processes and threads.
+
+    ``fcntl.flock``: the kernel releases it when the holder exits, even by ``kill -9``, so a lock
+    is never stale. ``waiting()`` is called once when another holder makes this one wait.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    except OSError as error:
+        raise unwritable(path, error) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

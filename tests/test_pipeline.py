@@ -12,10 +12,14 @@ from spaceevo.errors import UsageError
 from spaceevo.pipeline import run_pipeline
 
 
-def test_run_needs_latency_budgets(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["run", "--budget", "smoke"])
-    assert info.value.code == 2 and "--latency-budget" in capsys.readouterr().err
+def test_negative_budget_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import spaceevo.latency.api as latency_api
+
+    monkeypatch.setattr(latency_api, "build_table", lambda *_, **__: pytest.fail("the first step started"))
+    code = main(["run", "--latency-budget", "-1", "--budget", "smoke", "--run", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--latency-budget must be positive finite numbers of ms" in err and "got -1" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_budget_is_refused_before_any_work(tmp_path):
@@ -27,10 +31,12 @@ def test_unknown_budget_is_refused_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_smoke_pipeline_deploys_one_verified_model_per_budget_and_resumes(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["run", "--budget", "smoke", "--latency-budget", "0.5", "0.8", "--run", str(run), "--json"]
+    argv = ["run", "--budget", "smoke", "--num-budgets", "2", "--run", str(run), "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [r["budget_ms"] for r in report["results"]] == [0.5, 0.8]
+    chosen = report["latency_budgets"]["latency_budgets_ms"]
+    assert report["latency_budgets"]["auto"] and len(chosen) == 2
+    assert [r["budget_ms"] for r in report["results"]] == chosen
     for result in report["results"]:
         assert Path(result["onnx_int8"]).exists() and Path(result["onnx_fp32"]).exists()
         assert result["predicted_int8_ms"] <= result["budget_ms"] and result["measured_int8_ms"] > 0

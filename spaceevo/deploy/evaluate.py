@@ -34,7 +34,7 @@ from spaceevo.deploy.models import (
 )
 from spaceevo.deploy.trained import TrainedRun, open_run
 from spaceevo.errors import ArtifactError, UsageError
-from spaceevo.io import atomic_write_bytes
+from spaceevo.io import atomic_write_bytes, writable_folder
 from spaceevo.nn import Supernet
 from spaceevo.space import Subnet
 from spaceevo.train.data import DataSpec, ImageSplit, make_loader
@@ -43,28 +43,47 @@ from spaceevo.train.evaluate import evaluate
 EVAL_BATCH = 256
 
 
-def ort_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None) -> float:
+def ort_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
+             name: str = "the model") -> float:
     """Top-1 (%) of an ONNX classifier in ONNX Runtime on ``split`` at ``resolution``.
 
     Runs a dynamic-batch copy of the model in batches (graph optimisation ALL, the same kernels as
-    at batch 1); ``threads`` defaults to torch's intra-op thread count.
+    at batch 1); ``threads`` defaults to torch's intra-op thread count. A model ONNX Runtime cannot
+    load or run, or whose output is not one row of class scores per image, is an
+    :class:`ArtifactError` naming ``name``.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # PTQ graphs keep unused constants; ORT warns about each
-    session = ort.InferenceSession(
-        with_dynamic_batch(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    name = session.get_inputs()[0].name
+    try:
+        session = ort.InferenceSession(
+            with_dynamic_batch(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as error:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
+        raise ArtifactError(f"ONNX Runtime cannot load {name}: {_first_line(error)}") from None
+    input_name = session.get_inputs()[0].name
     correct = total = 0
     for x, y in make_loader(split.with_resolution(resolution), EVAL_BATCH, False, workers=0, distributed=False):
-        logits = session.run(None, {name: x.numpy().astype(np.float32)})[0]
+        try:
+            logits = session.run(None, {input_name: x.numpy().astype(np.float32)})[0]
+        except Exception as error:
+            raise ArtifactError(f"ONNX Runtime cannot run {name} on {tuple(x.shape)} images: {_first_line(error)}") from None
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ArtifactError(
+                f"{name} is not an image classifier: for a batch of {x.shape[0]} images it outputs shape "
+                f"{list(logits.shape)}, expected [N, classes] = [{x.shape[0]}, classes]"
+            )
         correct += int((logits.argmax(axis=1) == y.numpy()).sum())
         total += int(y.shape[0])
     if total == 0:
         raise ArtifactError("the evaluation split is empty")
     return 100.0 * correct / total
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def torch_top1(supernet: Supernet, subnet: Subnet, split: ImageSplit) -> float:
@@ -165,9 +184,10 @@ def export_subnet(
     (PyTorch FP32; ONNX Runtime INT8), the device fingerprint, reduce_range and the spaceevo version.
     ``device``/``threads`` name the fingerprint recorded (the one the latency figures refer to).
     """
+    fp32_path, int8_path = output_paths(output)
+    writable_folder(fp32_path.parent, f"-o {output}")  # before the work, not after it
     run = open_run(run_dir)
     chosen = run.subnet(subnet)
-    fp32_path, int8_path = output_paths(output)
     quantization = "qat" if run.quantization_aware and not ptq else "ptq"
     steps = _Steps(["data", "fp32", "int8", "check", "write"], show_progress, "export")
     try:
@@ -306,6 +326,55 @@ def evaluate_subnet(
     return report
 
 
+CLASSIFIER = "an image classifier with one float input 1 x C x R x R and one output [N, classes]"
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """An ONNX model file; :class:`UsageError` if there is none, :class:`ArtifactError` naming the
+    file if it is empty, unreadable, truncated or not a valid ONNX model."""
+    if not path.is_file():
+        raise UsageError(f"--model {path}: no such file (expected an ONNX model, e.g. from spaceevo export)")
+    try:
+        content = path.read_bytes()
+        model = onnx.load_model_from_string(content)  # binary protobuf whatever the file's suffix
+    except (OSError, DecodeError, ValueError) as error:
+        raise ArtifactError(
+            f"{path} is not a readable ONNX model ({_first_line(error)}); it may be truncated or another kind "
+            f"of file: expected {CLASSIFIER}, e.g. from spaceevo export"
+        ) from None
+    if not content:
+        raise ArtifactError(f"{path} is empty (0 bytes): expected an ONNX model, {CLASSIFIER}")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as error:  # onnx's ValidationError and the C++ checker's errors
+        raise ArtifactError(f"{path} is not a valid ONNX model ({_first_line(error)}); expected {CLASSIFIER}") from None
+    return model
+
+
+def classifier_shape(model: onnx.ModelProto, path: Path) -> tuple[int, int, int | None]:
+    """(channels C, resolution R, classes or None if the output's size is symbolic) of an image
+    classifier with input 1 x C x R x R; :class:`ArtifactError` naming the file otherwise."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    outputs = list(model.graph.output)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ArtifactError(
+            f"{path} has {len(inputs)} input(s) and {len(outputs)} output(s): expected {CLASSIFIER}"
+        )
+    tensor = inputs[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or None in dims[1:] or dims[2] != dims[3]:
+        shape = " x ".join("?" if d is None else str(d) for d in dims) or "no shape"
+        kind = onnx.TensorProto.DataType.Name(tensor.elem_type)
+        raise ArtifactError(f"{path} takes an input of type {kind} and shape {shape}: expected {CLASSIFIER}")
+    out = outputs[0].type.tensor_type
+    out_dims = [d.dim_value if d.HasField("dim_value") else None for d in out.shape.dim]
+    if out.HasField("shape") and len(out_dims) != 2:
+        shape = " x ".join("?" if d is None else str(d) for d in out_dims)
+        raise ArtifactError(f"{path} outputs shape {shape}: expected {CLASSIFIER}")
+    return int(dims[1]), int(dims[2]), out_dims[1] if len(out_dims) == 2 else None
+
+
 def evaluate_model(
     path: str | Path,
     *,
@@ -323,23 +392,18 @@ def evaluate_model(
     from spaceevo.train.data import load_data
 
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--model {path}: no such file")
-    try:
-        model = onnx.load(str(path))
-    except (OSError, DecodeError) as error:
-        raise ArtifactError(f"{path} is not a readable ONNX model ({error})") from None
+    model = load_onnx(path)
+    channels, resolution, classes = classifier_shape(model, path)
     metadata = read_metadata(model)
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    if len(dims) != 4 or not all(d.dim_value for d in dims[1:]) or dims[2].dim_value != dims[3].dim_value:
-        raise ArtifactError(f"{path}: expected an image classifier with a fixed N x C x R x R input")
-    channels, resolution = dims[1].dim_value, dims[2].dim_value
     spec = DataSpec.parse(data or metadata.get("data", "embedded"))
     spec.check()
     datasets = load_data(spec, resolution, seed=0)
+    expected = f"input 1 x {datasets.in_channels} x R x R and output [N, {datasets.num_classes}] for data '{spec}'"
     if datasets.in_channels != channels:
-        raise UsageError(f"{path} takes {channels} input channel(s); data '{spec}' has {datasets.in_channels}")
-    top1 = ort_top1(model, datasets.test, resolution)
+        raise UsageError(f"{path} takes {channels} input channel(s), expected {expected}; give --data of the model")
+    if classes is not None and classes != datasets.num_classes:
+        raise UsageError(f"{path} outputs {classes} classes, expected {expected}; give --data of the model")
+    top1 = ort_top1(model, datasets.test, resolution, name=str(path))
     report: dict[str, Any] = {
         "model": str(path),
         "space": metadata.get("space"),

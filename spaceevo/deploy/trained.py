@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spaceevo.errors import ArtifactError
+from spaceevo.errors import ArtifactError, SpaceEvoError
 from spaceevo.nn import Supernet
 from spaceevo.space import CandidateSpace, Subnet, load_space, require_candidate_space
 from spaceevo.train.bn import recalibrate_bn
@@ -83,7 +83,24 @@ class TrainedRun:
             from spaceevo.quant.qat import prepare_qat
 
             supernet = prepare_qat(supernet, reduce_range=bool(self.config.reduce_range))
-        supernet.load_state_dict(state["model"])
+        weights = state.get("model")
+        expected = supernet.state_dict()
+        missing = sorted(set(expected) - set(weights)) if isinstance(weights, dict) else list(expected)
+        unexpected = sorted(set(weights) - set(expected)) if isinstance(weights, dict) else []
+        reason = ""
+        if missing or unexpected:
+            reason = f"{len(missing)} missing and {len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]}"
+        else:
+            try:
+                supernet.load_state_dict(weights)
+            except RuntimeError as error:  # shapes that do not fit
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+        if reason:
+            raise ArtifactError(
+                f"{path} does not hold the weights of a {self.space.encoding} supernet ({reason}); use another --run "
+                f"directory or train it again"
+            )
         return supernet.eval()
 
     def load_data(self, data: str | DataSpec | None = None) -> Datasets:
@@ -107,7 +124,8 @@ class TrainedRun:
 
 def open_run(run_dir: str | Path) -> TrainedRun:
     """Open a training run directory; :class:`ArtifactError` naming the command that makes one
-    when it holds no trained supernet."""
+    when it holds no trained supernet, and naming the file and key when ``config.json`` or the
+    checkpoint is missing, truncated or not what ``spaceevo train`` writes."""
     run = RunDir(Path(run_dir))
     if not run.checkpoint.exists():
         raise ArtifactError(
@@ -117,15 +135,47 @@ def open_run(run_dir: str | Path) -> TrainedRun:
     record = read_run_record(run)
     if record is None:
         raise ArtifactError(f"{run.config} is missing: {run.path} is not a complete spaceevo training run")
+    space, data, config = _record_fields(run, record)
     state = load_checkpoint(run.checkpoint)
-    space = require_candidate_space(load_space(record["space"]), "deployment")
     check_space(run.config, record.get("space"), record.get("hyperspace_digest"), space.encoding, space.hyperspace.digest)
+    epoch, phase = state.get("epoch"), state.get("phase")
+    if not isinstance(epoch, int) or phase not in ("fp32", "qat"):
+        raise ArtifactError(
+            f"{run.checkpoint} has no valid epoch and phase (got {epoch!r}, {phase!r}; expected an integer and "
+            f"'fp32' or 'qat'); use another --run directory"
+        )
     return TrainedRun(
-        run=run,
-        space=space,
-        data=DataSpec.parse(record["data"]),
-        config=TrainConfig.from_dict(record["config"]),
-        epoch=int(state["epoch"]),
-        phase=str(state["phase"]),
-        history=tuple(state.get("history", ())),
+        run=run, space=space, data=data, config=config, epoch=epoch, phase=phase, history=tuple(state.get("history", ())),
     )
+
+
+def _record_fields(run: RunDir, record: Any) -> tuple[CandidateSpace, DataSpec, TrainConfig]:
+    """The space, data set and training config of ``config.json``; :class:`ArtifactError` naming the
+    file and key for a missing or malformed one."""
+
+    def broken(key: str, detail: str) -> ArtifactError:
+        return ArtifactError(
+            f"{run.config}: key '{key}' {detail}; it is not a config.json written by spaceevo train, use another "
+            f"--run directory"
+        )
+
+    if not isinstance(record, dict):
+        raise ArtifactError(f"{run.config} holds a JSON {type(record).__name__}, expected an object written by spaceevo train")
+    for key, kind in (("space", str), ("data", str), ("config", dict)):
+        if key not in record:
+            raise broken(key, "is missing")
+        if not isinstance(record[key], kind):
+            raise broken(key, f"is a {type(record[key]).__name__}, expected a {kind.__name__}")
+    try:
+        space = require_candidate_space(load_space(record["space"]), "deployment")
+    except SpaceEvoError as error:
+        raise broken("space", f"names '{record['space']}', which cannot be loaded ({error})") from None
+    try:
+        data = DataSpec.parse(record["data"])
+    except SpaceEvoError as error:
+        raise broken("data", f"is not a data set ({error})") from None
+    try:
+        config = TrainConfig.from_dict(record["config"])
+    except (SpaceEvoError, TypeError, ValueError) as error:
+        raise broken("config", f"is not a valid training config ({error})") from None
+    return space, data, config

@@ -10,12 +10,19 @@ in ``RUN/extract/``: ``study.db`` (the Optuna study, unless a storage URL is giv
 INT8 model's ONNX Runtime top-1 measured on the test split. A winner measured over its budget beyond
 the measurement noise is reported as such (``over_budget``, ``note``) together with the next feasible
 candidate (``fallback``): the best evaluated subnet with a lower predicted latency, verified in turn.
+
+Without budgets (``auto``), N budgets are spread over the space's predicted latency range
+(:mod:`spaceevo.search.budgets`); the budgets used are recorded in ``budgets.json``. Several
+processes may extract from one run at once: they share the searches through the study, and the
+verification runs under a lock (``verify.lock``), once per winner; its figures are kept in
+``verified.json`` and reused by the other processes and by a re-run.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -28,7 +35,17 @@ from tqdm import tqdm
 
 from spaceevo.deploy.trained import TrainedRun, open_run
 from spaceevo.errors import UsageError
-from spaceevo.io import atomic_write_text
+from spaceevo.io import atomic_write_json, atomic_write_text, exclusive_lock, writable_folder
+from spaceevo.search.budgets import (
+    AUTO,
+    BudgetChoice,
+    LatencyBudgets,
+    candidate_space_range,
+    check_budgets,
+    check_count,
+    choose_budgets,
+    space_latency_range,
+)
 from spaceevo.search.evolution import open_storage
 from spaceevo.search.pareto_plot import Point, write_pareto_png
 from spaceevo.search.subnet_search import (
@@ -80,7 +97,9 @@ class BudgetResult:
 
 @dataclass(frozen=True)
 class ExtractResult:
-    """Every budget's result (in the order given) and where the artifacts are."""
+    """Every budget's result (in the order given) and where the artifacts are. ``evaluated_here``
+    counts the subnets this call evaluated, ``verified_here`` the winners it verified (the others'
+    figures come from another process or an earlier call)."""
 
     results: list[BudgetResult]
     evaluated_here: int
@@ -90,11 +109,15 @@ class ExtractResult:
     pareto_csv: Path
     pareto_png: Path
     latency_scale: str | None
+    budgets: BudgetChoice
+    verified_here: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "results": [r.to_dict() for r in self.results],
+            "latency_budgets": self.budgets.to_dict(),
             "evaluated_here": self.evaluated_here,
+            "verified_here": self.verified_here,
             "fitness": self.fitness,
             "storage": self.storage,
             "evaluated_csv": str(self.evaluated_csv),
@@ -139,23 +162,21 @@ class Extraction:
     def directory(self) -> Path:
         return self.run.run.path / "extract"
 
-    def latency_range(self) -> tuple[tuple[float, Subnet], tuple[float, Subnet]]:
-        """(predicted ms, subnet) of the smallest and of the largest subnet, over the resolutions."""
-        resolutions = self.space.hyperspace.resolutions
-        smallest = min(((self.predict_ms(s), s) for s in map(self.space.min_subnet, resolutions)), key=lambda p: p[0])
-        largest = max(((self.predict_ms(s), s) for s in map(self.space.max_subnet, resolutions)), key=lambda p: p[0])
-        return smallest, largest
+    def budgets(self, requested: LatencyBudgets, count: int) -> BudgetChoice:
+        """The user's budgets, or ``count`` spread over this space's predicted latency range."""
+        return choose_budgets(requested, count, candidate_space_range(self.space, self.predict_ms), self.show_progress)
 
     def plan(self, budgets_ms: Sequence[float], delta_ms: float | None) -> list[BudgetPlan]:
         """Every budget's window (delta: 10% of the budget by default); a :class:`UsageError` for a
         budget below the smallest subnet, the largest subnet without a search for one above it."""
-        (low_ms, smallest), (high_ms, largest) = self.latency_range()
+        (low_ms, smallest), (high_ms, largest) = space_latency_range(self.space, self.predict_ms)
         plans = []
         for budget in budgets_ms:
             if budget < low_ms:
                 raise UsageError(
-                    f"latency budget {budget:g} ms is below the smallest subnet of {self.space.encoding}: the "
-                    f"smallest achievable predicted INT8 latency is {low_ms:.4g} ms ({smallest.encode()})"
+                    f"--latency-budget {budget:g} ms is below the smallest subnet of {self.space.encoding}: the "
+                    f"smallest achievable predicted INT8 latency is {low_ms:.4g} ms ({smallest.encode()}); give "
+                    f"budgets from {low_ms:.4g} ms up, or 'auto'"
                 )
             delta = 0.1 * budget if delta_ms is None else delta_ms
             window = Window(round(max(0.0, budget - delta), 6), budget)
@@ -195,8 +216,7 @@ def open_extraction(
 
     sizes = search_budget(budget)
     run = open_run(run_dir)
-    if storage is None:
-        (run.run.path / "extract").mkdir(parents=True, exist_ok=True)
+    writable_folder(run.run.path / "extract", "the extraction's artifacts")
     url = storage or f"sqlite:///{(run.run.path / 'extract' / 'study.db').resolve()}"
     opened = open_storage(url)
     predictor = load_predictor(run.space, device, threads, tables)
@@ -214,15 +234,9 @@ def open_extraction(
     return Extraction(run, predict_ms, fitness, study, url, sizes, seed, show_progress)
 
 
-def _check_budgets(budgets_ms: Sequence[float], delta_ms: float | None) -> list[float]:
-    budgets = [float(b) for b in budgets_ms]
-    if not budgets:
-        raise UsageError("give at least one latency budget (ms)")
-    if any(not b > 0 or b == float("inf") for b in budgets):
-        raise UsageError(f"latency budgets must be positive numbers of ms, got {' '.join(f'{b:g}' for b in budgets)}")
+def _check_delta(delta_ms: float | None) -> None:
     if delta_ms is not None and not (0 < delta_ms < float("inf")):
-        raise UsageError(f"--delta must be a positive number of ms, got {delta_ms:g}")
-    return budgets
+        raise UsageError(f"--delta must be a positive finite number of ms, got {delta_ms:g}")
 
 
 # ---- the API ------------------------------------------------------------------------------------
@@ -230,8 +244,9 @@ def _check_budgets(budgets_ms: Sequence[float], delta_ms: float | None) -> list[
 
 def extract_subnets(
     run_dir: str | Path,
-    latency_budgets_ms: Sequence[float],
+    latency_budgets_ms: LatencyBudgets = AUTO,
     *,
+    num_budgets: int | None = None,
     delta_ms: float | None = None,
     budget: str | SubnetSearchBudget = "default",
     storage: str | None = None,
@@ -245,22 +260,28 @@ def extract_subnets(
     """The most accurate subnet (held-out INT8 top-1) inside [B − delta, B] ms of predicted INT8
     latency for every budget B, verified on the device unless ``verify`` is False.
 
+    ``latency_budgets_ms="auto"``: ``num_budgets`` (default 3) budgets spread over the space's
+    predicted latency range (:mod:`spaceevo.search.budgets`), printed when ``show_progress``.
     Resumable: the searches live in the Optuna study (``storage``, default SQLite in
-    ``RUN/extract/study.db``); running the same call again reuses every finished evaluation, and other
-    processes can join with the same storage URL and settings. ``threads`` is the device's ONNX
-    Runtime thread count (the latency table's fingerprint) and torch's during the call.
+    ``RUN/extract/study.db``); running the same call again reuses every finished evaluation and
+    verification, and other processes can join with the same storage URL and settings. ``threads``
+    is the device's ONNX Runtime thread count (the latency table's fingerprint) and torch's during
+    the call.
     """
-    budgets = _check_budgets(latency_budgets_ms, delta_ms)
+    requested = AUTO if latency_budgets_ms == AUTO else check_budgets(latency_budgets_ms)
+    count = check_count(num_budgets, requested)
+    _check_delta(delta_ms)
+    search_budget(budget)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the held-out evaluations run with the device's thread count too
     try:
-        return _extract(budgets, run_dir, delta_ms, budget, storage, seed, verify, device, threads, tables, show_progress)
+        return _extract(requested, count, run_dir, delta_ms, budget, storage, seed, verify, device, threads, tables, show_progress)
     finally:
         torch.set_num_threads(torch_threads)
 
 
 def _extract(
-    budgets: list[float], run_dir: str | Path, delta_ms: float | None, budget: str | SubnetSearchBudget,
+    requested: LatencyBudgets, count: int, run_dir: str | Path, delta_ms: float | None, budget: str | SubnetSearchBudget,
     storage: str | None, seed: int, verify: bool, device: str, threads: int, tables: str | Path | None,
     show_progress: bool,
 ) -> ExtractResult:
@@ -268,9 +289,12 @@ def _extract(
         run_dir, budget=budget, storage=storage, seed=seed, device=device, threads=threads, tables=tables,
         show_progress=show_progress,
     )
+    choice = extraction.budgets(requested, count)
+    plans = extraction.plan(choice.budgets_ms, delta_ms)
+    atomic_write_json(extraction.directory / BUDGETS_FILE, choice.to_dict())
     searches: list[BudgetSearch] = []
     results: list[BudgetResult] = []
-    for plan in extraction.plan(budgets, delta_ms):
+    for plan in plans:
         found = extraction.search(plan.budget_ms, plan.window, fixed=None if plan.largest is None else [plan.largest])
         best = found.best
         searches.append(found)
@@ -286,11 +310,13 @@ def _extract(
             )
         )
     paths = write_artifacts(extraction, searches, results)
-    scale = verify_results(extraction, results, device, threads, tables, show_progress) if verify else None
+    scale, verified_here = None, 0
     if verify:
+        scale, verified_here = verify_results(extraction, results, device, threads, tables, show_progress)
         write_pareto_csv(paths[1], results)
     return ExtractResult(
-        results, extraction.fitness.evaluations, extraction.fitness.precision, extraction.storage, *paths, scale
+        results, extraction.fitness.evaluations, extraction.fitness.precision, extraction.storage, *paths, scale,
+        choice, verified_here,
     )
 
 
@@ -314,6 +340,9 @@ def random_baseline(extraction: Extraction, budget_ms: float, window: Window, co
 
 # ---- artifacts ----------------------------------------------------------------------------------
 
+BUDGETS_FILE = "budgets.json"
+VERIFIED_FILE = "verified.json"
+VERIFY_LOCK = "verify.lock"
 EVALUATED_COLUMNS = ["budget_ms", "generation", "slot", "subnet", "predicted_int8_ms", "heldout_int8_top1", "cached"]
 PARETO_COLUMNS = [
     "budget_ms", "window_low_ms", "window_high_ms", "subnet", "predicted_int8_ms", "heldout_int8_top1",
@@ -370,29 +399,105 @@ def write_artifacts(extraction: Extraction, searches: Sequence[BudgetSearch], re
 def verify_results(
     extraction: Extraction, results: Sequence[BudgetResult], device: str, threads: int, tables: str | Path | None,
     show_progress: bool = True,
-) -> str:
+) -> tuple[str, int]:
     """Export every winner, time its FP32 and INT8 models on the device (all interleaved in one
     measurement), measure the INT8 model's ONNX Runtime test top-1, and give every winner measured
-    over budget its fallback chain. Fills ``results`` in place; returns the latency scale used."""
-    pending = [(r, f"budget_{r.budget_ms:g}ms") for r in results]
-    scale = ""
-    for attempt in range(MAX_FALLBACKS + 1):
-        scale = _verify(extraction, pending, device, threads, tables, show_progress)
-        over = [(r, stem) for r, stem in pending if r.over_budget]
-        pending = []
-        for r, stem in over:
-            fallback = _fallback(extraction, r) if attempt < MAX_FALLBACKS else None
-            r.note = (
-                f"measured INT8 latency {r.measured_int8_ms:.4g} ms is over the budget {r.budget_ms:g} ms beyond "
-                f"the measurement noise (spread {r.measured_int8_spread:.1%}); "
-                + ("next feasible candidate: see fallback" if fallback else "no evaluated subnet with a lower predicted latency is left")
-            )
-            if fallback is not None:
-                r.fallback = fallback
-                pending.append((fallback, f"{stem}_fallback"))
-        if not pending:
-            break
-    return scale
+    over budget its fallback chain. Fills ``results`` in place; returns the latency scale used and
+    the number of winners verified by this call.
+
+    Runs under ``RUN/extract/verify.lock``, so processes extracting from one run verify one after
+    the other (never timing each other's load), and each winner once: a winner verified before (by
+    another process or an earlier call, for the same supernet and device) takes its recorded figures.
+    """
+    directory = extraction.directory
+
+    def waiting() -> None:
+        if show_progress:
+            print(f"spaceevo: another process is verifying winners in {directory}; waiting to reuse its figures",
+                  file=sys.stderr)
+
+    with exclusive_lock(directory / VERIFY_LOCK, waiting):
+        record = VerifiedRecord.load(directory / VERIFIED_FILE, _verification_key(extraction, device, threads, tables))
+        pending = [(r, f"budget_{r.budget_ms:g}ms") for r in results]
+        scale, verified_here = "", 0
+        for attempt in range(MAX_FALLBACKS + 1):
+            scale, measured = _verify(extraction, pending, device, threads, tables, show_progress, record)
+            verified_here += measured
+            over = [(r, stem) for r, stem in pending if r.over_budget]
+            pending = []
+            for r, stem in over:
+                fallback = _fallback(extraction, r) if attempt < MAX_FALLBACKS else None
+                r.note = (
+                    f"measured INT8 latency {r.measured_int8_ms:.4g} ms is over the budget {r.budget_ms:g} ms beyond "
+                    f"the measurement noise (spread {r.measured_int8_spread:.1%}); "
+                    + ("next feasible candidate: see fallback" if fallback else "no evaluated subnet with a lower predicted latency is left")
+                )
+                if fallback is not None:
+                    r.fallback = fallback
+                    pending.append((fallback, f"{stem}_fallback"))
+            if not pending:
+                break
+    return scale, verified_here
+
+
+def _verification_key(extraction: Extraction, device: str, threads: int, tables: str | Path | None) -> dict[str, Any]:
+    """What a verification's figures depend on: the supernet (run, epoch, phase, data), the device
+    fingerprint and the latency table folder (the scale of the measured figures)."""
+    from spaceevo.latency.fingerprint import device_fingerprint
+    from spaceevo.latency.table import default_root
+
+    key = {k: v for k, v in extraction.fitness.key().items() if k not in ("kind", "heldout_images")}
+    key["device"] = device_fingerprint(device, threads).slug
+    key["tables"] = str(Path(tables or default_root()).resolve())
+    return key
+
+
+VERIFIED_FIELDS = (
+    "measured_int8_ms", "measured_fp32_ms", "measured_int8_spread", "test_ort_int8_top1", "onnx_int8", "onnx_fp32",
+)
+
+
+@dataclass
+class VerifiedRecord:
+    """``verified.json``: the figures of every winner verified in a run's extract folder, keyed by
+    its file stem, its subnet and :func:`_verification_key`. A cache of what verification
+    measured: an unreadable file is measured again, not an error."""
+
+    path: Path
+    key: dict[str, Any]
+    entries: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, path: Path, key: dict[str, Any]) -> VerifiedRecord:
+        try:
+            entries = json.loads(path.read_text())["entries"]
+            if not isinstance(entries, list):
+                raise TypeError("entries is not a list")
+        except FileNotFoundError:
+            entries = []
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"spaceevo: ignoring unreadable {path} ({error}); its winners are verified again", file=sys.stderr)
+            entries = []
+        return cls(path, key, [e for e in entries if isinstance(e, dict)])
+
+    def find(self, stem: str, subnet: str) -> dict[str, Any] | None:
+        for entry in self.entries:
+            if entry.get("stem") == stem and entry.get("subnet") == subnet and entry.get("key") == self.key:
+                if all(entry.get(k) is not None for k in VERIFIED_FIELDS) and all(
+                    Path(entry[k]).is_file() for k in ("onnx_int8", "onnx_fp32")
+                ):
+                    return entry
+        return None
+
+    def add(self, stem: str, result: BudgetResult, scale: str) -> None:
+        self.entries = [e for e in self.entries if e.get("stem") != stem]
+        self.entries.append(
+            {"stem": stem, "subnet": result.subnet, "key": self.key, "scale": scale,
+             **{k: getattr(result, k) for k in VERIFIED_FIELDS}}
+        )
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"entries": self.entries})
 
 
 def _fallback(extraction: Extraction, over: BudgetResult) -> BudgetResult | None:
@@ -409,37 +514,54 @@ def _fallback(extraction: Extraction, over: BudgetResult) -> BudgetResult | None
 
 def _verify(
     extraction: Extraction, pending: Sequence[tuple[BudgetResult, str]], device: str, threads: int,
-    tables: str | Path | None, show_progress: bool,
-) -> str:
+    tables: str | Path | None, show_progress: bool, record: VerifiedRecord,
+) -> tuple[str, int]:
+    """Verify the winners ``record`` has no figures for (interleaved), take the others' from it;
+    returns the latency scale and how many were verified here."""
     import onnx
 
     from spaceevo.deploy.evaluate import export_subnet, ort_top1
     from spaceevo.latency.api import measure_onnx
 
-    run = extraction.run
-    test = extraction.fitness.datasets.test
-    bar = tqdm(total=2 * len(pending) + 1, desc="verify", unit="step", file=sys.stderr, disable=not show_progress, leave=False)
-    models: list[bytes] = []
-    try:
-        for result, stem in pending:
-            bar.set_postfix_str(f"export {result.budget_ms:g} ms", refresh=True)
-            report = export_subnet(run.run.path, result.subnet, extraction.directory / stem, device=device, threads=threads, show_progress=False)
-            result.onnx_fp32, result.onnx_int8 = report.onnx_fp32, report.onnx_int8
-            int8 = Path(report.onnx_int8).read_bytes()
-            models += [Path(report.onnx_fp32).read_bytes(), int8]
+    scale = ""
+    todo: list[tuple[BudgetResult, str]] = []
+    for result, stem in pending:
+        entry = record.find(stem, result.subnet)
+        if entry is None:
+            todo.append((result, stem))
+            continue
+        for key in VERIFIED_FIELDS:
+            setattr(result, key, entry[key])
+        scale = entry.get("scale", scale)
+    if todo:
+        run = extraction.run
+        test = extraction.fitness.datasets.test
+        bar = tqdm(total=2 * len(todo) + 1, desc="verify", unit="step", file=sys.stderr, disable=not show_progress, leave=False)
+        models: list[bytes] = []
+        try:
+            for result, stem in todo:
+                bar.set_postfix_str(f"export {result.budget_ms:g} ms", refresh=True)
+                report = export_subnet(run.run.path, result.subnet, extraction.directory / stem, device=device, threads=threads, show_progress=False)
+                result.onnx_fp32, result.onnx_int8 = report.onnx_fp32, report.onnx_int8
+                int8 = Path(report.onnx_int8).read_bytes()
+                models += [Path(report.onnx_fp32).read_bytes(), int8]
+                bar.update(1)
+                bar.set_postfix_str(f"test top-1 {result.budget_ms:g} ms", refresh=True)
+                resolution = run.space.subnet(result.subnet).resolution
+                result.test_ort_int8_top1 = round(ort_top1(onnx.load_from_string(int8), test, resolution, threads), 2)
+                bar.update(1)
+            bar.set_postfix_str("latency", refresh=True)
+            stats, scale = measure_onnx(models, device, threads, tables)
             bar.update(1)
-            bar.set_postfix_str(f"test top-1 {result.budget_ms:g} ms", refresh=True)
-            resolution = run.space.subnet(result.subnet).resolution
-            result.test_ort_int8_top1 = round(ort_top1(onnx.load_from_string(int8), test, resolution, threads), 2)
-            bar.update(1)
-        bar.set_postfix_str("latency", refresh=True)
-        stats, scale = measure_onnx(models, device, threads, tables)
-        bar.update(1)
-    finally:
-        bar.close()
-    for index, (result, _) in enumerate(pending):
-        fp32, int8 = stats[2 * index], stats[2 * index + 1]
-        result.measured_fp32_ms, result.measured_int8_ms = round(fp32.median_ms, 4), round(int8.median_ms, 4)
-        result.measured_int8_spread = round(int8.spread, 4)
-        result.over_budget = int8.median_ms > result.budget_ms * (1 + max(MIN_NOISE, 2 * int8.spread))
-    return scale
+        finally:
+            bar.close()
+        for index, (result, stem) in enumerate(todo):
+            fp32, int8 = stats[2 * index], stats[2 * index + 1]
+            result.measured_fp32_ms, result.measured_int8_ms = round(fp32.median_ms, 4), round(int8.median_ms, 4)
+            result.measured_int8_spread = round(int8.spread, 4)
+            record.add(stem, result, scale)
+        record.save()
+    for result, _ in pending:
+        spread = result.measured_int8_spread or 0.0
+        result.over_budget = result.measured_int8_ms > result.budget_ms * (1 + max(MIN_NOISE, 2 * spread))
+    return scale, len(todo)
