@@ -2,18 +2,28 @@
 
 Sessions use graph optimisation level ALL (QDQ fusion and layout transforms), explicit intra-op
 threads and sequential execution. A measurement is several rounds of timed runs after a warm-up;
-the figure is the median over rounds of each round's median, robust to the spikes of a shared
-machine. Variants that are compared are measured interleaved (round-robin), never one after another.
+:func:`measure_interleaved`'s figure is the median over rounds of each round's median, robust to the
+spikes of a shared machine. Variants that are compared are measured interleaved (round-robin), never
+one after another.
 
 Shared (virtual) machines also have *phases*: for tens of milliseconds to seconds a core runs
 markedly faster or slower (measured here: the same model at 0.35 and 0.57 ms a few seconds apart,
 with no steal time), long enough to shift every model of an interleaved group together.
 :class:`StableMeter` therefore times a fixed reference model before and after every single run of a
-subject and expresses each run in reference units, ``ms = (subject / reference) · canonical_ms``
-with the mean of the two bracketing reference runs; a round's figure is the median of its runs.
-``canonical_ms`` is the reference's latency in the machine's usual state (stored with a latency
-table, so the table, its calibration and its validation share one scale). The raw median is kept
-alongside (``raw_median_ms``).
+subject and expresses each run in reference units, ``run / reference · canonical_ms``, with the
+faster of the two bracketing reference samples. ``canonical_ms`` is the reference's undisturbed
+latency (stored with a latency table, so the table, its calibration and its validation share one
+scale). The raw median is kept alongside (``raw_median_ms``).
+
+Besides phases, which slow subject and reference alike, a loaded machine *disturbs* single runs:
+preemption, caches another process evicted, a neighbour's bursts of memory traffic. They hit the
+subject and the reference independently and more often the busier the machine is, so a median moves
+with the load (measured here: 4-6 % for the same sessions within a minute, under other processes'
+load, while the reference stayed within 1 %; two builds of one table 3.5 % apart). Disturbances
+only ever add time, so both the scale and the figures are the fast tail, :data:`FAST_QUANTILE`, of
+all runs: the reference's runs while settling, and the subject's reference-unit runs pooled over all
+rounds of a measurement (interleaved, so they span the group's whole timing window). That is stable
+as long as one run in twenty is undisturbed.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ import onnxruntime as ort
 
 from spaceevo.latency.fingerprint import DeviceFingerprint
 
+FAST_QUANTILE = 0.05
+"""Quantile of a guarded measurement's runs that is its figure (see the module docstring)."""
+
 
 @dataclass(frozen=True)
 class MeasureConfig:
@@ -42,7 +55,9 @@ class MeasureConfig:
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Milliseconds: median of round medians, and the spread of round medians (robust CV)."""
+    """Milliseconds: the figure (``median_ms``: the median of round medians, or for a
+    :class:`StableMeter` the fast tail of all reference-unit runs), the round medians and their
+    spread (robust CV)."""
 
     median_ms: float
     min_ms: float
@@ -126,6 +141,11 @@ def measure_model(
     return measure_interleaved([Timer(model, fingerprint)], config)[0]
 
 
+def fast_tail(values: Sequence[float]) -> float:
+    """The :data:`FAST_QUANTILE` of ``values`` (linear interpolation)."""
+    return float(np.quantile(np.asarray(values, dtype=float), FAST_QUANTILE))
+
+
 class StableMeter:
     """Interleaved measurement expressed in units of a reference model (see the module docstring)."""
 
@@ -134,16 +154,17 @@ class StableMeter:
         self.canonical_ms = canonical_ms
         self.baseline_ms: float | None = None
 
-    def settle(self, seconds: float = 2.0, runs: int = 20) -> float:
-        """Median of the reference's round medians over ``seconds`` of wall time; the canonical
-        reference latency unless one was given (e.g. by a latency table)."""
+    def settle(self, seconds: float = 2.0, runs: int = 200) -> float:
+        """The reference's undisturbed latency now: the fast tail of its runs over ``seconds`` of
+        wall time (at least ``runs`` runs); the canonical scale unless one was given (e.g. by a
+        latency table)."""
         for _ in range(20):
             self.reference.run_once()
-        medians: list[float] = []
+        times: list[float] = []
         deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(medians) < 5:
-            medians.append(statistics.median(self.reference.round(runs, 0.0)))
-        self.baseline_ms = statistics.median(medians)
+        while time.perf_counter() < deadline or len(times) < runs:
+            times.append(self.reference.run_once())
+        self.baseline_ms = fast_tail(times)
         if self.canonical_ms is None:
             self.canonical_ms = self.baseline_ms
         return self.baseline_ms
@@ -156,26 +177,29 @@ class StableMeter:
             for _ in range(config.warmup):
                 timer.run_once()
         raw: list[list[float]] = [[] for _ in timers]
-        normalised: list[list[float]] = [[] for _ in timers]
+        rounds: list[list[list[float]]] = [[] for _ in timers]
         for _ in range(config.rounds):
             for i, timer in enumerate(timers):
                 subject, reference = self._paired_round(timer, config)
                 raw[i].append(statistics.median(subject))
-                normalised[i].append(
-                    statistics.median(
-                        run * self.canonical_ms / ((before + after) / 2)
+                rounds[i].append(
+                    [
+                        run * self.canonical_ms / min(before, after)
                         for run, before, after in zip(subject, reference, reference[1:])
-                    )
+                    ]
                 )
-        return [
-            LatencyStats(
-                median_ms=statistics.median(n),
-                min_ms=min(n),
-                round_medians_ms=tuple(n),
-                raw_median_ms=statistics.median(r),
+        stats = []
+        for runs, raw_medians in zip(rounds, raw):
+            medians = tuple(statistics.median(r) for r in runs)
+            stats.append(
+                LatencyStats(
+                    median_ms=fast_tail([run for r in runs for run in r]),
+                    min_ms=min(medians),
+                    round_medians_ms=medians,
+                    raw_median_ms=statistics.median(raw_medians),
+                )
             )
-            for n, r in zip(normalised, raw)
-        ]
+        return stats
 
     def _paired_round(self, timer: Timer, config: MeasureConfig) -> tuple[list[float], list[float]]:
         """One round that alternates reference and subject runs: ``reference[i]`` and

@@ -10,8 +10,9 @@ table refuses it, naming the file and line, and ``spaceevo latency build`` drops
 measures their segments again (:meth:`LatencyTable.load` with ``repair``).
 
 Figures are in the scale of the reference model (:mod:`spaceevo.latency.reference`): the header's
-``reference_ms`` is the reference's usual latency when the table was started, and every entry,
-calibration sample and validation measurement made against this table is expressed on it.
+``reference_ms`` is the reference's undisturbed latency when the table was started (the fast tail
+of its runs, :mod:`spaceevo.latency.measure`), and every entry, calibration sample and validation
+measurement made against this table is expressed on it.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class LatencyTable:
 
     @property
     def reference_ms(self) -> float | None:
-        """The reference model's usual latency: the scale every figure of this table is on."""
+        """The reference model's undisturbed latency: the scale every figure of this table is on."""
         value = self.header.get("reference_ms")
         return float(value) if value else None
 
