@@ -217,8 +217,9 @@ class Bench:
         return elastic_s, static_s
 
 
-def _spread(values: Sequence[float], digits: int) -> list[float]:
-    return [round(min(values), digits), round(max(values), digits)]
+def _figure(value: float) -> float:
+    """``value`` to four significant digits (images per second span 0.1 to 10,000 and more)."""
+    return float(f"{value:.4g}")
 
 
 def measure(
@@ -248,16 +249,16 @@ def measure(
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None,
         "steps": steps,
         "reps": reps,
-        "elastic_images_per_s": round(elastic_median, 1),
-        "static_images_per_s": round(static_median, 1),
+        "elastic_images_per_s": _figure(elastic_median),
+        "static_images_per_s": _figure(static_median),
         "ratio": round(elastic_median / static_median, 3),
-        "elastic_step_s": round(case.batch / elastic_median, 4),
-        "static_step_s": round(case.batch / static_median, 4),
-        "elastic_images_per_s_range": _spread(elastic, 1),
-        "static_images_per_s_range": _spread(static, 1),
-        "ratio_range": _spread(ratios, 3),
-        "elastic_images_per_s_reps": [round(v, 1) for v in elastic],
-        "static_images_per_s_reps": [round(v, 1) for v in static],
+        "elastic_step_s": _figure(case.batch / elastic_median),
+        "static_step_s": _figure(case.batch / static_median),
+        "elastic_images_per_s_range": [_figure(min(elastic)), _figure(max(elastic))],
+        "static_images_per_s_range": [_figure(min(static)), _figure(max(static))],
+        "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "elastic_images_per_s_reps": [_figure(v) for v in elastic],
+        "static_images_per_s_reps": [_figure(v) for v in static],
     }
     return record, bench
 
@@ -280,7 +281,8 @@ def profile_repetition(bench: Bench, record: dict) -> str:
     lines = ["=" * len(title), title, "=" * len(title)]
     for name, seconds in (("elastic", elastic_s), ("static", static_s)):
         events = profilers[name].key_averages()
-        lines += [f"--- {name}: {json.dumps(profile_summary(events, seconds, bench.steps, cuda))}"]
+        summary = profile_summary(profilers[name], seconds, bench.steps, cuda)
+        lines += [f"--- {name}: {json.dumps(summary)}"]
         sorts = (("self_device_time_total" if cuda else "self_cpu_time_total"), "cpu_time_total")
         for sort in sorts:
             lines += [f"--- {name}, sorted by {sort}", events.table(sort_by=sort, row_limit=30, max_name_column_width=70)]
@@ -291,9 +293,27 @@ LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaun
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def profile_summary(events, seconds: float, steps: int, cuda: bool) -> dict:
-    """Per step: wall time (under the profiler), device busy time, kernel launches, host syncs
-    (``.item()`` and friends read a tensor on the host), copies and the optimizer's CPU time."""
+LAYOUT_OPS = {
+    "aten::view", "aten::_unsafe_view", "aten::_reshape_alias", "aten::reshape", "aten::flatten", "aten::slice",
+    "aten::select", "aten::as_strided", "aten::alias", "aten::t", "aten::transpose", "aten::permute",
+    "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::contiguous", "aten::empty",
+    "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh", "aten::result_type",
+}
+
+
+def profile_summary(profiler, seconds: float, steps: int, cuda: bool) -> dict:
+    """Per step: wall time (under the profiler), operators, the operators that compute (innermost
+    aten operators that are no view, reshape or allocation: about the kernels a GPU would launch),
+    host reads (``.item()`` and friends), copies and the optimizer's CPU time; on CUDA also the
+    device's busy time, kernel launches, synchronisations and memcpy calls."""
+    events = profiler.key_averages()
+    compute_ops = sum(
+        1
+        for e in profiler.events()
+        if e.name.startswith("aten::")
+        and e.name not in LAYOUT_OPS
+        and not any(child.name.startswith("aten::") for child in e.cpu_children)
+    )
 
     def total(names: Sequence[str], field: str = "count") -> float:
         return sum(getattr(e, field) for e in events if e.key in names)
@@ -301,6 +321,7 @@ def profile_summary(events, seconds: float, steps: int, cuda: bool) -> dict:
     per_step = {
         "wall_ms": 1e3 * seconds / steps,
         "aten_ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
+        "compute_ops": compute_ops / steps,
         "host_reads": total(("aten::_local_scalar_dense",)) / steps,
         "aten_copy_": total(("aten::copy_",)) / steps,
         "optimizer_cpu_ms": total([e.key for e in events if e.key.startswith("Optimizer.step")], "cpu_time_total") / 1e3 / steps,
