@@ -27,12 +27,46 @@ import time
 import torch
 
 from spaceevo.nn import Supernet
-from spaceevo.space import load_space, require_candidate_space
+from spaceevo.space import CandidateSpace, load_space, require_candidate_space
 from spaceevo.train.config import TrainConfig
-from spaceevo.train.data import load_data, make_loader
+from spaceevo.train.data import load_data, make_loader, resize_batch
 from spaceevo.train.optim import make_optimizer
 from spaceevo.train.sandwich import SandwichStep, autocast_dtype, memory_format
 from spaceevo.train.weights import initialize_weights
+
+
+def elastic_step(
+    space: CandidateSpace,
+    device: torch.device,
+    phase: str,
+    config: TrainConfig,
+    images: torch.Tensor,
+    *,
+    amp: bool = True,
+    seed: int = 0,
+) -> SandwichStep:
+    """A fresh supernet of ``space`` on ``device`` and the :class:`SandwichStep` that trains it in
+    ``phase`` (``fp32`` or ``qat``), set up as ``spaceevo train`` sets up that phase: weights
+    initialised, the training memory format, the FP32 phase under autocast on CUDA (``amp``), the
+    QAT phase in float32 with LSQ+ quantizers initialised from ``images`` at the largest resolution;
+    SGD at the phase's learning rate, no schedule. ``seed`` seeds torch and the subnet sampler."""
+    torch.manual_seed(seed)
+    supernet = Supernet(space)
+    initialize_weights(supernet)
+    supernet = supernet.to(device, memory_format=memory_format(config, device))
+    amp_dtype = None
+    if phase == "qat":
+        from spaceevo.quant.qat import initialize_quantizers, prepare_qat
+
+        supernet = prepare_qat(supernet, reduce_range=True)
+        supernet.set_max()
+        initialize_quantizers(supernet, resize_batch(images.to(device), max(space.hyperspace.resolutions)))
+    else:
+        amp_dtype = autocast_dtype(device, amp)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    lr = config.qat_lr if phase == "qat" else config.lr
+    optimizer = make_optimizer(supernet, lr, config.momentum, config.weight_decay)
+    return SandwichStep(supernet, optimizer, None, config, random.Random(seed), amp_dtype=amp_dtype, scaler=scaler)
 
 
 def main() -> None:
@@ -56,7 +90,6 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -66,23 +99,10 @@ def main() -> None:
     space = require_candidate_space(load_space(args.space), "the benchmark")
     datasets = load_data("embedded", 28)
     loader = make_loader(datasets.train, args.batch, True, drop_last=True)
-    supernet = Supernet(space)
-    initialize_weights(supernet)
     config = TrainConfig.preset("default", batch_size=args.batch, channels_last=args.channels_last)
-    supernet = supernet.to(device, memory_format=memory_format(config, device))
-    amp_dtype = None
-    if args.qat:
-        from spaceevo.quant.qat import initialize_quantizers, prepare_qat
-
-        supernet = prepare_qat(supernet, reduce_range=True)
-        supernet.set_max()
-        images, _ = next(iter(loader))
-        initialize_quantizers(supernet, images.to(device))
-    else:
-        amp_dtype = autocast_dtype(device, args.amp)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    optimizer = make_optimizer(supernet, config.lr, config.momentum, config.weight_decay)
-    step = SandwichStep(supernet, optimizer, None, config, random.Random(0), amp_dtype=amp_dtype, scaler=scaler)
+    first_images, _ = next(iter(loader))
+    step = elastic_step(space, device, "qat" if args.qat else "fp32", config, first_images, amp=args.amp)
+    amp_dtype = step.amp_dtype
 
     def synchronize() -> None:
         if device.type == "cuda":
