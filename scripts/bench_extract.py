@@ -7,7 +7,7 @@ through the same Optuna study, so subnets both evaluated are scored once. Prints
 the winner's held-out top-1 and evaluations, the best random subnet's, and whether the search is at
 least as good (the issue's requirement).
 
-    nice -n 19 python scripts/bench_extract.py --run runs/tiny --latency-budget 0.3 0.4 0.5 --budget smoke
+    nice -n 19 python scripts/bench_extract.py --run runs/tiny --latency-budget 0.3 0.4 0.5 --preset smoke
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="training run directory (from spaceevo train)")
     parser.add_argument("--latency-budget", required=True, nargs="+", type=float, metavar="MS")
     parser.add_argument("--delta", type=float, default=None, metavar="MS", help="window width (default: 10%% of the budget)")
-    parser.add_argument("--budget", default="smoke", choices=["smoke", "default"], help="search size (default: smoke)")
+    parser.add_argument("--preset", dest="budget", default="smoke", choices=["smoke", "default"], help="search size (default: smoke)")
     parser.add_argument("--random", type=int, default=50, metavar="N", help="random subnets per budget (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="search seed (random subnets: seed + 1)")
     parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage (default: RUN/extract/study.db)")

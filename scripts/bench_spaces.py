@@ -8,7 +8,7 @@ One run on one device (issue 7, part 1):
    space with the highest Q-T score on the search's own LUT, constraints and fixed-stage latency
    (skipped, and said so, when it equals one of the other two).
 2. Each space's quantized-for-all supernet is trained with the same recipe and epochs
-   (:func:`spaceevo.train.loop.train_supernet`, the same ``--budget``), then
+   (:func:`spaceevo.train.loop.train_supernet`, the same ``--preset``), then
    :func:`spaceevo.search.extract.extract_subnets` finds its best subnet at the same latency budgets
    (verified: exported as INT8 ONNX, ONNX Runtime INT8 top-1 on the test split).
 3. Fixed points: torchvision ``mobilenet_v3_small`` and ``resnet18`` adapted to 1-channel 28 px input
@@ -27,8 +27,8 @@ torchvision model) in N worker processes of ``--threads`` threads each; the fina
 alone, after all of them. Writes ``docs/results/spaces.json``, ``docs/results/spaces_pareto.png`` and the
 section between the ``spaces`` markers of ``docs/RESULTS.md`` (``--no-write`` only prints).
 
-    nice -n 19 python scripts/bench_spaces.py --budget smoke          # minutes: checks the pipeline
-    nice -n 19 python scripts/bench_spaces.py --budget default --jobs 2   # the evidence (hours on 2 cores)
+    nice -n 19 python scripts/bench_spaces.py --preset smoke          # minutes: checks the pipeline
+    nice -n 19 python scripts/bench_spaces.py --preset default --jobs 2   # the evidence (hours on 2 cores)
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def run_search(search_dir: Path, budget: str, seed: int, tables: str | None) -> 
     else:
         from spaceevo.search.pipeline import search_space
 
-        log(f"search: spaceevo search --device cpu --space {HYPERSPACE} --budget {budget} --run {search_dir}")
+        log(f"search: spaceevo search --device cpu --space {HYPERSPACE} --preset {budget} --run {search_dir}")
         search_space(search_dir, HYPERSPACE, budget=budget, seed=seed, device="cpu", tables=tables)
     return {**json.loads(result_path.read_text()), "reused": reused}
 
@@ -541,12 +541,12 @@ def tables_markdown(report: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     smoke = report["budget"] == "smoke"
     title = "## Searched space vs MobileNetV3 space vs torchvision, INT8 on this device"
-    lines = [SECTION[0], title + (f" - SMOKE-BUDGET RUN (`--budget {report['budget']}`), NOT EVIDENCE" if smoke else ""), ""]
+    lines = [SECTION[0], title + (f" - SMOKE-BUDGET RUN (`--preset {report['budget']}`), NOT EVIDENCE" if smoke else ""), ""]
     if smoke:
         lines += [
-            "> **This is a `--budget smoke` run: a few training steps per space, a tiny search. It shows that the "
+            "> **This is a `--preset smoke` run: a few training steps per space, a tiny search. It shows that the "
             "pipeline runs end to end; its accuracies are near chance and its comparison means nothing. "
-            "Run `--budget default` for evidence.**",
+            "Run `--preset default` for evidence.**",
             "",
         ]
     lines += [
@@ -631,7 +631,7 @@ def write_plot(path: Path, report: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", default="default", choices=["smoke", "default"],
+    parser.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"],
                         help="size of search, training (same for every space and model) and extraction (default: default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of search, training and extraction (default: 0)")
     parser.add_argument("--run-root", type=Path, default=Path("runs/bench_spaces"),

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--space", default="tiny-1111-0000", help="candidate-space encoding")
     parser.add_argument("--subnet", default="max", help="subnet string, max or min (default: max)")
     parser.add_argument("--data", default="embedded", help="data set (as spaceevo train --data)")
-    parser.add_argument("--budget", default="default", choices=["smoke", "default"], help="training budget")
+    parser.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"], help="training budget")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the budget's FP32 epochs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")

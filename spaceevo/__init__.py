@@ -13,7 +13,7 @@ command                    function                   returns
 ``spaceevo train``         :func:`train_supernet`     :class:`TrainResult`
 ``spaceevo extract``       :func:`extract`            :class:`ExtractResult`
 ``spaceevo export``        :func:`export`             :class:`ExportReport`
-``spaceevo evaluate``      :func:`evaluate`, :func:`evaluate_model`  :class:`EvaluationReport`
+``spaceevo evaluate``      :func:`evaluate`, :func:`evaluate_model`  ``dict`` (a dataclass is still to come)
 ``spaceevo latency …``     :mod:`spaceevo.latency`    (``build_table``, ``predict_latency``, …)
 =========================  =========================  ==========================================
 
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from spaceevo import latency
-    from spaceevo.deploy.evaluate import EvaluationReport, ExportReport, evaluate_model
+    from spaceevo.deploy.evaluate import ExportReport, evaluate_model
     from spaceevo.deploy.evaluate import evaluate_subnet as evaluate
     from spaceevo.deploy.evaluate import export_subnet as export
     from spaceevo.pipeline import PipelineReport
@@ -60,7 +60,6 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ExportReport": ("spaceevo.deploy.evaluate", "ExportReport"),
     "evaluate": ("spaceevo.deploy.evaluate", "evaluate_subnet"),
     "evaluate_model": ("spaceevo.deploy.evaluate", "evaluate_model"),
-    "EvaluationReport": ("spaceevo.deploy.evaluate", "EvaluationReport"),
     "load_space": ("spaceevo.space", "load_space"),
     "Hyperspace": ("spaceevo.space", "Hyperspace"),
     "CandidateSpace": ("spaceevo.space", "CandidateSpace"),

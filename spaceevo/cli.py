@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default="embedded",
                        help="data set: embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
     train.add_argument("--run", required=True, help="run directory (config.json, checkpoints/last.pt, log.jsonl)")
-    train.add_argument("--budget", default="default", choices=list(BUDGETS),
+    train.add_argument("--preset", dest="budget", default="default", choices=list(BUDGETS),
                        help="preset of every training setting (default: default; smoke: a few steps, for checks)")
     train.add_argument("--epochs", type=_non_negative_int, default=None, help="FP32 epochs (default: from the budget)")
     train.add_argument("--qat-epochs", type=_non_negative_int, default=None,
@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", default=None, metavar="URL",
                         help="Optuna storage shared by workers: an RDB URL (sqlite:///…, postgresql://…) or "
                              "journal:PATH (default: sqlite:///RUN/search/study.db)")
-    search.add_argument("--budget", default="default", choices=["smoke", "default", "full"],
+    search.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default", "full"],
                         help="population/tournament/total: smoke 16/4/48, default 100/25/1000, full (paper) "
                              "500/125/5000, capped by the hyperspace's size (default: default)")
     search.add_argument("--workers", type=_positive_int, default=1, help="processes sharing the study (default: 1)")
@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_latency_budgets(extract, "the smallest and largest subnets of the run's space")
     extract.add_argument("--delta", type=float, default=None, metavar="MS",
                          help="latency window [MS - delta, MS] searched (default: 10%% of each budget)")
-    extract.add_argument("--budget", default="default", choices=["smoke", "default"],
+    extract.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"],
                          help="search size: smoke 8 subnets x 2 generations on 256 held-out images, default 24 x 8 "
                               "on the whole held-out split (default: default)")
     extract.add_argument("--storage", default=None, metavar="URL",
@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--space", default="tiny", metavar="HYPERSPACE", help="hyperspace name or YAML path (default: tiny)")
     run.add_argument("--data", default="embedded", help="embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
     run.add_argument("--run", default="runs/tiny", metavar="DIR", help="run directory (default: runs/tiny)")
-    run.add_argument("--budget", default="default", choices=["smoke", "default"],
+    run.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"],
                      help="size of every step: smoke (minutes, for checks) or default (default: default)")
     run.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every step (default: 0)")
     _add_device(run)

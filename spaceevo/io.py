@@ -37,10 +37,18 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+class UnwritableError(UsageError):
+    """A file or folder the user chose cannot be written; ``reason`` is the system's."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def unwritable(path: str | Path, error: OSError, purpose: str = "") -> UsageError:
     """The error for a file or folder that cannot be written: its path, what it was for, the reason."""
     reason = error.strerror or type(error).__name__
-    return UsageError(f"cannot write {path}{f' ({purpose})' if purpose else ''}: {reason}; choose a folder you can write to")
+    return UnwritableError(f"cannot write {path}{f' ({purpose})' if purpose else ''}: {reason}; choose a folder you can write to", reason)
 
 
 def writable_folder(folder: str | Path, purpose: str = "") -> Path:
@@ -94,8 +102,8 @@ def writing(folder: str | Path, what: str, hint: str = "") -> Iterator[None]:
     folder, full disk) as an :class:`ArtifactError` naming the folder, not as a traceback."""
     try:
         yield
-    except OSError as error:
-        reason = error.strerror or str(error)
+    except (OSError, UnwritableError) as error:
+        reason = error.reason if isinstance(error, UnwritableError) else (error.strerror or str(error))
         raise ArtifactError(f"{folder}: cannot write {what} ({reason}){'; ' + hint if hint else ''}") from None
 
 

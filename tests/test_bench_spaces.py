@@ -1,5 +1,5 @@
 """Fast checks of scripts/bench_spaces.py's pure parts: the comparison, the section replacement,
-the torchvision adaptations. (The script itself trains and measures: run it with --budget smoke.)"""
+the torchvision adaptations. (The script itself trains and measures: run it with --preset smoke.)"""
 
 from __future__ import annotations
 

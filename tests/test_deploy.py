@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("deploy") / "run"
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--json"]) == 0
+        assert main(["train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--json"]) == 0
     return run
 
 

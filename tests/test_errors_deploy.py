@@ -57,7 +57,7 @@ def trained(tmp_path_factory) -> Path:
     """A smoke-trained supernet of tiny-1111-0000 (never written to: tests copy it)."""
     run = tmp_path_factory.mktemp("trained") / "run"
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--threads", "1", "--json"]) == 0
+        assert main(["train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--threads", "1", "--json"]) == 0
     return run
 
 
@@ -302,7 +302,7 @@ def test_threads_zero_and_num_budgets_with_explicit_budgets_are_usage_errors(tra
 
 
 def test_budget_above_the_largest_subnet_deploys_it_with_a_note(run_copy, capsys, fake_latency) -> None:
-    code, out, err = run_cli(capsys, "extract", "--run", str(run_copy), "--latency-budget", "1e9", "--budget", "smoke",
+    code, out, err = run_cli(capsys, "extract", "--run", str(run_copy), "--latency-budget", "1e9", "--preset", "smoke",
                              "--no-verify", "--json")
     assert code == 0, err
     (result,) = json.loads(out)["results"]
@@ -368,11 +368,11 @@ def test_run_checks_every_argument_then_chooses_budgets_before_the_search(tmp_pa
         (["--run", "/proc/run"], "cannot write"),
         (["--latency-budget", "0.0001"], "below the smallest predicted INT8 latency of tiny"),
     ]:
-        code, _, err = run_cli(capsys, "run", "--run", str(tmp_path / "bad"), "--budget", "smoke", *argv)
+        code, _, err = run_cli(capsys, "run", "--run", str(tmp_path / "bad"), "--preset", "smoke", *argv)
         assert code == 2 and message in err, (argv, err)
     assert calls == []
 
-    code, out, err = run_cli(capsys, "run", "--run", str(tmp_path / "run"), "--budget", "smoke", "--num-budgets", "4", "--json")
+    code, out, err = run_cli(capsys, "run", "--run", str(tmp_path / "run"), "--preset", "smoke", "--num-budgets", "4", "--json")
     assert code == 0, err
     report = json.loads(out)
     chosen = report["latency_budgets"]["latency_budgets_ms"]
@@ -389,7 +389,7 @@ def _worker(run: Path, log: Path, *argv: str, delay: float = 0.0) -> subprocess.
     env = dict(os.environ, SPACEEVO_TEST_LOG=str(log), SPACEEVO_TEST_DELAY=str(delay), PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     return subprocess.Popen(
-        [sys.executable, str(WORKER), "extract", "--run", str(run), "--budget", "smoke", *argv],
+        [sys.executable, str(WORKER), "extract", "--run", str(run), "--preset", "smoke", *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 

@@ -77,20 +77,20 @@ def read_only(tmp_path, monkeypatch):
 
 
 def test_train_in_a_read_only_folder_is_named_before_any_work(read_only, capsys):
-    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(read_only / "run"), "--budget", "smoke")
+    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(read_only / "run"), "--preset", "smoke")
     assert code == 3 and out == "" and "Traceback" not in err
     assert err.startswith(f"spaceevo: error: cannot write to {read_only / 'run'} (in {read_only}): Permission denied")
     assert "choose another --run directory" in err
     assert not (read_only / "run").exists()
     # an existing run folder that became read-only: refused before an epoch is trained, not after
-    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(read_only), "--budget", "smoke", "--resume")
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(read_only), "--preset", "smoke", "--resume")
     assert code == 3 and f"cannot write to {read_only}: Permission denied" in err
 
 
 @pytest.mark.parametrize("block_lut", [True, False])
 def test_search_in_a_read_only_folder_is_named_before_any_work(read_only, capsys, tmp_path, block_lut):
     lut = ["--block-lut", str(tmp_path / "no-lut-needed"), "--hyperspace", "tiny"] if block_lut else []
-    code, out, err = run_cli(capsys, "search", *lut, "--run", str(read_only / "run"), "--budget", "smoke",
+    code, out, err = run_cli(capsys, "search", *lut, "--run", str(read_only / "run"), "--preset", "smoke",
                              "--tables", str(tmp_path / "tables"))
     assert code == 3 and out == "" and "Traceback" not in err
     assert f"cannot write to {read_only / 'run' / 'search'} (in {read_only}): Permission denied" in err
@@ -118,7 +118,7 @@ def test_corrupt_training_checkpoint_is_named_with_the_remedy(tmp_path, capsys, 
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     checkpoint.parent.mkdir(parents=True)
     CORRUPTIONS[corruption](checkpoint)
-    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(tmp_path / "run"), "--budget", "smoke",
+    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(tmp_path / "run"), "--preset", "smoke",
                              *(["--resume"] if resume else []))
     assert (code, out) == (3, "")
     assert err == (f"spaceevo: error: {checkpoint} is not a spaceevo training checkpoint (truncated or corrupt): "
@@ -142,7 +142,7 @@ def test_corrupt_teacher_checkpoint_is_named_with_the_remedy(tmp_path, corruptio
 def test_corrupt_teacher_given_to_search_is_named_before_any_work(tmp_path, capsys):
     teacher = tmp_path / "teacher.pt"
     CORRUPTIONS["empty"](teacher)
-    code, out, err = run_cli(capsys, "search", "--space", "tiny", "--run", str(tmp_path / "run"), "--budget", "smoke",
+    code, out, err = run_cli(capsys, "search", "--space", "tiny", "--run", str(tmp_path / "run"), "--preset", "smoke",
                              "--teacher", str(teacher), "--tables", str(tmp_path / "tables"))
     assert (code, out) == (3, "") and "Traceback" not in err
     assert f"{teacher} is not a spaceevo teacher checkpoint (truncated or corrupt)" in err
@@ -368,7 +368,7 @@ def interrupt_when(argv: list[str], ready) -> subprocess.CompletedProcess:
 
 def test_training_interrupted_by_sigint_exits_130_with_the_hint_and_resumes(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--epochs", "2", "--qat-epochs", "0",
+    argv = ["train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--epochs", "2", "--qat-epochs", "0",
             "--threads", "1"]
     log = run / "log.jsonl"
     done = interrupt_when(argv, lambda: log.exists() and log.read_text().count("\n") == 1)  # in epoch 2

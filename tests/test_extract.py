@@ -44,7 +44,7 @@ def predict_ms(latency_tables):
 def run_dir(tmp_path_factory, predict_ms) -> Path:
     run = tmp_path_factory.mktemp("extract") / "run"
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--threads", "1", "--json"]) == 0
+        assert main(["train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--threads", "1", "--json"]) == 0
     return run
 
 
@@ -189,7 +189,7 @@ def test_budget_below_the_smallest_subnet_names_the_smallest_latency(run_dir, pr
 
 
 def test_budget_above_the_largest_subnet_returns_it_and_says_so(run_dir, latency_tables, capsys) -> None:
-    code = main(["extract", "--run", str(run_dir), "--latency-budget", "50", "--budget", "smoke", "--tables", str(latency_tables),
+    code = main(["extract", "--run", str(run_dir), "--latency-budget", "50", "--preset", "smoke", "--tables", str(latency_tables),
                  "--no-verify", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -272,7 +272,7 @@ def test_search_on_a_trained_supernet_is_no_worse_than_50_random_subnets_within_
     logic itself is checked against random on a noise-free fitness above."""
     run = tmp_path_factory.mktemp("trained") / "run"
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--epochs", "5",
+        assert main(["train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--epochs", "5",
                      "--threads", "1", "--json"]) == 0
     sizes = SubnetSearchBudget(population=12, generations=5, heldout_images=256)
     assert sizes.max_evaluations >= 50

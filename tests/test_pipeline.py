@@ -16,7 +16,7 @@ def test_negative_budget_is_refused_before_any_work(tmp_path, capsys, monkeypatc
     import spaceevo.latency.api as latency_api
 
     monkeypatch.setattr(latency_api, "build_table", lambda *_, **__: pytest.fail("the first step started"))
-    code = main(["run", "--latency-budget", "-1", "--budget", "smoke", "--run", str(tmp_path / "run")])
+    code = main(["run", "--latency-budget", "-1", "--preset", "smoke", "--run", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "--latency-budget must be positive finite numbers of ms" in err and "got -1" in err
     assert not (tmp_path / "run").exists()
@@ -31,7 +31,7 @@ def test_unknown_budget_is_refused_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_smoke_pipeline_deploys_one_verified_model_per_budget_and_resumes(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["run", "--budget", "smoke", "--num-budgets", "2", "--run", str(run), "--json"]
+    argv = ["run", "--preset", "smoke", "--num-budgets", "2", "--run", str(run), "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     chosen = report["latency_budgets"]["latency_budgets_ms"]

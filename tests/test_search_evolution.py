@@ -261,7 +261,7 @@ SEARCH_COMMAND = textwrap.dedent(
 def test_search_interrupted_by_sigint_exits_130_with_the_hint_and_resumes(lut_dir, tmp_path, capsys):
     import sqlite3
 
-    argv = ["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path), "--budget", "smoke",
+    argv = ["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path), "--preset", "smoke",
             "--samples", "500", "--latency-constraints", "4.1", "4.6"]
     database = tmp_path / "search" / "study.db"
 
@@ -324,7 +324,7 @@ def _alive(pid: int) -> bool:
 def _search_with_a_helper(lut_dir: Path, run: Path) -> tuple[subprocess.Popen, str, int]:
     """``spaceevo search --workers 2`` (budget default: far from done when stopped), once the helper
     process has finished a space: the process, the storage URL and the helper's pid."""
-    argv = ["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(run), "--budget", "default",
+    argv = ["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(run), "--preset", "default",
             "--samples", "500", "--latency-constraints", "4.1", "4.6", "--workers", "2"]
     process = subprocess.Popen([sys.executable, "-c", "import sys; from spaceevo.cli import main; sys.exit(main())", *argv],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -426,7 +426,7 @@ def test_unreachable_storage_is_a_clear_error(lut_dir, tmp_path, capsys):
 
 def test_search_command(lut_dir, tmp_path, capsys):
     code = main(["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(tmp_path),
-                 "--budget", "smoke", "--samples", "500", "--latency-constraints", "4.1", "4.6", "--json"])
+                 "--preset", "smoke", "--samples", "500", "--latency-constraints", "4.1", "4.6", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(out)

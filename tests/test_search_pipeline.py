@@ -45,7 +45,7 @@ def test_bad_shard_is_a_usage_error(shard, capsys, tmp_path):
 @pytest.mark.slow
 def test_smoke_search_from_nothing_writes_result_yaml_and_plot(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["search", "--device", "cpu", "--budget", "smoke", "--run", str(run), "--json"]) == 0
+    assert main(["search", "--device", "cpu", "--preset", "smoke", "--run", str(run), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     result = json.loads((run / "search" / "result.json").read_text())
     assert out["best_space"] == result["best_space"] and result["top"][0]["space"] == result["best_space"]
@@ -53,5 +53,5 @@ def test_smoke_search_from_nothing_writes_result_yaml_and_plot(tmp_path, capsys)
     record = json.loads((run / "search" / "lut_record.json").read_text())
     assert set(record["fixed_stage_ms"]) == {"24", "28", "32"}
     # a second call resumes: nothing is rebuilt or re-evaluated
-    assert main(["search", "--device", "cpu", "--budget", "smoke", "--run", str(run), "--json"]) == 0
+    assert main(["search", "--device", "cpu", "--preset", "smoke", "--run", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["evaluated_here"] == 0

@@ -56,9 +56,9 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, int, str, str]:
-    """``spaceevo train --budget smoke --json`` once (FP32 then QAT epochs)."""
+    """``spaceevo train --preset smoke --json`` once (FP32 then QAT epochs)."""
     run = tmp_path_factory.mktemp("smoke") / "run"
-    argv = ["train", "--space", SPACE, "--data", "embedded", "--run", str(run), "--budget", "smoke", "--json"]
+    argv = ["train", "--space", SPACE, "--data", "embedded", "--run", str(run), "--preset", "smoke", "--json"]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
@@ -345,7 +345,7 @@ def test_cli_smoke_training_writes_the_run(smoke_run) -> None:
 def test_finished_run_resumes_at_once_and_needs_resume_flag(smoke_run, capsys) -> None:
     run, *_ = smoke_run
     before = (run / "checkpoints" / "last.pt").read_bytes()
-    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke")
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--preset", "smoke")
     assert code == 2 and "--resume" in err and "Traceback" not in err
     config = BUDGETS["smoke"]
     result = train_supernet(SPACE, run, config=config, resume=True, progress=False)
@@ -376,12 +376,12 @@ def test_resume_without_config_json_compares_the_checkpoints_config(smoke_run, t
     run = _copy_run(smoke_run[0], tmp_path / "run")
     (run / "config.json").unlink()
     files = {p: p.read_bytes() for p in (run / "checkpoints").iterdir()}
-    extra = [] if QAT else ["--qat-epochs", "0"]
-    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume",
+    extra: list[str] = []
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--resume",
                            "--epochs", "3", "--seed", "1", *extra)
     assert code == 2 and "Traceback" not in err
     assert "last.pt was started with another training config (epochs: run 1, now 3; seed: run 0, now 1)" in err
-    assert "resume with --budget smoke" in err
+    assert "resume with --preset smoke" in err
     assert {p: p.read_bytes() for p in (run / "checkpoints").iterdir()} == files
     assert not (run / "config.json").exists() and not (run / "log.jsonl").read_text().count('"epoch": 3')
 
@@ -393,7 +393,7 @@ def test_resume_without_config_json_compares_the_checkpoints_config(smoke_run, t
         train_supernet(SPACE, run, data=f"fashion-mnist:{other}", budget="smoke", resume=True, progress=False)
 
     # the same settings: nothing to train, says so, and config.json is written again
-    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--resume", *extra)
     assert code == 0 and "already holds all" in err and "nothing to do" in err
     assert {p: p.read_bytes() for p in (run / "checkpoints").iterdir()} == files
     assert json.loads((run / "config.json").read_text())["config"] == load_checkpoint(run / "checkpoints" / "last.pt")["config"]
@@ -403,12 +403,12 @@ def test_resume_without_config_json_compares_the_checkpoints_config(smoke_run, t
 def test_corrupt_config_json_is_named_with_the_remedy(smoke_run, tmp_path, capsys, content) -> None:
     run = _copy_run(smoke_run[0], tmp_path / "run")
     (run / "config.json").write_text(content)
-    extra = [] if QAT else ["--qat-epochs", "0"]
-    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    extra: list[str] = []
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--resume", *extra)
     assert code == 3 and "Traceback" not in err
     assert f"{run / 'config.json'} is" in err and "delete it and run the same `spaceevo train` command with --resume" in err
     (run / "config.json").unlink()  # the remedy works
-    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--budget", "smoke", "--resume", *extra)
+    code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--resume", *extra)
     assert code == 0 and "nothing to do" in err and (run / "config.json").exists()
 
 
@@ -549,7 +549,7 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path) -> None:
 def test_cli_missing_data_directory_exits_2_without_writing(capsys, tmp_path) -> None:
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--space", SPACE, "--data", "fashion-mnist:/nonexistent",
-                             "--run", str(run), "--budget", "smoke")
+                             "--run", str(run), "--preset", "smoke")
     assert code == 2 and out == ""
     assert err.startswith("spaceevo: error:") and "/nonexistent" in err and "does not exist" in err
     assert "Traceback" not in err

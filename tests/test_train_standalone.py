@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_standalone.py"
 
 def test_train_standalone_reports_the_subnet_and_its_accuracy():
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--space", "tiny-1111-0000", "--subnet", "min", "--budget", "smoke"],
+        [sys.executable, str(SCRIPT), "--space", "tiny-1111-0000", "--subnet", "min", "--preset", "smoke"],
         capture_output=True, text=True, check=False,
     )
     assert done.returncode == 0, done.stderr

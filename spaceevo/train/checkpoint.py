@@ -142,7 +142,7 @@ _FLAGS = {
     "epochs": "--epochs", "qat_epochs": "--qat-epochs", "largest_epochs": "--largest-epochs", "seed": "--seed",
     "eval_every": "--eval-every",
 }
-"""``spaceevo train`` flags of the training config fields they set on top of a ``--budget``."""
+"""``spaceevo train`` flags of the training config fields they set on top of a ``--preset``."""
 
 
 def _command_line(config: dict[str, Any]) -> str:
@@ -152,8 +152,8 @@ def _command_line(config: dict[str, Any]) -> str:
         fields = preset.to_dict()
         if all(config.get(key, value) == value for key, value in fields.items() if key not in _FLAGS and key != "reduce_range"):
             flags = [f"{flag} {config[key]}" for key, flag in _FLAGS.items() if key in config and config[key] != fields[key]]
-            return " ".join([f"--budget {name}", *flags])
-    return "the run's settings (its training config matches no --budget preset)"
+            return " ".join([f"--preset {name}", *flags])
+    return "the run's settings (its training config matches no --preset preset)"
 
 
 def check_space(where: Path, stored_space: Any, stored_digest: Any, space: str, digest: str) -> None:

@@ -244,4 +244,4 @@ BUDGETS: dict[str, TrainConfig] = {
         eval_images=None,
     ),
 }
-"""Named training budgets (``--budget``)."""
+"""Named training budgets (``--preset``)."""
