@@ -29,26 +29,8 @@ from spaceevo.latency.predictor import BoundaryModel, Calibration, CalibrationSa
 from spaceevo.latency.segments import network_segments, required_segments
 from spaceevo.latency.table import TABLE_FILE, LatencyTable, TableEntry
 from spaceevo.space import load_hyperspace
+from test_latency import MICRO_YAML
 
-MICRO_YAML = """\
-name: micro
-input: {channels: 1, resolutions: [16]}
-num_classes: 10
-block_types:
-  mbv2:   {digit: 1, kernels: [3], expand_ratios: [3]}
-  resnet: {digit: 3, kernels: [3], expand_ratios: [1]}
-stages:
-  - {name: stem, block: conv, widths: [8], depths: [1], stride: 1, kernels: [3]}
-  - name: stage1
-    block_types: [mbv2, resnet]
-    widths: [8, 16]
-    window: 1
-    depths: [1, 2]
-    stride: 2
-head:
-  widths: [16, 32]
-  activation: relu
-"""
 CALIBRATION_SAMPLES = 4
 
 
