@@ -34,11 +34,11 @@ from spaceevo.deploy import evaluate_model
 from spaceevo.errors import ArtifactError, UsageError
 from spaceevo.io import atomic_write_bytes, atomic_write_json, exclusive_lock, writable_folder
 from spaceevo.search.extract import extract_subnets
-from spaceevo.search.subnet_search import SubnetSearchBudget
+from spaceevo.search.subnet_search import SubnetSearchConfig
 from spaceevo.space import load_space
 
 SPACE = "tiny-1111-0000"
-TINY_SEARCH = SubnetSearchBudget(population=3, generations=1, heldout_images=64)
+TINY_SEARCH = SubnetSearchConfig(population=3, generations=1, heldout_images=64)
 WORKER = Path(__file__).resolve().parent / "_extract_worker.py"
 HANG_GUARD_S = 900  # only against a hung subprocess; no test asserts a duration
 
@@ -237,7 +237,7 @@ def test_a_valid_classifier_file_is_evaluated(tmp_path) -> None:
     path = tmp_path / "ok.onnx"
     path.write_bytes(_classifier().SerializeToString())
     report = evaluate_model(path, measure=False)
-    assert 0 <= report["ort_top1"] <= 100 and report["test_images"] > 0
+    assert 0 <= report.ort_top1 <= 100 and report.test_images > 0 and report.space is None
 
 
 MODEL_FILES = {
@@ -320,7 +320,7 @@ def test_extract_without_budgets_spreads_them_over_the_space_and_records_them(ru
 
     space = load_space(SPACE)
     latency = candidate_space_range(space, lambda s: _fake_latency.fake_ms(space.resolve(s)))
-    kwargs = dict(num_budgets=2, budget=TINY_SEARCH, verify=False, show_progress=True)
+    kwargs = dict(num_budgets=2, preset=TINY_SEARCH, verify=False, show_progress=True)
     result = extract_subnets(run_copy, **kwargs)
     err = capsys.readouterr().err
     budgets = [r.budget_ms for r in result.results]
