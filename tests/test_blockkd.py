@@ -18,6 +18,7 @@ from spaceevo.search.lut import parse_stage_config, read_lut_csv, required_files
 from spaceevo.search.lut_build import build_block_luts, fixed_stage_latency_ms, stage_latency_ms
 from spaceevo.search.teacher import Teacher, TeacherArch, TeacherConfig, load_teacher, train_teacher
 from spaceevo.space import load_hyperspace
+from spaceevo.train import engine
 from spaceevo.train.data import load_data
 
 TINY = load_hyperspace("tiny")
@@ -74,17 +75,17 @@ def test_teacher_resumes_per_epoch(tmp_path, monkeypatch):
     whole = train_teacher(tmp_path / "whole.pt", TINY, datasets, config, show_progress=False)
 
     saves = []
-    original = teacher_module._save
+    original = engine.save_state
 
-    def save_then_die(path, state):
-        original(path, state)
+    def save_then_die(path, state, format_tag):
+        original(path, state, format_tag)
         saves.append(state["epoch"])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(teacher_module, "_save", save_then_die)
+    monkeypatch.setattr(engine, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(tmp_path / "cut.pt", TINY, datasets, config, show_progress=False)
-    monkeypatch.setattr(teacher_module, "_save", original)
+    monkeypatch.setattr(engine, "save_state", original)
     assert saves == [1]
     resumed = train_teacher(tmp_path / "cut.pt", TINY, datasets, config, show_progress=False)
     for key, value in whole.state_dict().items():

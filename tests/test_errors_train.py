@@ -270,14 +270,14 @@ def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path, whole_tra
 TEACHER_KILLED = """
 import sys, torch
 torch.set_num_threads(1)
-from spaceevo.search import teacher as module
 from spaceevo.search.teacher import TeacherConfig, train_teacher
 from spaceevo.space import load_hyperspace
+from spaceevo.train import engine, static
 from spaceevo.train.data import load_data
 
-saved, steps, save, resize = [], [], module._save, module.resize_batch
-def save_and_count(path, state):
-    save(path, state)
+saved, steps, save, resize = [], [], engine.save_state, static.resize_batch
+def save_and_count(path, state, format_tag):
+    save(path, state, format_tag)
     saved.append(state["epoch"])
 def resize_or_die(images, resolution):
     if saved:
@@ -285,7 +285,7 @@ def resize_or_die(images, resolution):
         if len(steps) == 2:  # epoch 2, step 2: step 1 already changed the weights in memory
             die()
     return resize(images, resolution)
-module._save, module.resize_batch = save_and_count, resize_or_die
+engine.save_state, static.resize_batch = save_and_count, resize_or_die
 train_teacher(__import__("pathlib").Path(sys.argv[1]), load_hyperspace("tiny"), load_data("embedded", 28, seed=0),
               TeacherConfig(epochs=2, steps_per_epoch=2, batch_size=16, width_multiplier=0.5), show_progress=False)
 """
