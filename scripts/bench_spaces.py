@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import itertools
 import json
 import math
 import multiprocessing
@@ -45,6 +44,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -268,16 +268,18 @@ def adapt_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modul
 
 
 def train_torchvision(name: str, run_dir: Path, preset: str, seed: int, threads: int) -> dict[str, Any]:
-    """Train, export FP32, PTQ to INT8 and evaluate one fixed point in ``run_dir`` (resumable per
-    epoch; skipped when ``result.json`` exists). Same data, batch size, epochs (FP32 + QAT epochs of
+    """Train, export FP32, PTQ to INT8 and evaluate one fixed point in ``run_dir`` (trained by the
+    training engine as a :class:`~spaceevo.train.static.StaticTask`, resumable per epoch; skipped when ``result.json`` exists). Same data, batch size, epochs (FP32 + QAT epochs of
     the preset, in one phase), SGD, peak LR, warm-up, weight decay and label smoothing as the supernets."""
     from spaceevo.deploy.evaluate import ort_top1
     from spaceevo.quant.export import export_fp32, quantize_ptq
-    from spaceevo.train.checkpoint import load_checkpoint, save_checkpoint
+    from spaceevo.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
     from spaceevo.train.data import load_data, make_loader
+    from spaceevo.train.engine import Engine, EngineConfig, Phase
     from spaceevo.train.loop import EVAL_SEED, HELDOUT_SEED
-    from spaceevo.train.optim import make_optimizer, make_scheduler
+    from spaceevo.train.optim import make_optimizer
     from spaceevo.train.sandwich import memory_format
+    from spaceevo.train.static import StaticTask
 
     done = run_dir / "result.json"
     if done.exists():
@@ -295,37 +297,28 @@ def train_torchvision(name: str, run_dir: Path, preset: str, seed: int, threads:
     loader = make_loader(datasets.train, config.batch_size, True, seed=config.seed, workers=config.workers, drop_last=True)
     steps = config.steps_in("fp32", len(loader))
     epochs = config.total_epochs
-    optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
-    scheduler = make_scheduler(optimizer, epochs * steps, round(config.warmup_epochs * steps))
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    checkpoint_path, start, history = run_dir / "checkpoint.pt", 0, []
+    task = StaticTask(model, loader, label_smoothing=config.label_smoothing, memory_format=train_format)
+    optimizer = partial(make_optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    checkpoint_path = run_dir / "checkpoint.pt"
+
+    def report(record: dict[str, Any]) -> None:
+        log(f"torchvision {name}: epoch {record['epoch']}/{epochs} loss {record['loss']:.3f} ({record['train_s']} s)")
+
+    engine = Engine(task, EngineConfig(
+        phases=(Phase("fp32", epochs, steps, optimizer, warmup_steps=round(config.warmup_epochs * steps)),),
+        name=f"torchvision {name}",
+        checkpoint=checkpoint_path,
+        checkpoint_format=CHECKPOINT_FORMAT,
+        meta={"torchvision": name, "config": config.to_dict()},
+        progress=False,
+        on_epoch_end=report,
+    ))
+    state = None
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        loader.generator.set_state(state["loader_rng"])
-        start, history = int(state["epoch"]), list(state["history"])
-        log(f"torchvision {name}: resuming after epoch {start}")
-    for epoch in range(start + 1, epochs + 1):
-        model.train()
-        total, epoch_start = 0.0, time.perf_counter()
-        for images, labels in itertools.islice(loader, steps):
-            loss = criterion(model(images.to(memory_format=train_format)), labels)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"torchvision {name}: non-finite loss at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.detach().item()
-        history.append({"epoch": epoch, "loss": total / steps, "train_s": round(time.perf_counter() - epoch_start, 2)})
-        log(f"torchvision {name}: epoch {epoch}/{epochs} loss {total / steps:.3f} ({history[-1]['train_s']} s)")
-        save_checkpoint(checkpoint_path, {
-            "epoch": epoch, "history": history, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "loader_rng": loader.generator.get_state(),
-        })
+        log(f"torchvision {name}: resuming after epoch {state.get('epoch')}")
+    history = list(engine.run(state).history)
+    model = task.model
     model = model.to(memory_format=torch.contiguous_format).eval()
     shape = (1, datasets.in_channels, TORCHVISION_RESOLUTION, TORCHVISION_RESOLUTION)
     fp32 = export_fp32(model, shape)

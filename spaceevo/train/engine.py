@@ -107,6 +107,9 @@ class EngineConfig:
         object.__setattr__(self, "phases", tuple(p for p in self.phases if p.epochs > 0))
         if not self.phases:
             raise ValueError("a training needs at least one phase with epochs")
+        clash = sorted(set(self.meta) & {*_REQUIRED, "scaler", "task"})
+        if clash:
+            raise ValueError(f"meta keys {clash} are the engine's own checkpoint keys")
 
     @property
     def total_epochs(self) -> int:
