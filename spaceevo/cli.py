@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 from spaceevo import __version__
 from spaceevo.errors import SpaceEvoError, UsageError
 
-SPACE_HELP = "hyperspace name or YAML path (tiny, search_spaces/tiny.yaml) or candidate-space encoding (tiny-1111-0000)"
+SPACE_HELP = ("hyperspace name or YAML path (tiny, search_spaces/tiny.yaml) or candidate-space encoding (tiny-1111-0000; "
+              "of a YAML of your own: my.yaml:my-1111-0000)")
 SUBNET_HELP = "subnet string (d…_k…_w…_e…_r…), 'max' or 'min'"
 
 
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train the quantized-for-all supernet of a candidate space (sandwich rule, then LSQ+ QAT; resumable)"
     )
-    train.add_argument("--space", required=True, help="candidate-space encoding, e.g. tiny-1111-0000")
+    train.add_argument("--space", required=True, help="candidate-space encoding, e.g. tiny-1111-0000 (or my.yaml:my-1111-0000)")
     train.add_argument("--data", default="embedded",
                        help="data set: embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
     train.add_argument("--run", required=True, help="run directory (config.json, checkpoints/last.pt, log.jsonl)")

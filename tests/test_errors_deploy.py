@@ -32,7 +32,7 @@ import _fake_latency
 from spaceevo.cli import main
 from spaceevo.deploy import evaluate_model
 from spaceevo.errors import ArtifactError, UsageError
-from spaceevo.io import atomic_write_bytes, atomic_write_json, exclusive_lock, writable_folder
+from spaceevo.io import STALE_TEMP_S, atomic_write_bytes, atomic_write_json, exclusive_lock, writable_folder
 from spaceevo.search.extract import extract_subnets
 from spaceevo.search.subnet_search import SubnetSearchConfig
 from spaceevo.space import load_space
@@ -87,6 +87,24 @@ def test_atomic_writes_get_the_permissions_of_any_new_file(tmp_path, umask) -> N
     for written in (path, json_path):
         assert written.stat().st_mode & 0o777 == 0o666 & ~umask
     assert not [p for p in tmp_path.rglob(".*.tmp")], "no temporary file is left behind"
+
+
+def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that no longer exists
+    old = time.time() - 2 * STALE_TEMP_S
+    killed = tmp_path / f".a.json.{dead.pid}.x1.tmp"
+    fresh = tmp_path / f".a.json.{dead.pid}.x2.tmp"  # may still be another host's live writer
+    alive = tmp_path / f".a.json.{os.getppid()}.x3.tmp"
+    other = tmp_path / f".b.json.{dead.pid}.x4.tmp"
+    for temp in (killed, fresh, alive, other):
+        temp.write_bytes(b"half")
+    for temp in (killed, alive, other):
+        os.utime(temp, (old, old))
+    atomic_write_json(tmp_path / "a.json", {"a": 1})
+    assert not killed.exists()
+    assert fresh.exists() and alive.exists() and other.exists()
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
 
 
 @pytest.mark.parametrize("target", ["/proc/spaceevo-test/x.bin", "/sys/spaceevo-test.bin"])
