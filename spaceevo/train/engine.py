@@ -56,7 +56,7 @@ from spaceevo.train.optim import make_scheduler
 from spaceevo.train.sandwich import autocast_dtype
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
-Generator = random.Random | torch.Generator
+RandomSource = random.Random | torch.Generator
 
 _ENGINE_RNGS = ("python", "torch", "cuda")
 _REQUIRED = ("epoch", "phase", "model", "optimizer", "scheduler", "rng", "history")
@@ -216,11 +216,11 @@ class Task(Protocol):
         the checkpoint holds (e.g. quantizer ranges from a batch)."""
 
     def evaluate(self, epoch: int, phase: Phase) -> dict[str, Any]:
-        """Figures for the epoch's record (e.g. held-out top-1), measured without changing the
-        training state."""
+        """Figures for the epoch's record (e.g. held-out top-1) after its steps, measured without
+        changing the training state."""
         return {}
 
-    def generators(self) -> Mapping[str, Generator]:
+    def generators(self) -> Mapping[str, RandomSource]:
         """The task's own random generators (checkpointed and restored by the engine)."""
         return {}
 
@@ -280,7 +280,7 @@ class Engine:
         self.rank, self.world = ddp.rank(), ddp.world_size()
 
     # ---- state -----------------------------------------------------------------------------------
-    def _generators(self) -> Mapping[str, Generator]:
+    def _generators(self) -> Mapping[str, RandomSource]:
         generators = dict(self.task.generators())
         clash = sorted(set(generators) & set(_ENGINE_RNGS))
         if clash:
@@ -393,7 +393,7 @@ class Engine:
         if checkpoint is not None:
             start, history = self._restore(checkpoint), list(checkpoint["history"])
         ddp.broadcast_state(task.model)
-        writer = _tensorboard(config.tensorboard) if self.rank == 0 else None
+        writer = _tensorboard(config.tensorboard) if self.rank == 0 and start < config.total_epochs else None
         phase: Phase | None = None
         optimization: Optimization | None = None
         step: StepFn | None = None
@@ -479,7 +479,8 @@ class Engine:
             saved = f"{checkpoint} still holds epoch {epoch - 1}"
         return (
             f"{self.config.name} diverged: non-finite {what} at epoch {epoch}, step {step} of {phase.steps} "
-            f"({phase.name}); stopped without saving, {saved}; lower the learning rate or check the data"
+            f"({phase.name}); stopped without saving, {saved}; lower the learning rate or check the data, then "
+            f"start again in a new run directory"
         )
 
 

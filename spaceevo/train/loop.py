@@ -259,13 +259,13 @@ class SupernetTask(Task):
             images, labels = batch
             largest_only = self.config.largest_only(epoch)
             result = sandwich(images, labels, largest_only=largest_only)
+            random_loss = sum(result.random) / len(result.random) if result.random else None
             metrics = {
-                "loss": result.total,
+                "loss": result.max + (result.min or 0.0) + (random_loss or 0.0),
                 "loss_max": result.max,
                 "loss_min": result.min,
-                "loss_random": None if largest_only else sum(result.random) / max(1, len(result.random)),
+                "loss_random": random_loss,
                 "grad_norm": result.grad_norm,
-                "subnets_per_step": len(result.subnets),
             }
             return StepOutput(metrics, int(labels.shape[0]), None if result.finite else result.first_non_finite())
 
@@ -275,10 +275,15 @@ class SupernetTask(Task):
         return loader_batches(self.loader, epoch)
 
     def evaluate(self, epoch: int, phase: Phase) -> dict[str, Any]:
-        """Held-out top-1 of the largest and the smallest subnet, each after BatchNorm recalibration,
-        without disturbing the training state (None after epochs that are not evaluated)."""
+        """The subnets per step, and held-out top-1 of the largest and the smallest subnet, each after
+        BatchNorm recalibration, without disturbing the training state (None after epochs that are
+        not evaluated)."""
         config, supernet = self.config, self.model
-        results: dict[str, float | None] = {"heldout_top1_max": None, "heldout_top1_min": None}
+        results: dict[str, Any] = {
+            "subnets_per_step": 1 if config.largest_only(epoch) else 2 + config.num_random_subnets,
+            "heldout_top1_max": None,
+            "heldout_top1_min": None,
+        }
         if not config.evaluates_after(epoch):
             return results
         batch = min(config.batch_size, config.calibration_images)
