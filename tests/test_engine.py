@@ -183,6 +183,10 @@ def test_incompatible_checkpoints_are_named(tmp_path, whole_static):
     fp32["model"] = {k: v for k, v in fp32["model"].items() if "quant" not in k}
     with pytest.raises(ArtifactError, match="does not hold this training's model"):
         Engine(tiny_static(distill=True), static_config(tmp_path)).run(fp32)
+    other = read(whole_static[0] / "last.pt")
+    other["optimizer"]["param_groups"] = other["optimizer"]["param_groups"][:1]
+    with pytest.raises(ArtifactError, match="does not hold this training's optimizer state"):
+        Engine(tiny_static(distill=True), static_config(tmp_path, qat_epochs=2)).run(other)  # resumes inside QAT
 
 
 def test_tensorboard_scalars_only_where_tensorboard_is_installed(tmp_path, monkeypatch):

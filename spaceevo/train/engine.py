@@ -316,7 +316,9 @@ class Engine:
         where = self.config.checkpoint or "the checkpoint"
         rng = checkpoint.get("rng")
         missing = [key for key in _REQUIRED if key not in checkpoint]
-        if isinstance(rng, Mapping):
+        if "rng" in checkpoint and not isinstance(rng, Mapping):
+            missing.append("rng (a mapping)")
+        elif isinstance(rng, Mapping):
             missing += [f"rng.{key}" for key in ("python", "torch", *self._generators()) if key not in rng]
         if missing:
             raise ArtifactError(
@@ -336,16 +338,26 @@ class Engine:
     def _restore(self, checkpoint: Mapping[str, Any]) -> int:
         epoch, phase = self._check(checkpoint)
         self.task.prepare(phase, restoring=True)
-        try:
+        with self._incompatible("model"):
             self.task.model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
-            first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
-            raise ArtifactError(
-                f"{self.config.checkpoint} does not hold this training's model ({first}); delete it to train again"
-            ) from None
-        self.task.load_state_dict(checkpoint.get("task") or {})
-        self._set_rng_state(checkpoint["rng"])
+        with self._incompatible("task state"):
+            self.task.load_state_dict(checkpoint.get("task") or {})
+        with self._incompatible("random generator states"):
+            self._set_rng_state(checkpoint["rng"])
         return epoch
+
+    @contextlib.contextmanager
+    def _incompatible(self, what: str) -> Iterator[None]:
+        """Report a checkpoint part that does not fit this training as :class:`ArtifactError`."""
+        try:
+            yield
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+            raise ArtifactError(
+                f"{self.config.checkpoint or 'the checkpoint'} does not hold this training's {what} ({reason}); "
+                f"delete it to train again"
+            ) from None
 
     def _optimization(self, phase: Phase, checkpoint: Mapping[str, Any] | None) -> Optimization:
         model = self.task.model
@@ -355,10 +367,11 @@ class Engine:
         amp_dtype = autocast_dtype(device, phase.amp)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            if scaler is not None and checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
+            with self._incompatible("optimizer state"):
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                scheduler.load_state_dict(checkpoint["scheduler"])
+                if scaler is not None and checkpoint.get("scaler"):
+                    scaler.load_state_dict(checkpoint["scaler"])
         return Optimization(optimizer, scheduler, amp_dtype, scaler)
 
     def _save(self, epoch: int, phase: Phase, optimization: Optimization, history: list[dict[str, Any]]) -> None:
