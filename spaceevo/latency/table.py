@@ -52,7 +52,7 @@ TABLE_MEASURE = MeasureConfig(warmup=5, rounds=10, runs_per_round=4, min_round_s
 GROUP_SIZE = 16
 CHUNK_SIZE = 64
 #: Relative difference between two passes above which a segment is timed a third time.
-DISAGREEMENT = 0.10
+DISAGREEMENT = 0.05
 REBUILD_HINT = (
     "run 'spaceevo latency build' again for your hyperspace (same --tables and --threads): it drops corrupt rows "
     "and measures them again"
