@@ -2,9 +2,9 @@
 
 A supernet trains every subnet at once, so its largest subnet gets the same optimizer steps as a
 stand-alone network but shares its weights with all the others. This script trains the chosen
-subnet (default: the largest) as a stand-alone FP32 network with the same training budget (epochs,
+subnet (default: the largest) as a stand-alone FP32 network with the same training preset (epochs,
 batch size, learning rate, warm-up + cosine schedule, label smoothing, weight decay, augmentation,
-resolution) and prints its held-out and test top-1, so the cost of weight sharing at that budget is
+resolution) and prints its held-out and test top-1, so the cost of weight sharing at that preset is
 a measured number. No quantization: compare with the supernet's FP32 figures.
 
     python scripts/train_standalone.py --space tiny-1111-0000 --threads 2
@@ -33,15 +33,15 @@ def main() -> None:
     parser.add_argument("--space", default="tiny-1111-0000", help="candidate-space encoding")
     parser.add_argument("--subnet", default="max", help="subnet string, max or min (default: max)")
     parser.add_argument("--data", default="embedded", help="data set (as spaceevo train --data)")
-    parser.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"], help="training budget")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the budget's FP32 epochs)")
+    parser.add_argument("--preset", default="default", choices=["smoke", "default"], help="training preset")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's FP32 epochs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = TrainConfig.preset(args.budget, epochs=args.epochs)
+    config = TrainConfig.preset(args.preset, epochs=args.epochs)
     space = require_candidate_space(load_space(args.space), "train_standalone")
     supernet = Supernet(space)
     initialize_weights(supernet, zero_init_residual=config.zero_init_residual)
@@ -74,7 +74,7 @@ def main() -> None:
         "space": space.encoding,
         "subnet": subnet.encode(),
         "data": args.data,
-        "budget": args.budget,
+        "preset": args.preset,
         "epochs": config.epochs,
         "steps": steps,
         "batch_size": config.batch_size,

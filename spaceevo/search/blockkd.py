@@ -394,7 +394,7 @@ def build_feature_cache(
 
 @dataclass(frozen=True)
 class KDConfig:
-    """Budget and hyper-parameters of every distillation job and of the feature caches.
+    """Sizes and hyper-parameters of every distillation job and of the feature caches.
 
     ``epochs`` FP32 then ``qat_epochs`` QAT epochs of ``steps_per_epoch`` sandwich steps of
     ``batch_size`` cached images; Adam at ``lr`` / ``qat_lr`` with cosine decay per phase.
@@ -436,7 +436,7 @@ class KDConfig:
 #: 2-20 s per job on the 2-core host (QAT of ``mbv3_se`` is the slowest); the learning rate was
 #: picked from 2e-3 / 6e-3 / 1.5e-2 on two jobs (held-out-free training NSR after 60 steps:
 #: 0.91 / 0.69 / 0.61 for stage2 resnet, 1.11 / 0.74 / 0.66 for stage3 mbv2).
-KD_BUDGETS: dict[str, KDConfig] = {
+KD_PRESETS: dict[str, KDConfig] = {
     "smoke": KDConfig(
         epochs=1, qat_epochs=1, steps_per_epoch=1, batch_size=8, num_random=1,
         train_images=32, heldout_images=16, calibration_images=8, lut_samples=2,
@@ -445,11 +445,11 @@ KD_BUDGETS: dict[str, KDConfig] = {
 }
 
 
-def kd_config(budget: str, **overrides: Any) -> KDConfig:
-    """The :data:`KD_BUDGETS` preset ``budget`` with ``overrides`` applied."""
-    if budget not in KD_BUDGETS:
-        raise UsageError(f"unknown budget '{budget}'; allowed: {', '.join(KD_BUDGETS)}")
-    return replace(KD_BUDGETS[budget], **overrides)
+def kd_config(preset: str, **overrides: Any) -> KDConfig:
+    """The :data:`KD_PRESETS` preset ``preset`` with ``overrides`` applied."""
+    if preset not in KD_PRESETS:
+        raise UsageError(f"unknown preset '{preset}'; allowed: {', '.join(KD_PRESETS)}")
+    return replace(KD_PRESETS[preset], **overrides)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ cosine decay) and keeps it in ``RUN/search/teacher.pt``, written atomically afte
 resumed from there. :func:`load_teacher` reads such a checkpoint (``--teacher PATH``).
 
 Measured on the 2-core reference host (``nice``-d, beside another training run; embedded
-Fashion-MNIST, ``tiny``): see :data:`TEACHER_BUDGETS`.
+Fashion-MNIST, ``tiny``): see :data:`TEACHER_PRESETS`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class TeacherConfig:
 #: ``smoke`` runs a handful of steps; ``default`` (3 epochs, 210 steps of 128 images) took 185 s
 #: for ``tiny`` on the embedded data (1 thread, ``nice``-d, 2 cores shared with another training
 #: run) and reached 81.6% held-out top-1 at 32 px.
-TEACHER_BUDGETS: dict[str, TeacherConfig] = {
+TEACHER_PRESETS: dict[str, TeacherConfig] = {
     "smoke": TeacherConfig(epochs=1, steps_per_epoch=3, batch_size=32, eval_images=128),
     "default": TeacherConfig(epochs=3, width_multiplier=1.5),
 }
@@ -306,8 +306,8 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def teacher_config(budget: str, **overrides: Any) -> TeacherConfig:
-    """The :data:`TEACHER_BUDGETS` preset ``budget`` with ``overrides`` applied."""
-    if budget not in TEACHER_BUDGETS:
-        raise UsageError(f"unknown budget '{budget}'; allowed: {', '.join(TEACHER_BUDGETS)}")
-    return replace(TEACHER_BUDGETS[budget], **overrides)
+def teacher_config(preset: str, **overrides: Any) -> TeacherConfig:
+    """The :data:`TEACHER_PRESETS` preset ``preset`` with ``overrides`` applied."""
+    if preset not in TEACHER_PRESETS:
+        raise UsageError(f"unknown preset '{preset}'; allowed: {', '.join(TEACHER_PRESETS)}")
+    return replace(TEACHER_PRESETS[preset], **overrides)

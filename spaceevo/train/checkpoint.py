@@ -38,7 +38,7 @@ import torch
 from spaceevo.errors import ArtifactError, RunMismatchError
 from spaceevo.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from spaceevo.space import CandidateSpace
-from spaceevo.train.config import BUDGETS, TrainConfig
+from spaceevo.train.config import PRESETS, TrainConfig
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
@@ -146,9 +146,9 @@ _FLAGS = {
 
 
 def _command_line(config: dict[str, Any]) -> str:
-    """The ``spaceevo train`` options that give ``config``: its budget and flags, when a budget
+    """The ``spaceevo train`` options that give ``config``: its preset and flags, when a preset
     preset matches it apart from the flags' fields (and the host-decided ``reduce_range``)."""
-    for name, preset in BUDGETS.items():
+    for name, preset in PRESETS.items():
         fields = preset.to_dict()
         if all(config.get(key, value) == value for key, value in fields.items() if key not in _FLAGS and key != "reduce_range"):
             flags = [f"{flag} {config[key]}" for key, flag in _FLAGS.items() if key in config and config[key] != fields[key]]

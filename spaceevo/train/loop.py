@@ -22,8 +22,8 @@ kernels and resolutions), and both NHWC and autotuning make cuDNN build or time 
 shape, which made steps over 5x slower on an H100 (``scripts/bench_sandwich.py``, README).
 
 Measured throughput (sandwich step, ``tiny-1111-0000``, batch 64, images at 24-32 px, training
-images per second; each image runs through four subnets) and the ``default`` budget sized from it:
-see :data:`spaceevo.train.config.BUDGETS`.
+images per second; each image runs through four subnets) and the ``default`` preset sized from it:
+see :data:`spaceevo.train.config.PRESETS`.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def train_supernet(
     *,
     data: str | DataSpec = "embedded",
     config: TrainConfig | None = None,
-    budget: str = "default",
+    preset: str = "default",
     epochs: int | None = None,
     qat_epochs: int | None = None,
     largest_epochs: int | None = None,
@@ -153,7 +153,7 @@ def train_supernet(
 ) -> TrainResult:
     """Train (or resume training) the supernet of candidate space ``space`` in run directory ``run``.
 
-    ``config`` (default: the ``budget`` preset) with ``epochs``, ``qat_epochs``, ``largest_epochs``,
+    ``config`` (default: the ``preset`` preset) with ``epochs``, ``qat_epochs``, ``largest_epochs``,
     ``seed`` and ``eval_every`` overriding it when given (:meth:`TrainConfig.override`). A run directory that
     already holds a checkpoint is continued only with ``resume=True`` and only for the same space,
     hyperspace YAML, data and config, compared with the checkpoint itself
@@ -174,7 +174,7 @@ def train_supernet(
     candidate = require_candidate_space(load_space(space) if isinstance(space, str) else space, "training")
     spec = DataSpec.parse(data) if isinstance(data, str) else data
     spec.check()
-    config = (config or TrainConfig.preset(budget)).override(
+    config = (config or TrainConfig.preset(preset)).override(
         epochs=epochs, qat_epochs=qat_epochs, largest_epochs=largest_epochs, seed=seed, eval_every=eval_every
     )
     run_dir = RunDir(Path(run))
