@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="block LUT folder in the published SpaceEvo format (stage{i}_{block}_{window}.csv)")
     score.add_argument("--hyperspace", required=True, metavar="NAME", help="hyperspace name or YAML path the LUT was built for")
     score.add_argument("--latency-constraints", required=True, nargs="+", metavar="MS",
-                       help="latency constraints in ms, or 'auto' (spread over the LUT's latency range)")
+                       help="latency constraints in ms, or 'auto' (spread over the latency range of the given spaces)")
     score.add_argument("--spaces", required=True, nargs="+", metavar="ENC", help="candidate-space encodings, e.g. tiny-1111-0000")
     _add_qt_options(score)
     score.add_argument("--json", action="store_true",

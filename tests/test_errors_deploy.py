@@ -284,7 +284,9 @@ def test_evaluate_model_names_the_file_and_what_was_expected(tmp_path, capsys, k
 
 def test_evaluate_model_on_a_folder_is_a_usage_error(tmp_path, capsys) -> None:
     code, _, err = run_cli(capsys, "evaluate", "--model", str(tmp_path), "--no-latency")
-    assert code == 2 and "no such file" in err
+    assert code == 2 and f"--model {tmp_path}: a folder, not a file (expected an ONNX model file" in err
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(tmp_path / "none.onnx"), "--no-latency")
+    assert code == 2 and f"--model {tmp_path / 'none.onnx'}: no such file" in err
 
 
 # ---- budgets -----------------------------------------------------------------------------------------

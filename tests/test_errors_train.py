@@ -195,6 +195,43 @@ def test_storage_url_without_a_file_lists_the_allowed_forms(tmp_path, capsys, ur
     assert "allowed: sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db" in err and "journal:PATH" in err
 
 
+def _cut_sqlite_study(path: Path) -> None:
+    from spaceevo.search.evolution import open_storage
+
+    open_storage(f"sqlite:///{path}").engine.dispose()  # Optuna's tables: many pages
+    path.write_bytes(path.read_bytes()[:8192])
+
+
+STUDY_CORRUPTIONS = {
+    "sqlite random bytes": ("study.db", lambda path: path.write_bytes(random.Random(0).randbytes(50_000))),
+    "sqlite cut short": ("study.db", _cut_sqlite_study),
+    "journal random bytes": ("study.log", lambda path: path.write_bytes(random.Random(0).randbytes(3_000))),
+}
+
+
+@pytest.mark.parametrize("corruption", STUDY_CORRUPTIONS)
+def test_corrupt_study_file_is_an_artifact_error_naming_it(tmp_path, capsys, corruption):
+    """A corrupt study.db used to be 'cannot open Optuna storage …' with the allowed URL forms: a
+    usage error (exit 2) blaming a URL that was fine, not naming the broken file."""
+    name, corrupt = STUDY_CORRUPTIONS[corruption]
+    path = tmp_path / "run" / "search" / name
+    path.parent.mkdir(parents=True)
+    corrupt(path)
+    storage = ["--storage", f"journal:{path}"] if name.endswith(".log") else []  # study.db: the default
+    code, out, err = run_cli(capsys, "search", "--block-lut", str(tmp_path / "lut"), "--hyperspace", "tiny",
+                             "--run", str(tmp_path / "run"), *storage)
+    assert (code, out) == (3, "") and "Traceback" not in err
+    assert err.startswith(f"spaceevo: error: {path}: not a readable Optuna study (")
+    assert "restore it, or delete it to start over" in err and "allowed:" not in err
+
+
+def test_study_in_a_missing_folder_is_still_a_usage_error(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'study.db'}"
+    code, _, err = run_cli(capsys, "search", "--block-lut", str(tmp_path / "lut"), "--hyperspace", "tiny",
+                           "--run", str(tmp_path / "run"), "--storage", url)
+    assert code == 2 and f"cannot open Optuna storage '{url}'" in err and "allowed: sqlite:///" in err
+
+
 # ---- interruptions: kill -9 at a point inside a run, then the re-run -------------------------------
 
 KILL = "import os, signal\ndef die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -280,6 +280,25 @@ def test_winner_over_budget_is_reported_with_the_next_feasible_candidate(run_dir
     assert r.fallback.heldout_int8_top1 >= round(max(cheaper), 2)
 
 
+def test_fallback_is_never_the_winner_whose_rounded_latency_is_above_its_own() -> None:
+    """A winner predicted 0.301353 ms is reported as 0.3014 ms: measured over budget, it used to be
+    its own fallback (below 0.3014), verified three more times as budget_…_fallback_fallback…"""
+    from types import SimpleNamespace
+
+    from spaceevo.search.extract import _fallback
+
+    study = optuna.create_study(storage=InMemoryStorage(), direction="maximize")
+    for subnet, ms, top1 in [("winner", 0.301353, 40.0), ("cheaper", 0.25, 30.0), ("slower", 0.31, 45.0)]:
+        study.add_trial(optuna.trial.create_trial(
+            value=top1, user_attrs={"subnet": subnet, "predicted_int8_ms": ms}, state=optuna.trial.TrialState.COMPLETE,
+        ))
+    over = BudgetResult(0.3, "winner", round(0.301353, 4), 40.0, (0.27, 0.3), 5)
+    fallback = _fallback(SimpleNamespace(study=study), over)
+    assert fallback is not None and fallback.subnet == "cheaper" and fallback.predicted_int8_ms == 0.25
+    last = BudgetResult(0.3, "cheaper", 0.25, 30.0, (0.27, 0.3), 5)
+    assert _fallback(SimpleNamespace(study=study), last) is None
+
+
 @pytest.mark.slow
 def test_search_on_a_trained_supernet_is_no_worse_than_50_random_subnets_within_fitness_noise(tmp_path_factory, latency_tables) -> None:
     """The whole extraction on a real (15-step) supernet against 50 random subnets of each window,

@@ -134,6 +134,25 @@ def test_score_command_on_a_published_onnxw_lut_folder(capsys, tmp_path):
     assert any(s["feasible_fraction"][1] > 0 for s in scores)
 
 
+def test_score_auto_constraints_spread_over_the_given_spaces_of_a_partial_lut_folder(capsys, tmp_path):
+    """The published sample holds only the files of the given spaces: 'auto' used to pool a random
+    sample of the hyperspace's spaces, found none loaded and failed with 'no candidate space has all
+    its LUT files loaded'."""
+    folder = tmp_path / "onnxw_lut"
+    shutil.copytree(PUBLISHED / "onnxw", folder)
+    spaces = ["onnxw-000000-000000", "onnxw-500000-000000"]
+    code, out, err = run_cli(
+        capsys, "score", "--block-lut", str(folder), "--hyperspace", "onnxw", "--latency-constraints", "auto",
+        "--spaces", *spaces, "--samples", "2000", "--json",
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    constraints = result["latency_constraints_ms"]
+    assert len(constraints) == 4 and constraints == sorted(constraints)
+    assert all(0 < s["feasible_fraction"][-1] for s in result["scores"][:1])
+    assert [s["space"] for s in result["scores"]] == spaces
+
+
 def test_nan_in_the_mflops_column_names_that_column(tmp_path):
     lines = (PUBLISHED / "onnxw" / "stage1_1_0.csv").read_text().splitlines()
     fields = lines[1].split(",")

@@ -355,7 +355,8 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     """An ONNX model file; :class:`UsageError` if there is none, :class:`ArtifactError` naming the
     file if it is empty, unreadable, truncated or not a valid ONNX model."""
     if not path.is_file():
-        raise UsageError(f"--model {path}: no such file (expected an ONNX model, e.g. from spaceevo export)")
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise UsageError(f"--model {path}: {what} (expected an ONNX model file, e.g. from spaceevo export)")
     try:
         content = path.read_bytes()
         model = onnx.load_model_from_string(content)  # binary protobuf whatever the file's suffix

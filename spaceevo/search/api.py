@@ -75,10 +75,17 @@ def _hyperspace(hyperspace: str | Path | Hyperspace) -> Hyperspace:
 
 
 def _constraints(
-    lut: BlockLUT, latency_constraints_ms: Constraints, fixed_stage_ms: FixedStageMs, seed: int, what: str
+    lut: BlockLUT,
+    latency_constraints_ms: Constraints,
+    fixed_stage_ms: FixedStageMs,
+    seed: int,
+    what: str,
+    among: Sequence[CandidateSpace] | None = None,
 ) -> list[float]:
+    """The constraints given, checked, or with 'auto' spread over the latencies of the spaces
+    ``among`` (default: a sample of the hyperspace's spaces)."""
     if latency_constraints_ms == "auto":
-        return auto_constraints(lut, fixed_stage_ms, seed=seed)
+        return auto_constraints(lut, fixed_stage_ms, seed=seed, among=among)
     constraints = [float(c) for c in latency_constraints_ms]
     if not constraints:
         raise UsageError("give at least one latency constraint (ms) or 'auto'")
@@ -95,14 +102,15 @@ def score_spaces(
     samples: int = 100_000,
     seed: int = 0,
 ) -> list[SpaceScore]:
-    """Q-T scores of the given spaces, in order (only their LUT files need to exist). Raises
-    :class:`UsageError` if a constraint is below the smallest latency any of them can reach."""
+    """Q-T scores of the given spaces, in order (only their LUT files need to exist; 'auto'
+    constraints are spread over these spaces' latencies). Raises :class:`UsageError` if a
+    constraint is below the smallest latency any of them can reach."""
     hyper = _hyperspace(hyperspace)
     if not spaces:
         raise UsageError("give at least one candidate space to score")
     candidates = [s if isinstance(s, CandidateSpace) else hyper.candidate_space(s) for s in spaces]
     lut = load_block_lut(block_lut_dir, hyper, candidates)
-    constraints = _constraints(lut, latency_constraints_ms, fixed_stage_ms, seed, "any of the given spaces")
+    constraints = _constraints(lut, latency_constraints_ms, fixed_stage_ms, seed, "any of the given spaces", candidates)
     scorer = QTScorer(lut, constraints, fixed_stage_ms, samples=samples)
     return [scorer.score(space, seed) for space in candidates]
 

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,7 +41,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from spaceevo.errors import RunMismatchError, UsageError
+from spaceevo.errors import ArtifactError, RunMismatchError, UsageError
 from spaceevo.search.qt_score import SpaceScore, constraint_score
 from spaceevo.space import CandidateSpace, Hyperspace
 
@@ -97,7 +98,7 @@ def storage_url(storage: str | None, run_dir: str | Path | None) -> str:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open any Optuna RDB URL (``sqlite:///…``, ``postgresql://…``, ``mysql://…``) or a journal file
     (``journal:PATH`` or ``journal:///abs/path``); a storage that cannot be opened raises
-    :class:`UsageError` saying why."""
+    :class:`UsageError` saying why, a corrupt SQLite or journal file :class:`ArtifactError` naming it."""
     _check_storage_url(url)
     for attempt in range(5):
         try:
@@ -108,8 +109,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables right now
                 continue
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            corrupt = _corrupt_file(url, error)
+            if corrupt is not None:
+                raise ArtifactError(
+                    f"{corrupt}: not a readable Optuna study ({getattr(error, 'orig', None) or reason}); it is corrupt "
+                    f"or another kind of file: restore it, or delete it to start over (its finished trials are lost)"
+                ) from None
             raise UsageError(f"cannot open Optuna storage '{url}': {reason} (allowed: {STORAGE_FORMS})") from None
     raise AssertionError("unreachable")
+
+
+def _corrupt_file(url: str, error: Exception) -> Path | None:
+    """The SQLite or journal file of ``url`` if ``error`` says it exists but holds no readable study
+    (the artifact's fault), else None (the URL's, the folder's or the server's)."""
+    if url.startswith("journal:"):
+        path = _journal_path(url)
+        return path if path.is_file() and isinstance(error, ValueError) else None  # bad UTF-8 or JSON
+    orig = getattr(error, "orig", None)
+    if isinstance(error, sqlalchemy.exc.DatabaseError) and type(orig) is sqlite3.DatabaseError:
+        return Path(url.partition(":///")[2].partition("?")[0])
+    return None
 
 
 STORAGE_FORMS = (
@@ -137,9 +156,14 @@ def _check_storage_url(url: str) -> None:
             )
 
 
+def _journal_path(url: str) -> Path:
+    """The file of a ``journal:PATH`` or ``journal:///abs/path`` URL."""
+    return Path(url[len("journal:") :].removeprefix("//"))
+
+
 def _open_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
-        path = Path(url[len("journal:") :].removeprefix("//"))
+        path = _journal_path(url)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"folder {path.parent} does not exist")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))

@@ -501,8 +501,12 @@ class VerifiedRecord:
 
 
 def _fallback(extraction: Extraction, over: BudgetResult) -> BudgetResult | None:
-    """The best evaluated subnet (any search of the study) with a lower predicted latency than ``over``."""
-    cheaper = [(top1, -ms, s) for s, (top1, ms) in all_evaluated(extraction.study).items() if ms < over.predicted_int8_ms]
+    """The best evaluated subnet (any search of the study) with a lower predicted latency than ``over``,
+    compared at the study's precision: ``over.predicted_int8_ms`` is rounded, and a rounded-up figure
+    made ``over`` its own fallback (verified again and again under ``_fallback`` stems)."""
+    evaluated = all_evaluated(extraction.study)
+    limit = evaluated[over.subnet][1] if over.subnet in evaluated else over.predicted_int8_ms
+    cheaper = [(top1, -ms, s) for s, (top1, ms) in evaluated.items() if ms < limit and s != over.subnet]
     if not cheaper:
         return None
     top1, neg_ms, subnet = max(cheaper)

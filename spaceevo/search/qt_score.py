@@ -226,17 +226,21 @@ def auto_constraints(
     spaces: int = 64,
     samples: int = 2_000,
     seed: int = 0,
+    among: Sequence[CandidateSpace] | None = None,
 ) -> list[float]:
-    """``count`` constraints spread over the latency range of the hyperspace: the (2i+1)/(2*count)
-    quantiles of subnet latencies pooled over the homogeneous spaces and ``spaces`` random spaces
-    (only spaces whose LUT files are loaded), rounded to 3 significant digits."""
-    hyperspace = lut.hyperspace
-    picker = random.Random(seed)
-    candidates = {s.encoding: s for s in hyperspace.homogeneous_spaces()}
-    for _ in range(spaces):
-        space = hyperspace.random_candidate_space(picker)
-        candidates[space.encoding] = space
-    loaded = [s for s in candidates.values() if _loaded(lut, s)]
+    """``count`` constraints spread over a latency range: the (2i+1)/(2*count) quantiles of subnet
+    latencies pooled over the spaces ``among`` (the spaces being scored), by default over the
+    hyperspace's homogeneous spaces and ``spaces`` random spaces (only spaces whose LUT files are
+    loaded), rounded to 3 significant digits."""
+    if among is None:
+        hyperspace = lut.hyperspace
+        picker = random.Random(seed)
+        candidates = {s.encoding: s for s in hyperspace.homogeneous_spaces()}
+        for _ in range(spaces):
+            space = hyperspace.random_candidate_space(picker)
+            candidates[space.encoding] = space
+        among = list(candidates.values())
+    loaded = [s for s in among if _loaded(lut, s)]
     if not loaded:
         raise ArtifactError(f"{lut.directory}: no candidate space has all its LUT files loaded")
     scorer = QTScorer(lut, [1.0], fixed_stage_ms, samples=samples)
