@@ -8,6 +8,7 @@ the umask), not the temporary file's 0600. A folder that cannot be created or wr
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -51,6 +52,24 @@ def unwritable(path: str | Path, error: OSError, purpose: str = "") -> UsageErro
     """The error for a file or folder that cannot be written: its path, what it was for, the reason."""
     reason = error.strerror or type(error).__name__
     return UnwritableError(f"cannot write {path}{f' ({purpose})' if purpose else ''}: {reason}; choose a folder you can write to", reason)
+
+
+def check_writable(folder: str | Path, purpose: str = "") -> None:
+    """Check, creating nothing, that files can be created in ``folder``, or in its nearest existing
+    parent while it does not exist yet, before any work whose results would go there; a
+    :class:`UsageError` naming it (and ``purpose``, e.g. the option that chose it) otherwise."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        where = "" if existing == folder else f" (in {existing})"
+        raise unwritable(f"files in {folder}{where}", error, purpose) from None
 
 
 def writable_folder(folder: str | Path, purpose: str = "") -> Path:

@@ -78,13 +78,13 @@ def read_only(tmp_path, monkeypatch):
 
 def test_train_in_a_read_only_folder_is_named_before_any_work(read_only, capsys):
     code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(read_only / "run"), "--preset", "smoke")
-    assert code == 3 and out == "" and "Traceback" not in err
-    assert err.startswith(f"spaceevo: error: cannot write to {read_only / 'run'} (in {read_only}): Permission denied")
-    assert "choose another --run directory" in err
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.startswith(f"spaceevo: error: cannot write files in {read_only / 'run'} (in {read_only}) (--run): Permission denied")
+    assert "choose a folder you can write to" in err
     assert not (read_only / "run").exists()
     # an existing run folder that became read-only: refused before an epoch is trained, not after
     code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(read_only), "--preset", "smoke", "--resume")
-    assert code == 3 and f"cannot write to {read_only}: Permission denied" in err
+    assert code == 2 and f"cannot write files in {read_only} (--run): Permission denied" in err
 
 
 @pytest.mark.parametrize("block_lut", [True, False])
@@ -92,8 +92,8 @@ def test_search_in_a_read_only_folder_is_named_before_any_work(read_only, capsys
     lut = ["--block-lut", str(tmp_path / "no-lut-needed"), "--hyperspace", "tiny"] if block_lut else []
     code, out, err = run_cli(capsys, "search", *lut, "--run", str(read_only / "run"), "--preset", "smoke",
                              "--tables", str(tmp_path / "tables"))
-    assert code == 3 and out == "" and "Traceback" not in err
-    assert f"cannot write to {read_only / 'run' / 'search'} (in {read_only}): Permission denied" in err
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert f"cannot write files in {read_only / 'run' / 'search'} (in {read_only}) (--run): Permission denied" in err
 
 
 # ---- corrupt checkpoints --------------------------------------------------------------------------

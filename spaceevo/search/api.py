@@ -23,7 +23,7 @@ import yaml
 
 from spaceevo import __version__
 from spaceevo.errors import SpaceEvoError, UsageError
-from spaceevo.io import atomic_write_json, atomic_write_text
+from spaceevo.io import atomic_write_json, atomic_write_text, check_writable
 from spaceevo.search.evolution import (
     STUDY_NAME,
     EvolutionSizes,
@@ -37,7 +37,6 @@ from spaceevo.search.evolution import (
 from spaceevo.search.lut import BlockLUT, load_block_lut
 from spaceevo.search.qt_score import FixedStageMs, QTScorer, SpaceScore, auto_constraints, check_constraints
 from spaceevo.space import CandidateSpace, Hyperspace, load_hyperspace
-from spaceevo.train.checkpoint import require_writable
 
 Constraints = Sequence[float] | Literal["auto"]
 
@@ -184,7 +183,7 @@ def search_block_lut(
         raise UsageError(f"workers must be at least 1, got {workers}")
     hyper = _hyperspace(hyperspace)
     sizes = evolution_sizes(preset, hyper)
-    require_writable(Path(run_dir) / "search", "--run directory")
+    check_writable(Path(run_dir) / "search", "--run")
     url = storage_url(storage, run_dir)
     opened = open_storage(url)  # an unreachable storage fails before the LUT is read
     lut = load_block_lut(block_lut_dir, hyper)

@@ -27,7 +27,7 @@ from spaceevo.search.lut_build import LUT_RECORD, build_block_luts
 from spaceevo.search.qt_score import QTScorer, space_rng
 from spaceevo.search.teacher import load_teacher
 from spaceevo.space import CandidateSpace, Hyperspace, load_hyperspace
-from spaceevo.train.checkpoint import require_writable
+from spaceevo.io import check_writable
 
 PLOT_SAMPLES = 1500
 MBV3_BLOCK = "mbv3_se"
@@ -100,7 +100,7 @@ def search_space(
     from spaceevo.latency.api import build_table
 
     hyper = load_hyperspace(hyperspace) if isinstance(hyperspace, str) else hyperspace
-    require_writable(Path(run_dir) / "search", "--run directory")
+    check_writable(Path(run_dir) / "search", "--run")
     if teacher_path is not None:
         load_teacher(teacher_path, hyper)  # a missing, corrupt or unfitting --teacher fails before the latency table
     lut_preset = "default" if preset == "full" else preset

@@ -23,13 +23,10 @@ YAML, data set and training config, compared with the checkpoint (which holds th
 
 from __future__ import annotations
 
-import errno
 import io
 import json
-import os
 import pickle
 import platform
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -176,26 +173,6 @@ def check_space(where: Path, stored_space: Any, stored_digest: Any, space: str, 
             f"{where} was trained on space {space} of a hyperspace YAML with digest {stored_digest}; "
             f"the YAML now has digest {digest} (it changed); use another --run directory"
         )
-
-
-def require_writable(folder: Path, option: str) -> None:
-    """Raise :class:`ArtifactError` naming ``folder`` (and ``option``, the flag that chose it) unless
-    files can be created in it, or in its nearest existing parent while it does not exist yet: a
-    read-only run folder is reported before any work, not as a traceback when the first file is
-    written. Creates nothing."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        where = "" if existing == folder else f" (in {existing})"
-        raise ArtifactError(
-            f"cannot write to {folder}{where}: {error.strerror or error}; make it writable or choose another {option}"
-        ) from None
 
 
 def save_state(path: Path, state: dict[str, Any], format_tag: int | str) -> None:

@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from spaceevo.errors import DataError, UsageError
+from spaceevo.io import check_writable
 from spaceevo.nn import Supernet
 from spaceevo.space import CandidateSpace, Hyperspace, load_space, require_candidate_space
 from spaceevo.train import distributed as ddp
@@ -54,7 +55,6 @@ from spaceevo.train.checkpoint import (
     check_space,
     load_checkpoint,
     read_run_record,
-    require_writable,
     run_record,
     write_config,
 )
@@ -190,7 +190,7 @@ def train_supernet(
     )
     run_dir = RunDir(Path(run))
     for folder in (run_dir.path, run_dir.checkpoint.parent):
-        require_writable(folder, "--run directory")
+        check_writable(folder, "--run")
     if config.reduce_range is None:
         from spaceevo.latency.fingerprint import device_fingerprint
 
