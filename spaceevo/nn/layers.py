@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spaceevo.nn.depthwise import conv2d
+
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),
     "relu6": lambda: nn.ReLU6(inplace=True),
@@ -110,7 +112,10 @@ class QuantizableConv2d(nn.Conv2d):
         self.weight_quant = QuantPoint("weight", self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.weight_quant.deployed_bias(x, self.bias))
+        weight, bias = self.weight_quant(self.weight), self.weight_quant.deployed_bias(x, self.bias)
+        if self.padding_mode != "zeros" or self.dilation != (1, 1) or isinstance(self.padding, str):
+            return self._conv_forward(x, weight, bias)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.groups)
 
 
 class QuantizableLinear(nn.Linear):
