@@ -18,10 +18,13 @@ from torch import nn
 
 from spaceevo.nn.depthwise import conv2d
 
+# ReLU6 and Hardswish run out of place: with autograd their in-place ops clone the input first and
+# then compute out of place (``hardtanh_``, ``hardswish_``), one more pass over the activation than
+# the out-of-place op; ReLU's in-place op does not.
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),
-    "relu6": lambda: nn.ReLU6(inplace=True),
-    "hswish": lambda: nn.Hardswish(inplace=True),
+    "relu6": nn.ReLU6,
+    "hswish": nn.Hardswish,
     "swish": nn.Sigmoid,  # the gate of x * sigmoid(x), see :class:`Activation`
     "hardsigmoid": nn.Hardsigmoid,  # the SE gate
     "none": nn.Identity,
