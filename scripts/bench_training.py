@@ -56,6 +56,7 @@ from bench_sandwich import elastic_step
 from spaceevo.errors import DataError, UsageError
 from spaceevo.io import atomic_write_text
 from spaceevo.space import CandidateSpace, Subnet, load_space, require_candidate_space
+from spaceevo.train.allocator import keep_freed_memory
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import DataSpec, make_loader, resize_batch
 from spaceevo.train.loop import load_space_data
@@ -368,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--warmup must be at least 0 and every --batch at least 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as training does
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device")
