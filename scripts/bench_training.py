@@ -20,7 +20,9 @@ Each block is timed between two device synchronisations; batches are prepared be
 copied to the device inside the step, as in training. Images per second count each batch once
 (each image runs through four subnets in both blocks); ``ratio`` is elastic / static images per
 second, 1.0 when the elastic supernet trains as fast as the hardware trains the same networks. The
-figures are medians over the repetitions, with the range over them.
+figures are medians over the repetitions, with the range over them. On CPU the record also holds
+each block's process CPU time per step and their ratio (``cpu_ratio``, static / elastic CPU time):
+on a machine shared with other work, wall time counts the waits for a core and CPU time does not.
 
 Data: the embedded Fashion-MNIST subset for spaces it fits (``tiny``), else synthetic images at the
 largest resolution (e.g. ``onnxw``, 3 x 224 x 224, 1,000 classes). ``--resolution R`` trains every
@@ -180,6 +182,7 @@ class Bench:
         first_images, _ = next(self.stream)
         self.step = elastic_step(case.space, device, case.phase, config, first_images, amp=amp)
         self.kept: dict[Subnet, StaticNet] = {}  # the largest and smallest networks, trained across repetitions
+        self.cpu_seconds: list[tuple[float, float]] = []  # per repetition: the blocks' process CPU time
 
     def warm_up(self, steps: int) -> None:
         for images, labels in itertools.islice(self.stream, steps):
@@ -199,8 +202,10 @@ class Bench:
             for images, labels in data:
                 drawn.append(self.step(images, labels).subnets)
 
+        cpu_start = time.process_time()
         with elastic_context:
             elastic_s = timed(self.device, elastic)
+        elastic_cpu = time.process_time() - cpu_start
         keep = {self.step.max_subnet, self.step.min_subnet}
         nets = dict(self.kept)
         for subnet in {s for subnets in drawn for s in subnets} - nets.keys():
@@ -213,8 +218,10 @@ class Bench:
                 static_step(self.step, step_nets, images, labels)
 
         static()  # warm-up: every network has seen its shapes before it is timed
+        cpu_start = time.process_time()
         with static_context:
             static_s = timed(self.device, static)
+        self.cpu_seconds.append((elastic_cpu, time.process_time() - cpu_start))
         return elastic_s, static_s
 
 
@@ -261,6 +268,14 @@ def measure(
         "elastic_images_per_s_reps": [_figure(v) for v in elastic],
         "static_images_per_s_reps": [_figure(v) for v in static],
     }
+    if device.type == "cpu":
+        cpu_ratios = [s / e for e, s in bench.cpu_seconds]
+        record.update(
+            elastic_cpu_step_s=_figure(statistics.median(e for e, _ in bench.cpu_seconds) / steps),
+            static_cpu_step_s=_figure(statistics.median(s for _, s in bench.cpu_seconds) / steps),
+            cpu_ratio=round(statistics.median(cpu_ratios), 3),
+            cpu_ratio_range=[round(min(cpu_ratios), 3), round(max(cpu_ratios), 3)],
+        )
     return record, bench
 
 
@@ -394,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{record['space']} {record['phase']} {record['device_name']} batch {record['batch']} "
                 f"r{'/'.join(map(str, record['resolutions']))}: elastic {record['elastic_images_per_s']} images/s "
                 f"{record['elastic_images_per_s_range']}, static {record['static_images_per_s']} "
-                f"{record['static_images_per_s_range']}, ratio {record['ratio']} {record['ratio_range']}",
+                f"{record['static_images_per_s_range']}, ratio {record['ratio']} {record['ratio_range']}"
+                + (f", CPU-time ratio {record['cpu_ratio']} {record['cpu_ratio_range']}" if "cpu_ratio" in record else ""),
                 flush=True,
             )
         if profile is not None:
