@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="training run directory (from spaceevo train)")
     parser.add_argument("--latency-budget", required=True, nargs="+", type=float, metavar="MS")
     parser.add_argument("--delta", type=float, default=None, metavar="MS", help="window width (default: 10%% of the budget)")
-    parser.add_argument("--preset", dest="budget", default="smoke", choices=["smoke", "default"], help="search size (default: smoke)")
+    parser.add_argument("--preset", default="smoke", choices=["smoke", "default"], help="search size (default: smoke)")
     parser.add_argument("--random", type=int, default=50, metavar="N", help="random subnets per budget (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="search seed (random subnets: seed + 1)")
     parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage (default: RUN/extract/study.db)")
@@ -38,12 +38,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     found = extract_subnets(
-        args.run, args.latency_budget, delta_ms=args.delta, budget=args.budget, storage=args.storage, seed=args.seed,
+        args.run, args.latency_budget, delta_ms=args.delta, preset=args.preset, storage=args.storage, seed=args.seed,
         verify=False, threads=args.threads, tables=args.tables,
     )
     search_s = time.perf_counter() - started
     extraction = open_extraction(
-        args.run, budget=args.budget, storage=found.storage, seed=args.seed, threads=args.threads, tables=args.tables
+        args.run, preset=args.preset, storage=found.storage, seed=args.seed, threads=args.threads, tables=args.tables
     )
     rows = []
     for result, plan in zip(found.results, extraction.plan(args.latency_budget, args.delta)):

@@ -21,7 +21,7 @@ One run on one device (issue 7, part 1):
    latency, searched space vs MobileNetV3 space (mean top-1 difference over the budgets, MBv3 curve
    interpolated at the searched points' latencies) and the speed ratio at equal accuracy.
 
-Everything lives under ``--run-root/<budget>/`` (one folder per training and extraction, skipped or
+Everything lives under ``--run-root/<preset>/`` (one folder per training and extraction, skipped or
 resumed when done). ``--jobs N`` runs the independent jobs (each space's training + extraction, each
 torchvision model) in N worker processes of ``--threads`` threads each; the final measurement runs
 alone, after all of them. Writes ``docs/results/spaces.json``, ``docs/results/spaces_pareto.png`` and the
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import itertools
 import json
 import math
 import multiprocessing
@@ -45,6 +44,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,7 +82,7 @@ def log(message: str) -> None:
 # ---- the spaces --------------------------------------------------------------------------------
 
 
-def run_search(search_dir: Path, budget: str, seed: int, tables: str | None) -> dict[str, Any]:
+def run_search(search_dir: Path, preset: str, seed: int, tables: str | None) -> dict[str, Any]:
     """``spaceevo search --device cpu`` for tiny in ``search_dir`` (resumed; skipped when done)."""
     result_path = search_dir / "search" / "result.json"
     reused = result_path.exists()
@@ -91,8 +91,8 @@ def run_search(search_dir: Path, budget: str, seed: int, tables: str | None) -> 
     else:
         from spaceevo.search.pipeline import search_space
 
-        log(f"search: spaceevo search --device cpu --space {HYPERSPACE} --preset {budget} --run {search_dir}")
-        search_space(search_dir, HYPERSPACE, budget=budget, seed=seed, device="cpu", tables=tables)
+        log(f"search: spaceevo search --device cpu --space {HYPERSPACE} --preset {preset} --run {search_dir}")
+        search_space(search_dir, HYPERSPACE, preset=preset, seed=seed, device="cpu", tables=tables)
     return {**json.loads(result_path.read_text()), "reused": reused}
 
 
@@ -153,23 +153,23 @@ def default_budgets(ranges: dict[str, tuple[float, float]]) -> list[float]:
 # ---- supernets and extraction ---------------------------------------------------------------------
 
 
-def train_space(space: CandidateSpace, run_dir: Path, budget: str, seed: int, threads: int) -> dict[str, Any]:
+def train_space(space: CandidateSpace, run_dir: Path, preset: str, seed: int, threads: int) -> dict[str, Any]:
     from spaceevo.train.loop import train_supernet
 
-    log(f"train {space.encoding}: {run_dir} (budget {budget})")
-    result = train_supernet(space, run_dir, budget=budget, seed=seed, resume=True, threads=threads)
+    log(f"train {space.encoding}: {run_dir} (preset {preset})")
+    result = train_supernet(space, run_dir, preset=preset, seed=seed, resume=True, threads=threads)
     return result.summary()
 
 
 def extract_space(
-    run_dir: Path, budgets: Sequence[float], low_ms: float, budget: str, seed: int, threads: int, tables: str | None,
+    run_dir: Path, budgets: Sequence[float], low_ms: float, preset: str, seed: int, threads: int, tables: str | None,
 ) -> dict[str, Any]:
     """Extraction at ``budgets`` (those below the space's smallest subnet are skipped and noted);
     cached in ``RUN/bench_extract.json`` for the same budgets, search size and seed."""
     from spaceevo.search.extract import extract_subnets
 
     cache = run_dir / "bench_extract.json"
-    key = {"budgets_ms": list(budgets), "budget": budget, "seed": seed}
+    key = {"budgets_ms": list(budgets), "preset": preset, "seed": seed}
     if cache.exists():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
@@ -178,7 +178,7 @@ def extract_space(
     feasible = [b for b in budgets if b >= low_ms]
     skipped = [b for b in budgets if b < low_ms]
     log(f"extract {run_dir.name}: budgets {' '.join(f'{b:g}' for b in feasible)} ms")
-    found = extract_subnets(run_dir, feasible, budget=budget, seed=seed, verify=True, device="cpu", threads=threads, tables=tables)
+    found = extract_subnets(run_dir, feasible, preset=preset, seed=seed, verify=True, device="cpu", threads=threads, tables=tables)
     data = {
         "key": key,
         "skipped_budgets_ms": skipped,
@@ -190,25 +190,25 @@ def extract_space(
 
 
 def space_job(
-    encoding: str, run_dir: Path, budgets: Sequence[float], low_ms: float, budget: str, seed: int, threads: int, tables: str | None,
+    encoding: str, run_dir: Path, budgets: Sequence[float], low_ms: float, preset: str, seed: int, threads: int, tables: str | None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
     """One space's training then extraction (runs in a worker process under ``--jobs``):
     ``(train summary, extraction, {step: seconds})``."""
     torch.set_num_threads(threads)
     space = load_hyperspace(HYPERSPACE).candidate_space(encoding)
     t = time.perf_counter()
-    train = train_space(space, run_dir, budget, seed, threads)
+    train = train_space(space, run_dir, preset, seed, threads)
     timings = {f"train_{encoding}_s": time.perf_counter() - t}
     t = time.perf_counter()
-    extracted = extract_space(run_dir, budgets, low_ms, budget, seed, threads, tables)
+    extracted = extract_space(run_dir, budgets, low_ms, preset, seed, threads, tables)
     timings[f"extract_{encoding}_s"] = time.perf_counter() - t
     return train, extracted, timings
 
 
-def torchvision_job(name: str, run_dir: Path, budget: str, seed: int, threads: int) -> tuple[dict[str, Any], dict[str, float]]:
+def torchvision_job(name: str, run_dir: Path, preset: str, seed: int, threads: int) -> tuple[dict[str, Any], dict[str, float]]:
     """One torchvision fixed point (runs in a worker process under ``--jobs``): ``(result, {step: seconds})``."""
     t = time.perf_counter()
-    result = train_torchvision(name, run_dir, budget, seed, threads)
+    result = train_torchvision(name, run_dir, preset, seed, threads)
     return result, {f"torchvision_{name}_s": time.perf_counter() - t}
 
 
@@ -267,17 +267,19 @@ def adapt_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modul
     return model
 
 
-def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads: int) -> dict[str, Any]:
-    """Train, export FP32, PTQ to INT8 and evaluate one fixed point in ``run_dir`` (resumable per
-    epoch; skipped when ``result.json`` exists). Same data, batch size, epochs (FP32 + QAT epochs of
-    the budget, in one phase), SGD, peak LR, warm-up, weight decay and label smoothing as the supernets."""
+def train_torchvision(name: str, run_dir: Path, preset: str, seed: int, threads: int) -> dict[str, Any]:
+    """Train, export FP32, PTQ to INT8 and evaluate one fixed point in ``run_dir`` (trained by the
+    training engine as a :class:`~spaceevo.train.static.StaticTask`, resumable per epoch; skipped when ``result.json`` exists). Same data, batch size, epochs (FP32 + QAT epochs of
+    the preset, in one phase), SGD, peak LR, warm-up, weight decay and label smoothing as the supernets."""
     from spaceevo.deploy.evaluate import ort_top1
     from spaceevo.quant.export import export_fp32, quantize_ptq
-    from spaceevo.train.checkpoint import load_checkpoint, save_checkpoint
+    from spaceevo.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
     from spaceevo.train.data import load_data, make_loader
+    from spaceevo.train.engine import Engine, EngineConfig, Phase
     from spaceevo.train.loop import EVAL_SEED, HELDOUT_SEED
-    from spaceevo.train.optim import make_optimizer, make_scheduler
+    from spaceevo.train.optim import make_optimizer
     from spaceevo.train.sandwich import memory_format
+    from spaceevo.train.static import StaticTask
 
     done = run_dir / "result.json"
     if done.exists():
@@ -286,7 +288,7 @@ def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.set_num_threads(threads)
-    config = TrainConfig.preset(budget, seed=seed)
+    config = TrainConfig.preset(preset, seed=seed)
     datasets = load_data("embedded", TORCHVISION_RESOLUTION, seed=HELDOUT_SEED)
     torch.manual_seed(config.seed)
     model = adapt_torchvision(name, datasets.num_classes, datasets.in_channels)
@@ -295,37 +297,28 @@ def train_torchvision(name: str, run_dir: Path, budget: str, seed: int, threads:
     loader = make_loader(datasets.train, config.batch_size, True, seed=config.seed, workers=config.workers, drop_last=True)
     steps = config.steps_in("fp32", len(loader))
     epochs = config.total_epochs
-    optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
-    scheduler = make_scheduler(optimizer, epochs * steps, round(config.warmup_epochs * steps))
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    checkpoint_path, start, history = run_dir / "checkpoint.pt", 0, []
+    task = StaticTask(model, loader, label_smoothing=config.label_smoothing, memory_format=train_format)
+    optimizer = partial(make_optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    checkpoint_path = run_dir / "checkpoint.pt"
+
+    def report(record: dict[str, Any]) -> None:
+        log(f"torchvision {name}: epoch {record['epoch']}/{epochs} loss {record['loss']:.3f} ({record['train_s']} s)")
+
+    engine = Engine(task, EngineConfig(
+        phases=(Phase("fp32", epochs, steps, optimizer, warmup_steps=round(config.warmup_epochs * steps)),),
+        name=f"torchvision {name}",
+        checkpoint=checkpoint_path,
+        checkpoint_format=CHECKPOINT_FORMAT,
+        meta={"torchvision": name, "config": config.to_dict()},
+        progress=False,
+        on_epoch_end=report,
+    ))
+    state = None
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        loader.generator.set_state(state["loader_rng"])
-        start, history = int(state["epoch"]), list(state["history"])
-        log(f"torchvision {name}: resuming after epoch {start}")
-    for epoch in range(start + 1, epochs + 1):
-        model.train()
-        total, epoch_start = 0.0, time.perf_counter()
-        for images, labels in itertools.islice(loader, steps):
-            loss = criterion(model(images.to(memory_format=train_format)), labels)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"torchvision {name}: non-finite loss at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.detach().item()
-        history.append({"epoch": epoch, "loss": total / steps, "train_s": round(time.perf_counter() - epoch_start, 2)})
-        log(f"torchvision {name}: epoch {epoch}/{epochs} loss {total / steps:.3f} ({history[-1]['train_s']} s)")
-        save_checkpoint(checkpoint_path, {
-            "epoch": epoch, "history": history, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "loader_rng": loader.generator.get_state(),
-        })
+        log(f"torchvision {name}: resuming after epoch {state.get('epoch')}")
+    history = list(engine.run(state).history)
+    model = task.model
     model = model.to(memory_format=torch.contiguous_format).eval()
     shape = (1, datasets.in_channels, TORCHVISION_RESOLUTION, TORCHVISION_RESOLUTION)
     fp32 = export_fp32(model, shape)
@@ -539,9 +532,9 @@ def tables_markdown(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    smoke = report["budget"] == "smoke"
+    smoke = report["preset"] == "smoke"
     title = "## Searched space vs MobileNetV3 space vs torchvision, INT8 on this device"
-    lines = [SECTION[0], title + (f" - SMOKE-BUDGET RUN (`--preset {report['budget']}`), NOT EVIDENCE" if smoke else ""), ""]
+    lines = [SECTION[0], title + (f" - SMOKE-PRESET RUN (`--preset {report['preset']}`), NOT EVIDENCE" if smoke else ""), ""]
     if smoke:
         lines += [
             "> **This is a `--preset smoke` run: a few training steps per space, a tiny search. It shows that the "
@@ -551,7 +544,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += [
         f"Device: `{report['device']['describe']}`. Date: {report['date']}. Wall time: {report['wall_s'] / 60:.1f} min "
-        f"(this invocation; finished steps are skipped). Budget: `{report['budget']}` (training: {report['train_recipe']}; "
+        f"(this invocation; finished steps are skipped). Preset: `{report['preset']}` (training: {report['train_recipe']}; "
         f"same recipe and epochs for every space and model). Seed {report['seed']}.",
         "",
         "Step times (s; a step finished by an earlier invocation is skipped and counts ~0): "
@@ -589,7 +582,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "- torchvision fixed points are INT8 by **post-training quantization** (ONNX Runtime `quantize_static`), not QAT: "
         "spaceevo's LSQ+ QAT acts on spaceevo networks (QuantPoints). Their INT8 top-1 can be lower than QAT would give; their latency is unaffected.",
-        "- torchvision models train as plain supervised nets (one phase, FP32+QAT epochs of the budget, the same SGD, "
+        "- torchvision models train as plain supervised nets (one phase, FP32+QAT epochs of the preset, the same SGD, "
         "peak LR, warm-up, weight decay, label smoothing, batch size, data and augmentation); supernet subnets are trained "
         "by the sandwich rule with in-place distillation and LSQ+ QAT, then BN-recalibrated.",
         "- One seed, one machine shared with other jobs; latency on the latency table's reference scale.",
@@ -619,7 +612,7 @@ def write_plot(path: Path, report: dict[str, Any]) -> list[str]:
             continue
         color = PALETTE[(len(report["spaces"]) + offset) % len(PALETTE)]
         series.append(Series(f"{f['model']} (PTQ)", [(f["int8_ms"], f["test_ort_int8_top1"])], color, radius=6.0, outline=True))
-    title = "ORT INT8 test top-1 vs measured INT8 latency" + (" (SMOKE budget: not evidence)" if report["budget"] == "smoke" else "")
+    title = "ORT INT8 test top-1 vs measured INT8 latency" + (" (SMOKE preset: not evidence)" if report["preset"] == "smoke" else "")
     write_png(path, Figure(series, "measured INT8 latency (ms, 1 thread)", "ONNX Runtime INT8 test top-1 (%)", title,
                            vlines=report["latency_budgets_ms"]))
     return left_out
@@ -631,11 +624,11 @@ def write_plot(path: Path, report: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"],
+    parser.add_argument("--preset", default="default", choices=["smoke", "default"],
                         help="size of search, training (same for every space and model) and extraction (default: default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of search, training and extraction (default: 0)")
     parser.add_argument("--run-root", type=Path, default=Path("runs/bench_spaces"),
-                        help="run folders go to RUN_ROOT/<budget>/ (default: runs/bench_spaces)")
+                        help="run folders go to RUN_ROOT/<preset>/ (default: runs/bench_spaces)")
     parser.add_argument("--latency-budgets", type=float, nargs="+", default=None, metavar="MS",
                         help="predicted INT8 latency budgets (default: 4 spread over the latency range all compared spaces reach)")
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads per job (default: 1)")
@@ -652,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    root = args.run_root / args.budget
+    root = args.run_root / args.preset
     root.mkdir(parents=True, exist_ok=True)
     fingerprint = device_fingerprint("cpu", args.threads)
     hyper = load_hyperspace(HYPERSPACE)
@@ -662,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     # (a) the search
     t = time.perf_counter()
     search_dir = root / "search"
-    search = run_search(search_dir, args.budget, args.seed, args.tables)
+    search = run_search(search_dir, args.preset, args.seed, args.tables)
     homogeneous = homogeneous_scores(search_dir, hyper, search)
     spaces, aliases, duplicate_notes = compared_spaces(hyper, search["best_space"], homogeneous)
     notes += duplicate_notes
@@ -684,10 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     with executor(args.jobs) as pool:
         space_futures = {
             role: pool.submit(space_job, space.encoding, root / f"train_{space.encoding}", budgets, ranges[role][0],
-                              args.budget, args.seed, args.threads, args.tables)
+                              args.preset, args.seed, args.threads, args.tables)
             for role, space in spaces.items()
         }
-        fixed_futures = [pool.submit(torchvision_job, name, root / f"torchvision_{name}", args.budget, args.seed, args.threads)
+        fixed_futures = [pool.submit(torchvision_job, name, root / f"torchvision_{name}", args.preset, args.seed, args.threads)
                          for name in names]
         entries = []
         for role, future in space_futures.items():
@@ -719,15 +712,15 @@ def main(argv: list[str] | None = None) -> int:
             int8, fp32 = stats[r["onnx_int8"]], stats[r["onnx_fp32"]]
             entry["points"].append({
                 "budget_ms": r["budget_ms"], "subnet": r["subnet"], "predicted_int8_ms": r["predicted_int8_ms"],
-                "int8_ms": round(int8.median_ms, 4), "int8_raw_ms": round(int8.raw_median_ms, 4), "int8_spread": round(int8.spread, 4),
-                "fp32_ms": round(fp32.median_ms, 4), "heldout_int8_top1": r["heldout_int8_top1"], "top1": r["test_ort_int8_top1"],
+                "int8_ms": round(int8.ms, 4), "int8_raw_ms": round(int8.raw_median_ms, 4), "int8_spread": round(int8.spread, 4),
+                "fp32_ms": round(fp32.ms, 4), "heldout_int8_top1": r["heldout_int8_top1"], "top1": r["test_ort_int8_top1"],
                 "extract_measured_int8_ms": r["measured_int8_ms"], "over_budget_in_extract": r["over_budget"], "note": r.get("note"),
                 "onnx_int8": r["onnx_int8"],
             })
     for f in fixed:
         int8, fp32 = stats[f["onnx_int8"]], stats[f["onnx_fp32"]]
-        f.update(int8_ms=round(int8.median_ms, 4), int8_raw_ms=round(int8.raw_median_ms, 4), int8_spread=round(int8.spread, 4),
-                 fp32_ms=round(fp32.median_ms, 4), int8_speedup=round(fp32.median_ms / int8.median_ms, 3))
+        f.update(int8_ms=round(int8.ms, 4), int8_raw_ms=round(int8.raw_median_ms, 4), int8_spread=round(int8.spread, 4),
+                 fp32_ms=round(fp32.ms, 4), int8_speedup=round(fp32.ms / int8.ms, 3))
 
     # (e) the comparison
     from spaceevo.train.data import load_data
@@ -745,15 +738,15 @@ def main(argv: list[str] | None = None) -> int:
             comparisons.append(c)
     if "searched" in by_role and "mbv3" not in by_role:
         comparisons.append({"text": f"the searched space is the MobileNetV3 space {MBV3_SPACE}: nothing to compare", "meets_issue_target": False})
-    if args.budget == "smoke":
-        notes.insert(0, "SMOKE budget: the numbers check the pipeline only and are not evidence for or against the method")
+    if args.preset == "smoke":
+        notes.insert(0, "SMOKE preset: the numbers check the pipeline only and are not evidence for or against the method")
 
     command = "nice -n 19 python scripts/bench_spaces.py" + (" " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:])) if (argv or sys.argv[1:]) else "")
     report = {
-        "budget": args.budget, "seed": args.seed, "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "preset": args.preset, "seed": args.seed, "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": command, "run_root": str(root),
         "device": {**fingerprint.to_dict(), "describe": fingerprint.describe()},
-        "train_recipe": TrainConfig.preset(args.budget).summary(),
+        "train_recipe": TrainConfig.preset(args.preset).summary(),
         "search": {k: search[k] for k in ("best_space", "qt_score", "latency_constraints_ms", "evaluated", "reused") if k in search},
         "homogeneous_qt_scores": homogeneous,
         "latency_budgets_ms": budgets, "budgets_how": how, "latency_scale": scale,

@@ -2,10 +2,11 @@
 
 A supernet trains every subnet at once, so its largest subnet gets the same optimizer steps as a
 stand-alone network but shares its weights with all the others. This script trains the chosen
-subnet (default: the largest) as a stand-alone FP32 network with the same training budget (epochs,
+subnet (default: the largest) as a stand-alone FP32 network with the same training preset (epochs,
 batch size, learning rate, warm-up + cosine schedule, label smoothing, weight decay, augmentation,
-resolution) and prints its held-out and test top-1, so the cost of weight sharing at that budget is
-a measured number. No quantization: compare with the supernet's FP32 figures.
+resolution; the training engine with a :class:`~spaceevo.train.static.StaticTask`) and prints its
+held-out and test top-1, so the cost of weight sharing at that preset is a measured number. No
+quantization: compare with the supernet's FP32 figures.
 
     python scripts/train_standalone.py --space tiny-1111-0000 --threads 2
 """
@@ -14,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from spaceevo.nn import Supernet
 from spaceevo.space import load_space, require_candidate_space
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import load_data, make_loader
+from spaceevo.train.engine import Engine, EngineConfig, Phase
 from spaceevo.train.evaluate import top1
-from spaceevo.train.optim import make_optimizer, make_scheduler
+from spaceevo.train.optim import make_optimizer
+from spaceevo.train.static import StaticTask
 from spaceevo.train.weights import initialize_weights
 
 
@@ -33,15 +35,15 @@ def main() -> None:
     parser.add_argument("--space", default="tiny-1111-0000", help="candidate-space encoding")
     parser.add_argument("--subnet", default="max", help="subnet string, max or min (default: max)")
     parser.add_argument("--data", default="embedded", help="data set (as spaceevo train --data)")
-    parser.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"], help="training budget")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the budget's FP32 epochs)")
+    parser.add_argument("--preset", default="default", choices=["smoke", "default"], help="training preset")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's FP32 epochs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = TrainConfig.preset(args.budget, epochs=args.epochs)
+    config = TrainConfig.preset(args.preset, epochs=args.epochs)
     space = require_candidate_space(load_space(args.space), "train_standalone")
     supernet = Supernet(space)
     initialize_weights(supernet, zero_init_residual=config.zero_init_residual)
@@ -54,32 +56,21 @@ def main() -> None:
     loader = make_loader(datasets.train, config.batch_size, True, drop_last=True, seed=args.seed)
     steps_per_epoch = config.steps_in("fp32", len(loader))
     steps = config.epochs * steps_per_epoch
-    optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
-    scheduler = make_scheduler(optimizer, steps, round(config.warmup_epochs * steps_per_epoch))
-    started = time.perf_counter()
-    step = 0
-    model.train()
-    while step < steps:
-        for images, labels in loader:
-            logits = model(images.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if step >= steps:
-                break
+    task = StaticTask(model, loader, label_smoothing=config.label_smoothing, memory_format=torch.channels_last)
+    optimizer = partial(make_optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    phase = Phase("fp32", config.epochs, steps_per_epoch, optimizer, warmup_steps=round(config.warmup_epochs * steps_per_epoch))
+    result = Engine(task, EngineConfig(phases=(phase,), name="stand-alone training", progress=False)).run()
+    model = task.model
     print(json.dumps({
         "space": space.encoding,
         "subnet": subnet.encode(),
         "data": args.data,
-        "budget": args.budget,
+        "preset": args.preset,
         "epochs": config.epochs,
         "steps": steps,
         "batch_size": config.batch_size,
         "threads": args.threads,
-        "train_s": round(time.perf_counter() - started, 1),
+        "train_s": round(result.train_s, 1),
         "heldout_fp32_top1": top1(model.eval(), make_loader(datasets.heldout, 500, False, workers=0, distributed=False)),
         "test_fp32_top1": top1(model, make_loader(datasets.test, 500, False, workers=0, distributed=False)),
     }))

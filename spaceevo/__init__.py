@@ -3,19 +3,18 @@
 The public API mirrors the command line, one typed function per command, each returning a
 dataclass:
 
-=========================  =========================  ==========================================
-command                    function                   returns
-=========================  =========================  ==========================================
-``spaceevo run``           :func:`run`                :class:`PipelineReport`
-``spaceevo search``        :func:`search_space`       :class:`SearchResult`
-``spaceevo search --block-lut``  :func:`search_block_lut`  :class:`SearchResult`
-``spaceevo score``         :func:`score_spaces`       list of :class:`SpaceScore`
-``spaceevo train``         :func:`train_supernet`     :class:`TrainResult`
-``spaceevo extract``       :func:`extract`            :class:`ExtractResult`
-``spaceevo export``        :func:`export`             :class:`ExportReport`
-``spaceevo evaluate``      :func:`evaluate`, :func:`evaluate_model`  ``dict`` (a dataclass is still to come)
-``spaceevo latency …``     :mod:`spaceevo.latency`    (``build_table``, ``predict_latency``, …)
-=========================  =========================  ==========================================
+- ``spaceevo run``: :func:`run` -> :class:`PipelineReport`
+- ``spaceevo search``: :func:`search_space` -> :class:`SearchResult`
+- ``spaceevo search --block-lut``: :func:`search_block_lut` -> :class:`SearchResult`
+- ``spaceevo score``: :func:`score_spaces` -> list of :class:`SpaceScore`
+- ``spaceevo train``: :func:`train_supernet` -> :class:`TrainResult`
+- ``spaceevo extract``: :func:`extract` -> :class:`ExtractResult`
+- ``spaceevo export``: :func:`export` -> :class:`ExportReport`
+- ``spaceevo evaluate``: :func:`evaluate` -> :class:`SubnetEvaluation`, :func:`evaluate_model` ->
+  :class:`ModelEvaluation`
+- ``spaceevo latency build|predict|measure|validate``: :mod:`spaceevo.latency` (``build_table`` ->
+  ``BuildReport``, ``predict_latency`` -> ``LatencyPrediction``, ``measure_latency`` ->
+  ``LatencyMeasurement``, ``validate_latency`` -> ``ValidationReport``)
 
 Names load on first use, so ``import spaceevo`` stays light (no PyTorch until a function is
 called); the ``TYPE_CHECKING`` imports below give IDEs and type checkers the same names.
@@ -30,7 +29,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from spaceevo import latency
-    from spaceevo.deploy.evaluate import ExportReport, evaluate_model
+    from spaceevo.deploy.evaluate import ExportReport, ModelEvaluation, SubnetEvaluation, evaluate_model
     from spaceevo.deploy.evaluate import evaluate_subnet as evaluate
     from spaceevo.deploy.evaluate import export_subnet as export
     from spaceevo.pipeline import PipelineReport
@@ -60,6 +59,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ExportReport": ("spaceevo.deploy.evaluate", "ExportReport"),
     "evaluate": ("spaceevo.deploy.evaluate", "evaluate_subnet"),
     "evaluate_model": ("spaceevo.deploy.evaluate", "evaluate_model"),
+    "SubnetEvaluation": ("spaceevo.deploy.evaluate", "SubnetEvaluation"),
+    "ModelEvaluation": ("spaceevo.deploy.evaluate", "ModelEvaluation"),
     "load_space": ("spaceevo.space", "load_space"),
     "Hyperspace": ("spaceevo.space", "Hyperspace"),
     "CandidateSpace": ("spaceevo.space", "CandidateSpace"),

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 from spaceevo import __version__
 from spaceevo.errors import SpaceEvoError, UsageError
 
-SPACE_HELP = "hyperspace name or YAML path (tiny, search_spaces/tiny.yaml) or candidate-space encoding (tiny-1111-0000)"
+SPACE_HELP = ("hyperspace name or YAML path (tiny, search_spaces/tiny.yaml) or candidate-space encoding (tiny-1111-0000; "
+              "of a YAML of your own: my.yaml:my-1111-0000)")
 SUBNET_HELP = "subnet string (d…_k…_w…_e…_r…), 'max' or 'min'"
 
 
@@ -41,7 +42,7 @@ _non_negative_int = _int_at_least(0)
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu"], help="ONNX Runtime execution provider (default: cpu)")
     parser.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
-    parser.add_argument("--tables", default=None, help="latency table root (default: $SPACEEVO_LATENCY_TABLES or ./latency_tables)")
+    parser.add_argument("--tables", default=None, help="latency tables folder (default: $SPACEEVO_LATENCY_TABLES or ./latency_tables)")
 
 
 def _print_table(rows: Sequence[tuple[str, object]]) -> None:
@@ -72,19 +73,19 @@ def _latency_build(args: argparse.Namespace) -> None:
         calibration_samples=args.calibration_samples,
         max_segments=args.max_segments,
     )
-    _emit(args, report.__dict__)
+    _emit(args, report.to_dict())
 
 
 def _latency_predict(args: argparse.Namespace) -> None:
     from spaceevo.latency import predict_latency
 
-    _emit(args, predict_latency(args.space, args.subnet, args.device, args.threads, args.tables))
+    _emit(args, predict_latency(args.space, args.subnet, args.device, args.threads, args.tables).to_dict())
 
 
 def _latency_measure(args: argparse.Namespace) -> None:
     from spaceevo.latency import measure_latency
 
-    _emit(args, measure_latency(args.space, args.subnet, args.device, args.threads, args.tables))
+    _emit(args, measure_latency(args.space, args.subnet, args.device, args.threads, args.tables).to_dict())
 
 
 def _latency_validate(args: argparse.Namespace) -> None:
@@ -110,7 +111,7 @@ def _train(args: argparse.Namespace) -> None:
         args.space,
         args.run,
         data=args.data,
-        budget=args.budget,
+        preset=args.preset,
         epochs=args.epochs,
         qat_epochs=args.qat_epochs,
         largest_epochs=args.largest_epochs,
@@ -152,7 +153,7 @@ def _evaluate(args: argparse.Namespace) -> None:
             args.run, args.subnet, data=args.data, device=args.device, threads=args.threads, tables=args.tables,
             measure=not args.no_latency,
         )
-    _emit(args, report)
+    _emit(args, report.to_dict())
 
 
 # ---- score, search ---------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def _search(args: argparse.Namespace) -> None:
         if args.fixed_stage_ms is not None:
             raise UsageError("--fixed-stage-ms is only for --block-lut; without it the fixed stages come from this device's latency table")
         result = search_space(
-            args.run, args.space, data=args.data, budget=args.budget, latency_constraints_ms=constraints,
+            args.run, args.space, data=args.data, preset=args.preset, latency_constraints_ms=constraints,
             storage=args.storage, seed=args.seed, teacher_path=args.teacher, shard=args.shard, device=args.device,
             tables=args.tables, workers=args.workers, samples=args.samples,
         )
@@ -225,7 +226,7 @@ def _search(args: argparse.Namespace) -> None:
         constraints,
         args.run,
         storage=args.storage,
-        budget=args.budget,
+        preset=args.preset,
         seed=args.seed,
         fixed_stage_ms=parse_fixed_stage_ms(args.fixed_stage_ms or ["0"]),
         samples=args.samples,
@@ -243,7 +244,7 @@ def _extract(args: argparse.Namespace) -> None:
 
     result = extract_subnets(
         args.run, parse_latency_budgets(args.latency_budget), num_budgets=args.num_budgets, delta_ms=args.delta,
-        budget=args.budget, storage=args.storage, seed=args.seed, verify=not args.no_verify, device=args.device,
+        preset=args.preset, storage=args.storage, seed=args.seed, verify=not args.no_verify, device=args.device,
         threads=args.threads, tables=args.tables,
     )
     data = result.to_dict()
@@ -277,7 +278,7 @@ def _run(args: argparse.Namespace) -> None:
 
     report = run_pipeline(
         args.run, parse_latency_budgets(args.latency_budget), num_budgets=args.num_budgets, hyperspace=args.space,
-        data=args.data, budget=args.budget, seed=args.seed, device=args.device, threads=args.threads, tables=args.tables,
+        data=args.data, preset=args.preset, seed=args.seed, device=args.device, threads=args.threads, tables=args.tables,
     )
     _emit(args, report.to_dict(), report_rows(report))
 
@@ -331,28 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--rows", action="store_true", help="with --json, include every subnet's figures")
     validate.set_defaults(handler=_latency_validate)
 
-    from spaceevo.train.config import BUDGETS  # dataclasses only: keeps --help fast
+    from spaceevo.train.config import PRESETS  # dataclasses only: keeps --help fast
 
     train = commands.add_parser(
         "train", help="train the quantized-for-all supernet of a candidate space (sandwich rule, then LSQ+ QAT; resumable)"
     )
-    train.add_argument("--space", required=True, help="candidate-space encoding, e.g. tiny-1111-0000")
+    train.add_argument("--space", required=True, help="candidate-space encoding, e.g. tiny-1111-0000 (or my.yaml:my-1111-0000)")
     train.add_argument("--data", default="embedded",
                        help="data set: embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
     train.add_argument("--run", required=True, help="run directory (config.json, checkpoints/last.pt, log.jsonl)")
-    train.add_argument("--preset", dest="budget", default="default", choices=list(BUDGETS),
+    train.add_argument("--preset", default="default", choices=list(PRESETS),
                        help="preset of every training setting (default: default; smoke: a few steps, for checks)")
-    train.add_argument("--epochs", type=_non_negative_int, default=None, help="FP32 epochs (default: from the budget)")
+    train.add_argument("--epochs", type=_non_negative_int, default=None, help="FP32 epochs (default: from the preset)")
     train.add_argument("--qat-epochs", type=_non_negative_int, default=None,
-                       help="LSQ+ quantization-aware epochs after the FP32 ones (default: from the budget)")
+                       help="LSQ+ quantization-aware epochs after the FP32 ones (default: from the preset)")
     train.add_argument("--largest-epochs", type=_non_negative_int, default=None,
                        help="the first N FP32 epochs train the largest subnet alone, as Once-for-All's "
-                            "progressive shrinking starts (default: from the budget; with --epochs, the budget's "
+                            "progressive shrinking starts (default: from the preset; with --epochs, the preset's "
                             "share of them)")
     train.add_argument("--seed", type=_non_negative_int, default=None, help="training seed (default: 0)")
     train.add_argument("--eval-every", type=_positive_int, default=None,
                        help="measure held-out top-1 after every N-th epoch and after the last epoch of each "
-                            "phase (default: from the budget)")
+                            "phase (default: from the preset)")
     train.add_argument("--resume", action="store_true", help="continue the run in --run from its last finished epoch")
     train.add_argument("--threads", type=_positive_int, default=None,
                        help="torch intra-op threads per process (default: torch's choice, one per core)")
@@ -419,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="without --block-lut: build only distillation jobs j with j %% N == I (several processes "
                              "or machines sharing --run); the search runs once every LUT file exists")
     search.add_argument("--device", default="cpu", choices=["cpu"], help="latency target: ONNX Runtime execution provider (default: cpu)")
-    search.add_argument("--tables", default=None, help="latency table root (default: $SPACEEVO_LATENCY_TABLES or ./latency_tables)")
+    search.add_argument("--tables", default=None, help="latency tables folder (default: $SPACEEVO_LATENCY_TABLES or ./latency_tables)")
     search.add_argument("--run", default=None, metavar="DIR",
                         help="run directory: search/study.db, search/result.json, search/best_space.yaml "
                              "(default: runs/HYPERSPACE)")
@@ -429,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", default=None, metavar="URL",
                         help="Optuna storage shared by workers: an RDB URL (sqlite:///…, postgresql://…) or "
                              "journal:PATH (default: sqlite:///RUN/search/study.db)")
-    search.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default", "full"],
+    search.add_argument("--preset", default="default", choices=["smoke", "default", "full"],
                         help="population/tournament/total: smoke 16/4/48, default 100/25/1000, full (paper) "
                              "500/125/5000, capped by the hyperspace's size (default: default)")
     search.add_argument("--workers", type=_positive_int, default=1, help="processes sharing the study (default: 1)")
@@ -451,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_latency_budgets(extract, "the smallest and largest subnets of the run's space")
     extract.add_argument("--delta", type=float, default=None, metavar="MS",
                          help="latency window [MS - delta, MS] searched (default: 10%% of each budget)")
-    extract.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"],
+    extract.add_argument("--preset", default="default", choices=["smoke", "default"],
                          help="search size: smoke 8 subnets x 2 generations on 256 held-out images, default 24 x 8 "
                               "on the whole held-out split (default: default)")
     extract.add_argument("--storage", default=None, metavar="URL",
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--space", default="tiny", metavar="HYPERSPACE", help="hyperspace name or YAML path (default: tiny)")
     run.add_argument("--data", default="embedded", help="embedded (default), fashion-mnist:DIR, imagefolder:DIR or cifar10:DIR")
     run.add_argument("--run", default="runs/tiny", metavar="DIR", help="run directory (default: runs/tiny)")
-    run.add_argument("--preset", dest="budget", default="default", choices=["smoke", "default"],
+    run.add_argument("--preset", default="default", choices=["smoke", "default"],
                      help="size of every step: smoke (minutes, for checks) or default (default: default)")
     run.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every step (default: 0)")
     _add_device(run)

@@ -12,7 +12,9 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -65,12 +67,43 @@ def writable_folder(folder: str | Path, purpose: str = "") -> Path:
     return folder
 
 
+STALE_TEMP_S = 60.0
+"""A temporary file of a process that no longer exists is removed once it is this old (s)."""
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files that killed writers of ``path`` left (``.NAME.PID.*.tmp`` of a
+    process that is gone, untouched for :data:`STALE_TEMP_S`); another host's live writer is safe
+    unless it has not written for that long."""
+    for temp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = temp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if time.time() - temp.stat().st_mtime > STALE_TEMP_S:
+                temp.unlink()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename); removes
+    the temporary files of writers that were killed before their rename."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as error:
         raise unwritable(path, error) from None
     try:

@@ -30,7 +30,7 @@ from typing import Any
 from spaceevo.io import atomic_write_json, writable_folder
 from spaceevo.search.budgets import AUTO, BudgetChoice, LatencyBudgets, check_budgets, check_count
 
-BUDGETS = ("smoke", "default")
+PRESETS = ("smoke", "default")
 BUDGETS_FILE = "budgets.json"
 
 
@@ -65,7 +65,7 @@ def run_pipeline(
     num_budgets: int | None = None,
     hyperspace: str = "tiny",
     data: str = "embedded",
-    budget: str = "default",
+    preset: str = "default",
     seed: int = 0,
     device: str = "cpu",
     threads: int = 1,
@@ -83,8 +83,8 @@ def run_pipeline(
     from spaceevo.train.data import DataSpec
     from spaceevo.train.loop import train_supernet
 
-    if budget not in BUDGETS:
-        raise UsageError(f"unknown budget '{budget}'; allowed: {', '.join(BUDGETS)}")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset '{preset}'; allowed: {', '.join(PRESETS)}")
     requested = AUTO if latency_budgets_ms == AUTO else check_budgets(latency_budgets_ms)
     count = check_count(num_budgets, requested)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -113,16 +113,16 @@ def run_pipeline(
 
     step("1/3 space search")
     searched = search_space(
-        run, hyper, data=data, budget=budget, seed=seed, device=device, tables=tables, show_progress=show_progress
+        run, hyper, data=data, preset=preset, seed=seed, device=device, tables=tables, show_progress=show_progress
     )
     assert searched is not None  # one shard: the search always runs
     step(f"2/3 supernet training of {searched.best_space}")
     trained = train_supernet(
-        searched.best_space, run / "supernet", data=data, budget=budget, seed=seed, resume=True, progress=show_progress
+        searched.best_space, run / "supernet", data=data, preset=preset, seed=seed, resume=True, progress=show_progress
     )
     step(f"3/3 extraction at {', '.join(f'{b:g}' for b in choice.budgets_ms)} ms")
     extracted = extract_subnets(
-        run / "supernet", list(choice.budgets_ms), budget=budget, seed=seed, verify=True, device=device,
+        run / "supernet", list(choice.budgets_ms), preset=preset, seed=seed, verify=True, device=device,
         threads=threads, tables=tables, show_progress=show_progress,
     )
     report = PipelineReport(

@@ -863,8 +863,13 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
 
 
 def load_space(text: str) -> Hyperspace | CandidateSpace:
-    """Resolve a ``--space`` argument: a hyperspace name or YAML path, or a candidate-space encoding."""
+    """Resolve a ``--space`` argument: a hyperspace name or YAML path, a candidate-space encoding of
+    a shipped hyperspace (``tiny-1111-0000``), or ``PATH.yaml:ENCODING`` for a space of a hyperspace
+    defined in a YAML file of one's own."""
     text = text.strip()
+    path, colon, encoding = text.rpartition(":")
+    if colon and path.endswith((".yaml", ".yml")):
+        return load_hyperspace(path).candidate_space(encoding)
     if not text.endswith((".yaml", ".yml")) and "-" in text and "/" not in text:
         name = text.split("-", 1)[0]
         return load_hyperspace(name).candidate_space(text)

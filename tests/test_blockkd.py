@@ -18,6 +18,7 @@ from spaceevo.search.lut import parse_stage_config, read_lut_csv, required_files
 from spaceevo.search.lut_build import build_block_luts, fixed_stage_latency_ms, stage_latency_ms
 from spaceevo.search.teacher import Teacher, TeacherArch, TeacherConfig, load_teacher, train_teacher
 from spaceevo.space import load_hyperspace
+from spaceevo.train import engine
 from spaceevo.train.data import load_data
 
 TINY = load_hyperspace("tiny")
@@ -74,17 +75,17 @@ def test_teacher_resumes_per_epoch(tmp_path, monkeypatch):
     whole = train_teacher(tmp_path / "whole.pt", TINY, datasets, config, show_progress=False)
 
     saves = []
-    original = teacher_module._save
+    original = engine.save_state
 
-    def save_then_die(path, state):
-        original(path, state)
+    def save_then_die(path, state, format_tag):
+        original(path, state, format_tag)
         saves.append(state["epoch"])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(teacher_module, "_save", save_then_die)
+    monkeypatch.setattr(engine, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(tmp_path / "cut.pt", TINY, datasets, config, show_progress=False)
-    monkeypatch.setattr(teacher_module, "_save", original)
+    monkeypatch.setattr(engine, "save_state", original)
     assert saves == [1]
     resumed = train_teacher(tmp_path / "cut.pt", TINY, datasets, config, show_progress=False)
     for key, value in whole.state_dict().items():
@@ -157,7 +158,7 @@ def smoke_run(tmp_path_factory, latency_tables):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("run")
-    lut_dir = build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=latency_tables)
+    lut_dir = build_block_luts(run, "tiny", preset="smoke", show_progress=False, tables=latency_tables)
     torch.set_num_threads(threads)
     return run, lut_dir
 
@@ -166,7 +167,7 @@ def test_smoke_build_writes_every_lut_in_the_published_format(smoke_run):
     run, lut_dir = smoke_run
     expected = {lut_filename(*key) for key in required_files(TINY)}
     assert {p.name for p in lut_dir.glob("*.csv")} == expected and len(expected) == 4 * 6 * 2
-    config = lut_build.LUT_BUDGETS["smoke"].kd
+    config = lut_build.LUT_PRESETS["smoke"].kd
     for path in sorted(lut_dir.glob("*.csv")):
         rows = read_lut_csv(path)
         assert len(rows) == config.lut_samples * len(TINY.resolutions)
@@ -190,24 +191,24 @@ def test_rerun_skips_finished_work(smoke_run, monkeypatch, latency_tables):
     calls = []
     original = lut_build.train_job
     monkeypatch.setattr(lut_build, "train_job", lambda job, *a, **k: calls.append(job.name) or original(job, *a, **k))
-    build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=latency_tables)
+    build_block_luts(run, "tiny", preset="smoke", show_progress=False, tables=latency_tables)
     assert calls == []  # everything present: not even data or the teacher is loaded
     assert {p: p.stat().st_mtime_ns for p in artifacts} == mtimes
 
     # a kill after a job finished but before its LUT files were written: only those files are made
     victim = lut_dir / "stage2_3_1.csv"
     victim.unlink()
-    build_block_luts(run, "tiny", budget="smoke", show_progress=False, latency_root=latency_tables)
+    build_block_luts(run, "tiny", preset="smoke", show_progress=False, tables=latency_tables)
     assert calls == ["stage2_3"] and victim.exists()
     for path, mtime in mtimes.items():
         if path != victim:
             assert path.stat().st_mtime_ns == mtime, path  # the job was loaded, not retrained
 
 
-def test_another_budget_is_refused(smoke_run, latency_tables):
+def test_another_preset_is_refused(smoke_run, latency_tables):
     run, _ = smoke_run
-    with pytest.raises(RunMismatchError, match="budget"):
-        build_block_luts(run, "tiny", budget="default", show_progress=False, latency_root=latency_tables)
+    with pytest.raises(RunMismatchError, match="preset"):
+        build_block_luts(run, "tiny", preset="default", show_progress=False, tables=latency_tables)
 
 
 def test_lut_latency_is_the_tables_sum(smoke_run, latency_tables):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spaceevo.cli import main
-from spaceevo.deploy import evaluate_model, evaluate_subnet, export_subnet, open_run
+from spaceevo.deploy import ModelEvaluation, SubnetEvaluation, evaluate_model, evaluate_subnet, export_subnet, open_run
 from spaceevo.deploy.evaluate import output_paths, torch_top1
 from spaceevo.deploy.models import read_metadata
 from spaceevo.errors import ArtifactError
@@ -76,18 +76,19 @@ def test_export_writes_checked_fp32_and_qat_int8_models_with_metadata(exported) 
 def test_evaluate_reports_every_figure_and_onnx_runtime_matches_pytorch(run_dir, exported) -> None:
     report = evaluate_subnet(run_dir, "min", measure=False, show_progress=False)
     keys = ("fp32_top1", "int8_fakequant_top1", "qat_float_top1", "ort_fp32_top1", "ort_int8_top1", "ptq_int8_top1")
-    assert set(keys) | {"fp32_ms", "int8_ms"} <= set(report)
-    assert report["subnet"] == exported.subnet and report["test_images"] == 2000
-    assert all(0.0 <= report[k] <= 100.0 for k in keys) and report["fp32_ms"] is None
-    assert abs(report["ort_fp32_top1"] - report["fp32_top1"]) <= 0.1, "the FP32 export computes the PyTorch model"
-    assert abs(report["ort_int8_top1"] - report["int8_fakequant_top1"]) <= 1.0
+    assert isinstance(report, SubnetEvaluation) and set(keys) | {"fp32_ms", "int8_ms"} <= set(report.to_dict())
+    assert report.subnet == exported.subnet and report.test_images == 2000 and report.int8_model == "qat"
+    assert all(0.0 <= getattr(report, k) <= 100.0 for k in keys) and report.fp32_ms is None and report.latency_scale is None
+    assert abs(report.ort_fp32_top1 - report.fp32_top1) <= 0.1, "the FP32 export computes the PyTorch model"
+    assert abs(report.ort_int8_top1 - report.int8_fakequant_top1) <= 1.0
     run = open_run(run_dir)
     datasets = run.load_data()
     float_supernet = run.calibrated(run.float_supernet(), run.subnet("min"), datasets)
-    assert report["qat_float_top1"] == round(torch_top1(float_supernet, run.subnet("min"), datasets.test), 2)
+    assert report.qat_float_top1 == round(torch_top1(float_supernet, run.subnet("min"), datasets.test), 2)
     # the exported file is the model evaluate_subnet built: same test top-1 in ONNX Runtime
     model_report = evaluate_model(exported.onnx_int8, measure=False)
-    assert model_report["ort_top1"] == report["ort_int8_top1"] and model_report["precision"] == "int8"
+    assert isinstance(model_report, ModelEvaluation) and model_report.ms is None
+    assert model_report.ort_top1 == report.ort_int8_top1 and model_report.precision == "int8"
 
 
 def test_float_supernet_is_the_qat_weights_with_quantizers_off(run_dir) -> None:

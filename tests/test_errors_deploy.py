@@ -32,13 +32,13 @@ import _fake_latency
 from spaceevo.cli import main
 from spaceevo.deploy import evaluate_model
 from spaceevo.errors import ArtifactError, UsageError
-from spaceevo.io import atomic_write_bytes, atomic_write_json, exclusive_lock, writable_folder
+from spaceevo.io import STALE_TEMP_S, atomic_write_bytes, atomic_write_json, exclusive_lock, writable_folder
 from spaceevo.search.extract import extract_subnets
-from spaceevo.search.subnet_search import SubnetSearchBudget
+from spaceevo.search.subnet_search import SubnetSearchConfig
 from spaceevo.space import load_space
 
 SPACE = "tiny-1111-0000"
-TINY_SEARCH = SubnetSearchBudget(population=3, generations=1, heldout_images=64)
+TINY_SEARCH = SubnetSearchConfig(population=3, generations=1, heldout_images=64)
 WORKER = Path(__file__).resolve().parent / "_extract_worker.py"
 HANG_GUARD_S = 900  # only against a hung subprocess; no test asserts a duration
 
@@ -87,6 +87,24 @@ def test_atomic_writes_get_the_permissions_of_any_new_file(tmp_path, umask) -> N
     for written in (path, json_path):
         assert written.stat().st_mode & 0o777 == 0o666 & ~umask
     assert not [p for p in tmp_path.rglob(".*.tmp")], "no temporary file is left behind"
+
+
+def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that no longer exists
+    old = time.time() - 2 * STALE_TEMP_S
+    killed = tmp_path / f".a.json.{dead.pid}.x1.tmp"
+    fresh = tmp_path / f".a.json.{dead.pid}.x2.tmp"  # may still be another host's live writer
+    alive = tmp_path / f".a.json.{os.getppid()}.x3.tmp"
+    other = tmp_path / f".b.json.{dead.pid}.x4.tmp"
+    for temp in (killed, fresh, alive, other):
+        temp.write_bytes(b"half")
+    for temp in (killed, alive, other):
+        os.utime(temp, (old, old))
+    atomic_write_json(tmp_path / "a.json", {"a": 1})
+    assert not killed.exists()
+    assert fresh.exists() and alive.exists() and other.exists()
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
 
 
 @pytest.mark.parametrize("target", ["/proc/spaceevo-test/x.bin", "/sys/spaceevo-test.bin"])
@@ -237,7 +255,7 @@ def test_a_valid_classifier_file_is_evaluated(tmp_path) -> None:
     path = tmp_path / "ok.onnx"
     path.write_bytes(_classifier().SerializeToString())
     report = evaluate_model(path, measure=False)
-    assert 0 <= report["ort_top1"] <= 100 and report["test_images"] > 0
+    assert 0 <= report.ort_top1 <= 100 and report.test_images > 0 and report.space is None
 
 
 MODEL_FILES = {
@@ -320,7 +338,7 @@ def test_extract_without_budgets_spreads_them_over_the_space_and_records_them(ru
 
     space = load_space(SPACE)
     latency = candidate_space_range(space, lambda s: _fake_latency.fake_ms(space.resolve(s)))
-    kwargs = dict(num_budgets=2, budget=TINY_SEARCH, verify=False, show_progress=True)
+    kwargs = dict(num_budgets=2, preset=TINY_SEARCH, verify=False, show_progress=True)
     result = extract_subnets(run_copy, **kwargs)
     err = capsys.readouterr().err
     budgets = [r.budget_ms for r in result.results]

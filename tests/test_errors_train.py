@@ -270,14 +270,14 @@ def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path, whole_tra
 TEACHER_KILLED = """
 import sys, torch
 torch.set_num_threads(1)
-from spaceevo.search import teacher as module
 from spaceevo.search.teacher import TeacherConfig, train_teacher
 from spaceevo.space import load_hyperspace
+from spaceevo.train import engine, static
 from spaceevo.train.data import load_data
 
-saved, steps, save, resize = [], [], module._save, module.resize_batch
-def save_and_count(path, state):
-    save(path, state)
+saved, steps, save, resize = [], [], engine.save_state, static.resize_batch
+def save_and_count(path, state, format_tag):
+    save(path, state, format_tag)
     saved.append(state["epoch"])
 def resize_or_die(images, resolution):
     if saved:
@@ -285,7 +285,7 @@ def resize_or_die(images, resolution):
         if len(steps) == 2:  # epoch 2, step 2: step 1 already changed the weights in memory
             die()
     return resize(images, resolution)
-module._save, module.resize_batch = save_and_count, resize_or_die
+engine.save_state, static.resize_batch = save_and_count, resize_or_die
 train_teacher(__import__("pathlib").Path(sys.argv[1]), load_hyperspace("tiny"), load_data("embedded", 28, seed=0),
               TeacherConfig(epochs=2, steps_per_epoch=2, batch_size=16, width_multiplier=0.5), show_progress=False)
 """
@@ -308,6 +308,7 @@ from spaceevo.search import blockkd
 from spaceevo.search.blockkd import KDConfig, kd_jobs, train_job
 from spaceevo.search.teacher import Teacher, TeacherArch, TeacherConfig
 from spaceevo.space import load_hyperspace
+from spaceevo.train import engine
 from spaceevo.train.data import load_data
 
 tiny = load_hyperspace("tiny")
@@ -315,9 +316,9 @@ torch.manual_seed(0)
 teacher = Teacher(TeacherArch.for_hyperspace(tiny, TeacherConfig(width_multiplier=0.5))).eval()
 cache = blockkd.build_feature_cache(teacher, load_data("embedded", 28, seed=0).train, 32, tiny.resolutions,
                                     show_progress=False)
-saved, losses, save, loss = [], [], blockkd._save, blockkd.nsr_loss
-def save_and_count(path, state):
-    save(path, state)
+saved, losses, save, loss = [], [], engine.save_state, blockkd.nsr_loss
+def save_and_count(path, state, format_tag):
+    save(path, state, format_tag)
     saved.append(state["epoch"])
 def loss_or_die(student, target):
     if saved:
@@ -325,7 +326,7 @@ def loss_or_die(student, target):
         if len(losses) == 6:  # the QAT epoch, step 2, between two sub-stages' backward passes
             die()
     return loss(student, target)
-blockkd._save, blockkd.nsr_loss = save_and_count, loss_or_die
+engine.save_state, blockkd.nsr_loss = save_and_count, loss_or_die
 config = KDConfig(epochs=1, qat_epochs=1, steps_per_epoch=2, batch_size=8, train_images=32)
 train_job(kd_jobs(tiny)[-6], teacher, "t", cache, config, Path(sys.argv[1]), reduce_range=True, show_progress=False)
 """

@@ -23,11 +23,11 @@ from spaceevo.search import extract_subnets
 from spaceevo.search.evolution import open_storage, open_study
 from spaceevo.search.extract import BudgetResult, open_extraction, random_baseline, verify_results
 from spaceevo.plot import nice_ticks
-from spaceevo.search.subnet_search import SubnetSearch, SubnetSearchBudget, Window, crossover, mutate, random_subnet
+from spaceevo.search.subnet_search import SubnetSearch, SubnetSearchConfig, Window, crossover, mutate, random_subnet
 from spaceevo.space import Subnet, load_space
 
 SPACE = "tiny-1111-0000"
-TINY_SEARCH = SubnetSearchBudget(population=3, generations=1, heldout_images=64)  # 3 + 2 evaluations at most
+TINY_SEARCH = SubnetSearchConfig(population=3, generations=1, heldout_images=64)  # 3 + 2 evaluations at most
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,9 +67,9 @@ def target_fitness(space):
 
 
 def fake_search(storage: optuna.storages.BaseStorage, predict_ms, fitness, seed: int = 0,
-                sizes: SubnetSearchBudget | None = None, window: Window = Window(0.4, 0.45)) -> SubnetSearch:
+                sizes: SubnetSearchConfig | None = None, window: Window = Window(0.4, 0.45)) -> SubnetSearch:
     study = open_study("memory", {"test": 1}, study_name="extract-test", storage=storage)
-    sizes = sizes or SubnetSearchBudget(population=8, generations=3, max_tries=300)
+    sizes = sizes or SubnetSearchConfig(population=8, generations=3, max_tries=300)
     return SubnetSearch(study, load_space(SPACE), predict_ms, fitness, sizes, window.high_ms, window, seed=seed)
 
 
@@ -131,10 +131,29 @@ def test_killed_search_resumes_without_reevaluating(tmp_path, predict_ms) -> Non
     assert states.count(optuna.trial.TrialState.FAIL) == 1
 
 
+def test_every_claim_names_its_worker_from_its_first_write(predict_ms, monkeypatch) -> None:
+    """A trial is created with its worker and its claim (search, generation, slot) in one storage
+    write, so a process killed right after creating it leaves a claim that names a dead process,
+    freed at once on resume (never a bare RUNNING trial that only the stale timeout frees)."""
+    storage = InMemoryStorage()
+    created: list[dict] = []
+    create = storage.create_new_trial
+
+    def recording(study_id, template_trial=None):
+        created.append(dict(template_trial.user_attrs) if template_trial is not None else {})
+        return create(study_id, template_trial=template_trial)
+
+    monkeypatch.setattr(storage, "create_new_trial", recording)
+    search = fake_search(storage, predict_ms, target_fitness(load_space(SPACE)))
+    found = search.run(progress=False)
+    assert len(created) >= len(found.evaluated) > 0
+    assert all({"worker", "search", "generation", "slot"} <= set(attrs) and attrs["search"] == search.key for attrs in created)
+
+
 def test_search_beats_the_best_of_random_subnets_in_the_window(predict_ms) -> None:
     space = load_space(SPACE)
     fitness = target_fitness(space)
-    sizes = SubnetSearchBudget(population=16, generations=6, max_tries=300)  # 88 evaluations at most
+    sizes = SubnetSearchConfig(population=16, generations=6, max_tries=300)  # 88 evaluations at most
     search = fake_search(InMemoryStorage(), predict_ms, fitness, sizes=sizes)
     best = search.run(progress=False).best
     rng, seen, randoms = random.Random(1), set(), []
@@ -150,7 +169,7 @@ def test_search_beats_the_best_of_random_subnets_in_the_window(predict_ms) -> No
 
 def test_extract_finds_subnets_in_their_windows_writes_the_front_and_resumes(run_dir, predict_ms, latency_tables) -> None:
     space = load_space(SPACE)
-    kwargs = dict(budget=TINY_SEARCH, verify=False, tables=latency_tables, show_progress=False)
+    kwargs = dict(preset=TINY_SEARCH, verify=False, tables=latency_tables, show_progress=False)
     result = extract_subnets(run_dir, [0.3, 0.5], **kwargs)
     assert [r.budget_ms for r in result.results] == [0.3, 0.5] and result.fitness == "int8 fake-quant"
     for r in result.results:
@@ -182,7 +201,7 @@ def test_budget_below_the_smallest_subnet_names_the_smallest_latency(run_dir, pr
     smallest = min(predict_ms(space.min_subnet(r)) for r in space.hyperspace.resolutions)
     assert 0.01 < smallest < 0.5
     with pytest.raises(UsageError, match=rf"smallest achievable predicted INT8 latency is {smallest:.4g} ms"):
-        extract_subnets(run_dir, [0.5, 0.01], budget=TINY_SEARCH, verify=False, tables=latency_tables, show_progress=False)
+        extract_subnets(run_dir, [0.5, 0.01], preset=TINY_SEARCH, verify=False, tables=latency_tables, show_progress=False)
     code = main(["extract", "--run", str(run_dir), "--latency-budget", "0.01", "--tables", str(latency_tables), "--no-verify"])
     err = capsys.readouterr().err
     assert code == 2 and "smallest achievable predicted INT8 latency" in err and "Traceback" not in err
@@ -213,7 +232,7 @@ def test_missing_supernet_and_unreachable_storage_are_clear_errors(run_dir, tmp_
 
 
 def test_winners_are_exported_and_measured_on_the_device(run_dir, latency_tables) -> None:
-    result = extract_subnets(run_dir, [0.3], budget=TINY_SEARCH, tables=latency_tables, show_progress=False)
+    result = extract_subnets(run_dir, [0.3], preset=TINY_SEARCH, tables=latency_tables, show_progress=False)
     r = result.results[0].to_dict()  # the search itself is cached from the first extract test
     assert {"budget_ms", "subnet", "predicted_int8_ms", "measured_int8_ms", "measured_fp32_ms", "heldout_int8_top1",
             "test_ort_int8_top1", "onnx_int8", "onnx_fp32", "over_budget", "note"} <= set(r)
@@ -229,7 +248,7 @@ def test_winner_over_budget_is_reported_with_the_next_feasible_candidate(run_dir
     import spaceevo.deploy.evaluate as evaluate_module
     import spaceevo.latency.api as latency_api
 
-    extraction = open_extraction(run_dir, budget=TINY_SEARCH, tables=latency_tables, show_progress=False)
+    extraction = open_extraction(run_dir, preset=TINY_SEARCH, tables=latency_tables, show_progress=False)
     plan = extraction.plan([0.3], None)[0]
     found = extraction.search(plan.budget_ms, plan.window)  # cached by the first extract test
     slowest = max(found.evaluated, key=lambda e: e.predicted_int8_ms)  # has cheaper alternatives
@@ -274,10 +293,10 @@ def test_search_on_a_trained_supernet_is_no_worse_than_50_random_subnets_within_
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         assert main(["train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--epochs", "5",
                      "--threads", "1", "--json"]) == 0
-    sizes = SubnetSearchBudget(population=12, generations=5, heldout_images=256)
+    sizes = SubnetSearchConfig(population=12, generations=5, heldout_images=256)
     assert sizes.max_evaluations >= 50
-    result = extract_subnets(run, [0.3, 0.5], budget=sizes, verify=False, tables=latency_tables, show_progress=False)
-    extraction = open_extraction(run, budget=sizes, tables=latency_tables, show_progress=False)
+    result = extract_subnets(run, [0.3, 0.5], preset=sizes, verify=False, tables=latency_tables, show_progress=False)
+    extraction = open_extraction(run, preset=sizes, tables=latency_tables, show_progress=False)
     for r, plan in zip(result.results, extraction.plan([0.3, 0.5], None)):
         assert r.predicted_int8_ms in plan.window
         baseline = random_baseline(extraction, plan.budget_ms, plan.window, 50, seed=1)

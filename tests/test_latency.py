@@ -32,7 +32,7 @@ from spaceevo.latency.predictor import (
     LatencyPredictor,
 )
 from spaceevo.latency.segments import Segment, network_segments, required_segments, segment_model
-from spaceevo.latency.table import TABLE_FILE, GROUP_SIZE, LatencyTable, TableEntry, default_root, measure_segments
+from spaceevo.latency.table import TABLE_FILE, GROUP_SIZE, LatencyTable, TableEntry, default_tables, measure_segments
 from spaceevo.latency.validate import validate_predictor
 from spaceevo.space import conv_output_size, load_hyperspace, load_space
 
@@ -158,7 +158,7 @@ def test_the_suites_table_is_the_default_complete_and_a_fixed_point_of_build(lat
     """The synthetic table of tests/conftest.py: where every test looks by default, complete for
     ``tiny`` under this host's fingerprint, and a build over it measures nothing and changes no
     prediction (so a test that builds, like the pipeline's, never times anything)."""
-    assert default_root() == latency_tables
+    assert default_tables() == latency_tables
     fp = device_fingerprint("cpu", 1)
     before = LatencyPredictor.load(LatencyTable.open(latency_tables, fp), tiny)
     assert before.table.missing(required_segments(tiny)) == [] and before.regressor is None
@@ -200,13 +200,13 @@ def test_measure_interleaved_returns_sane_stats():
     for st in stats:
         assert isinstance(st, LatencyStats)
         assert len(st.round_medians_ms) == config.rounds
-        assert st.median_ms > 0 and 0 < st.min_ms <= st.median_ms
-        assert st.median_ms == statistics.median(st.round_medians_ms)
+        assert st.ms > 0 and 0 < st.min_ms <= st.ms
+        assert st.ms == statistics.median(st.round_medians_ms)
         assert st.spread >= 0
 
 
 def test_spread_definition():
-    st = LatencyStats(median_ms=2.0, min_ms=1.0, round_medians_ms=(1.0, 2.0, 2.0, 3.0, 5.0))
+    st = LatencyStats(ms=2.0, min_ms=1.0, round_medians_ms=(1.0, 2.0, 2.0, 3.0, 5.0))
     # inclusive quartiles of (1, 2, 2, 3, 5) are 2 and 3: IQR 1 over median 2
     assert st.spread == pytest.approx(0.5)
     assert LatencyStats(0.0, 0.0, (0.0,)).spread == 0.0
@@ -669,8 +669,8 @@ def test_stable_meter_expresses_rounds_in_reference_units(subject_ms):
     machine = _machine(6 * subject_ms)
     meter = StableMeter(PhasedTimer(0.066, machine), canonical_ms=0.066)
     stats = meter.measure([PhasedTimer(subject_ms, machine), PhasedTimer(2 * subject_ms, machine)], config)
-    assert stats[0].median_ms == pytest.approx(subject_ms, rel=0.02)
-    assert stats[1].median_ms == pytest.approx(2 * subject_ms, rel=0.02)
+    assert stats[0].ms == pytest.approx(subject_ms, rel=0.02)
+    assert stats[1].ms == pytest.approx(2 * subject_ms, rel=0.02)
     assert len(stats[1].round_medians_ms) == config.rounds
     # the slow phase does show in raw rounds: normalisation is what removes it
     assert max(raw.round_medians_ms) > 1.5 * subject_ms

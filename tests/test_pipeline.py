@@ -22,9 +22,9 @@ def test_negative_budget_is_refused_before_any_work(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_budget_is_refused_before_any_work(tmp_path):
+def test_unknown_preset_is_refused_before_any_work(tmp_path):
     with pytest.raises(UsageError, match="smoke, default"):
-        run_pipeline(tmp_path, [1.0], budget="huge")
+        run_pipeline(tmp_path, [1.0], preset="huge")
     assert not any(tmp_path.iterdir())
 
 

@@ -28,8 +28,8 @@ from spaceevo.errors import RunMismatchError, UsageError
 from spaceevo.search import evolution
 from spaceevo.search.api import score_spaces, search_block_lut
 from spaceevo.search.evolution import (
-    Budget,
-    budget_for,
+    EvolutionSizes,
+    evolution_sizes,
     count_spaces,
     mutate,
     open_storage,
@@ -77,10 +77,10 @@ def complete_trials(url):
 
 def test_budgets_are_sized_to_the_hyperspace():
     assert count_spaces(TINY) == 6**4 * 2**4
-    assert budget_for("full", TINY) == Budget(500, 125, 5000)
-    assert budget_for("smoke", TINY) == Budget(16, 4, 48)
+    assert evolution_sizes("full", TINY) == EvolutionSizes(500, 125, 5000)
+    assert evolution_sizes("smoke", TINY) == EvolutionSizes(16, 4, 48)
     with pytest.raises(UsageError, match="smoke, default, full"):
-        budget_for("huge", TINY)
+        evolution_sizes("huge", TINY)
 
 
 def test_mutation_changes_one_stage_block_or_window():
@@ -98,7 +98,7 @@ def test_mutation_changes_one_stage_block_or_window():
 
 def test_same_seed_same_search_and_best_beats_every_homogeneous_seed(lut_dir, tmp_path):
     results = [
-        search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path / name, budget="smoke", samples=SAMPLES, seed=3, progress=False)
+        search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path / name, preset="smoke", samples=SAMPLES, seed=3, progress=False)
         for name in ("a", "b")
     ]
     first, second = (json.loads(r.result_path.read_text()) for r in results)
@@ -120,7 +120,7 @@ def test_same_seed_same_search_and_best_beats_every_homogeneous_seed(lut_dir, tm
 KILLED_SEARCH = textwrap.dedent(
     """
     import os, signal, sys
-    from spaceevo.search.evolution import Budget, open_study, run_evolution
+    from spaceevo.search.evolution import EvolutionSizes, open_study, run_evolution
     from spaceevo.search.lut import load_block_lut
     from spaceevo.search.qt_score import QTScorer
     from spaceevo.space import load_hyperspace
@@ -136,7 +136,7 @@ KILLED_SEARCH = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # killed midway through the 10th evaluation
         return scorer.score(space)
 
-    run_evolution(open_study(url, {"test": 1}), hyperspace, evaluate, Budget(16, 4, 30), progress=False)
+    run_evolution(open_study(url, {"test": 1}), hyperspace, evaluate, EvolutionSizes(16, 4, 30), progress=False)
     """
 )
 
@@ -156,7 +156,7 @@ def test_killed_search_resumes_without_reevaluating_finished_trials(lut_dir, tmp
         return scorer.score(space)
 
     study = open_study(url, {"test": 1})
-    result = run_evolution(study, TINY, evaluate, Budget(16, 4, 30), progress=False)
+    result = run_evolution(study, TINY, evaluate, EvolutionSizes(16, 4, 30), progress=False)
     assert len(evaluated) == 30 - 9 == result.evaluated_here
     done_before = {t.user_attrs["space"] for t in before}
     assert not done_before & set(evaluated)
@@ -172,7 +172,7 @@ KILLED_AFTER_ASK = textwrap.dedent(
     """
     import os, signal, sys
     import optuna
-    from spaceevo.search.evolution import Budget, open_study, run_evolution
+    from spaceevo.search.evolution import EvolutionSizes, open_study, run_evolution
     from spaceevo.search.lut import load_block_lut
     from spaceevo.search.qt_score import QTScorer
     from spaceevo.space import load_hyperspace
@@ -190,7 +190,7 @@ KILLED_AFTER_ASK = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
 
     optuna.Trial.__init__ = init_then_die
-    run_evolution(open_study(url, {"test": 1}), hyperspace, lambda space: scorer.score(space), Budget(16, 4, 30),
+    run_evolution(open_study(url, {"test": 1}), hyperspace, lambda space: scorer.score(space), EvolutionSizes(16, 4, 30),
                   progress=False)
     """
 )
@@ -213,7 +213,7 @@ def test_search_killed_right_after_creating_a_trial_resumes_at_once(lut_dir, tmp
 
     monkeypatch.setattr(evolution.time, "sleep", no_waiting)
     scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
-    result = run_evolution(study, TINY, lambda space: scorer.score(space), Budget(16, 4, 30), progress=False,
+    result = run_evolution(study, TINY, lambda space: scorer.score(space), EvolutionSizes(16, 4, 30), progress=False,
                            stale_after_s=1e9)
     assert result.evaluated_here == 1 and len(result.scores) == 30 == len({s.space for s in result.scores})
     states = [t.state for t in study.get_trials()]
@@ -226,7 +226,7 @@ def test_waiting_for_other_workers_says_for_what(lut_dir, tmp_path, monkeypatch,
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = open_study(url, {"test": 1})
     scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
-    run_evolution(study, TINY, lambda space: scorer.score(space), Budget(4, 2, 5), progress=False)
+    run_evolution(study, TINY, lambda space: scorer.score(space), EvolutionSizes(4, 2, 5), progress=False)
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, user_attrs={"worker": "elsewhere:1"}))
     waits = []
 
@@ -237,7 +237,7 @@ def test_waiting_for_other_workers_says_for_what(lut_dir, tmp_path, monkeypatch,
 
     monkeypatch.setattr(evolution.time, "sleep", sleep)
     with pytest.raises(KeyboardInterrupt):
-        run_evolution(study, TINY, lambda space: scorer.score(space), Budget(4, 2, 6), progress=True, stale_after_s=600)
+        run_evolution(study, TINY, lambda space: scorer.score(space), EvolutionSizes(4, 2, 6), progress=True, stale_after_s=600)
     err = capsys.readouterr().err
     assert re.search(r"waiting for 1 space\(s\) of other workers: trial 5 \(elsewhere:1\) running \d+ s, freed after 600 s", err), err
 
@@ -322,7 +322,7 @@ def _alive(pid: int) -> bool:
 
 
 def _search_with_a_helper(lut_dir: Path, run: Path) -> tuple[subprocess.Popen, str, int]:
-    """``spaceevo search --workers 2`` (budget default: far from done when stopped), once the helper
+    """``spaceevo search --workers 2`` (preset default: far from done when stopped), once the helper
     process has finished a space: the process, the storage URL and the helper's pid."""
     argv = ["search", "--block-lut", str(lut_dir), "--hyperspace", "tiny", "--run", str(run), "--preset", "default",
             "--samples", "500", "--latency-constraints", "4.1", "4.6", "--workers", "2"]
@@ -376,7 +376,7 @@ WORKER = textwrap.dedent(
     pathlib.Path(run_dir, f"ready-{name}").touch()
     while not pathlib.Path(run_dir, "go").exists():
         time.sleep(0.01)
-    search_block_lut(lut_dir, "tiny", [4.1, 4.6], pathlib.Path(run_dir, name), storage=url, budget="smoke",
+    search_block_lut(lut_dir, "tiny", [4.1, 4.6], pathlib.Path(run_dir, name), storage=url, preset="smoke",
                      samples=2000, progress=False)
     """
 )
@@ -405,11 +405,11 @@ def test_two_worker_processes_share_a_search_without_duplicates(lut_dir, tmp_pat
 
 
 def test_resumed_search_with_other_settings_is_refused(lut_dir, tmp_path):
-    search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, budget="smoke", samples=500, progress=False)
-    again = search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, budget="smoke", samples=500, progress=False)
+    search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, preset="smoke", samples=500, progress=False)
+    again = search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, preset="smoke", samples=500, progress=False)
     assert again.evaluated_here == 0 and again.evaluated == 48  # complete: nothing to do
     with pytest.raises(RunMismatchError, match="latency_constraints_ms"):
-        search_block_lut(lut_dir, "tiny", [5.0], tmp_path, budget="smoke", samples=500, progress=False)
+        search_block_lut(lut_dir, "tiny", [5.0], tmp_path, preset="smoke", samples=500, progress=False)
 
 
 def test_unreachable_storage_is_a_clear_error(lut_dir, tmp_path, capsys):

@@ -892,3 +892,15 @@ def test_require_candidate_space():
     assert "--space tiny-0000-0000" in message
     with pytest.raises(UsageError, match="--space onnxw-000000-011111"):
         S.require_candidate_space(hyperspace("onnxw"), "export")
+
+
+def test_a_space_of_ones_own_yaml_is_named_path_colon_encoding(tmp_path) -> None:
+    from test_latency import MICRO_YAML
+
+    path = tmp_path / "micro.yaml"
+    path.write_text(MICRO_YAML)
+    encoding = S.load_hyperspace(path).homogeneous_spaces()[-1].encoding
+    space = S.load_space(f"{path}:{encoding}")
+    assert isinstance(space, S.CandidateSpace) and space.encoding == encoding and space.hyperspace.name == "micro"
+    with pytest.raises(SpaceEvoError):
+        S.load_space(f"{path}:micro-99")

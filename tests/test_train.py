@@ -22,7 +22,7 @@ from spaceevo.space import load_space
 from spaceevo.train import sandwich
 from spaceevo.train.bn import batchnorms, preserved_bn_state, recalibrate_bn
 from spaceevo.train.checkpoint import load_checkpoint
-from spaceevo.train.config import BUDGETS, TrainConfig
+from spaceevo.train.config import PRESETS, TrainConfig
 from spaceevo.train.data import FASHION_MNIST_FILES, load_data, make_loader
 from spaceevo.train.evaluate import evaluate
 from spaceevo.train.loop import train_supernet
@@ -80,7 +80,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 def test_config_budgets_and_validation() -> None:
-    assert set(BUDGETS) == {"smoke", "default"}
+    assert set(PRESETS) == {"smoke", "default"}
     smoke = TrainConfig.preset("smoke", epochs=3, seed=None)
     assert smoke.epochs == 3 and smoke.seed == 0 and smoke.num_random_subnets == 2
     assert "distill" not in smoke.to_dict()  # KL at temperature 1 is the only distillation loss, not a setting
@@ -88,7 +88,7 @@ def test_config_budgets_and_validation() -> None:
     assert TrainConfig.from_dict({**smoke.to_dict(), "distill": "kl"}) == smoke  # a field of older runs
     with pytest.raises(UsageError, match="batch_size=0"):
         TrainConfig(batch_size=0)
-    with pytest.raises(UsageError, match="unknown training budget 'huge'.*smoke, default"):
+    with pytest.raises(UsageError, match="unknown training preset 'huge'.*smoke, default"):
         TrainConfig.preset("huge")
     with pytest.raises(UsageError, match="unknown field"):
         TrainConfig().replace(learning_rate=1.0)
@@ -156,7 +156,7 @@ def test_largest_epochs_are_validated_and_scaled_by_an_epochs_override() -> None
     with pytest.raises(UsageError, match=r"largest_epochs=3 .*from 0 to epochs \(2\)"):
         TrainConfig(epochs=2, largest_epochs=3)
     config = TrainConfig(epochs=8, largest_epochs=4)
-    assert config.override(epochs=2).largest_epochs == 1  # the budget's share, rounded down
+    assert config.override(epochs=2).largest_epochs == 1  # the preset's share, rounded down
     assert config.override(epochs=7).largest_epochs == 3
     assert config.override(epochs=16).largest_epochs == 8
     assert config.override(epochs=6, largest_epochs=0).largest_epochs == 0
@@ -321,7 +321,7 @@ def test_cli_smoke_training_writes_the_run(smoke_run) -> None:
     run, code, out, err = smoke_run
     assert code == 0, err
     summary = json.loads(out)
-    total = BUDGETS["smoke"].epochs + BUDGETS["smoke"].qat_epochs
+    total = PRESETS["smoke"].epochs + PRESETS["smoke"].qat_epochs
     assert summary["space"] == SPACE and summary["epochs"] == f"{total}/{total}"
     assert 0.0 <= summary["heldout_top1_max"] <= 100.0 and summary["images_per_s"] > 0
     assert "epoch 1/" in err, "a progress bar per epoch on stderr"
@@ -329,7 +329,7 @@ def test_cli_smoke_training_writes_the_run(smoke_run) -> None:
     config = json.loads((run / "config.json").read_text())
     space = load_space(SPACE)
     assert config["space"] == SPACE and config["hyperspace_digest"] == space.hyperspace.digest
-    assert config["data"] == "embedded" and config["config"]["batch_size"] == BUDGETS["smoke"].batch_size
+    assert config["data"] == "embedded" and config["config"]["batch_size"] == PRESETS["smoke"].batch_size
     assert {"torch", "torchvision", "spaceevo", "python"} <= set(config["versions"])
 
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -347,7 +347,7 @@ def test_finished_run_resumes_at_once_and_needs_resume_flag(smoke_run, capsys) -
     before = (run / "checkpoints" / "last.pt").read_bytes()
     code, _, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--preset", "smoke")
     assert code == 2 and "--resume" in err and "Traceback" not in err
-    config = BUDGETS["smoke"]
+    config = PRESETS["smoke"]
     result = train_supernet(SPACE, run, config=config, resume=True, progress=False)
     assert result.resumed_from == result.epochs_done == config.total_epochs and result.train_images == 0
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
@@ -356,14 +356,14 @@ def test_finished_run_resumes_at_once_and_needs_resume_flag(smoke_run, capsys) -
 def test_checkpoint_of_another_space_is_refused(smoke_run) -> None:
     run, *_ = smoke_run
     with pytest.raises(RunMismatchError) as info:
-        train_supernet("tiny-2222-0000", run, budget="smoke", resume=True, progress=False)
+        train_supernet("tiny-2222-0000", run, preset="smoke", resume=True, progress=False)
     assert "tiny-2222-0000" in str(info.value) and SPACE in str(info.value)
 
 
 def test_resume_with_another_config_is_refused(smoke_run) -> None:
     run, *_ = smoke_run
     with pytest.raises(RunMismatchError, match="batch_size: run 32, now 8"):
-        train_supernet(SPACE, run, config=BUDGETS["smoke"].replace(batch_size=8), resume=True, progress=False)
+        train_supernet(SPACE, run, config=PRESETS["smoke"].replace(batch_size=8), resume=True, progress=False)
 
 
 def _copy_run(run: Path, to: Path) -> Path:
@@ -390,7 +390,7 @@ def test_resume_without_config_json_compares_the_checkpoints_config(smoke_run, t
     for name in FASHION_MNIST_FILES:
         (other / name).touch()
     with pytest.raises(RunMismatchError, match="last.pt trains on data 'embedded', this command asks for 'fashion-mnist:"):
-        train_supernet(SPACE, run, data=f"fashion-mnist:{other}", budget="smoke", resume=True, progress=False)
+        train_supernet(SPACE, run, data=f"fashion-mnist:{other}", preset="smoke", resume=True, progress=False)
 
     # the same settings: nothing to train, says so, and config.json is written again
     code, out, err = run_cli(capsys, "train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--resume", *extra)

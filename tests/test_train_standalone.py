@@ -1,4 +1,4 @@
-"""scripts/train_standalone.py: a stand-alone subnet trained with the supernet recipe (smoke budget)."""
+"""scripts/train_standalone.py: a stand-alone subnet trained with the supernet recipe (smoke preset)."""
 
 from __future__ import annotations
 

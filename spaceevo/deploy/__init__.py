@@ -4,7 +4,23 @@ Python API behind ``spaceevo export`` and ``spaceevo evaluate``: :func:`export_s
 :func:`evaluate_subnet`, :func:`evaluate_model`, :func:`open_run`.
 """
 
-from spaceevo.deploy.evaluate import ExportReport, evaluate_model, evaluate_subnet, export_subnet
+from spaceevo.deploy.evaluate import (
+    ExportReport,
+    ModelEvaluation,
+    SubnetEvaluation,
+    evaluate_model,
+    evaluate_subnet,
+    export_subnet,
+)
 from spaceevo.deploy.trained import TrainedRun, open_run
 
-__all__ = ["ExportReport", "TrainedRun", "evaluate_model", "evaluate_subnet", "export_subnet", "open_run"]
+__all__ = [
+    "ExportReport",
+    "ModelEvaluation",
+    "SubnetEvaluation",
+    "TrainedRun",
+    "evaluate_model",
+    "evaluate_subnet",
+    "export_subnet",
+    "open_run",
+]

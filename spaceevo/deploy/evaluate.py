@@ -236,6 +236,42 @@ def export_subnet(
 # ---- evaluation --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SubnetEvaluation:
+    """What :func:`evaluate_subnet` measured: test-split top-1 (%) and device latency (ms).
+
+    ``fp32_top1``: PyTorch, FP32 supernet. ``int8_fakequant_top1``: PyTorch, LSQ+ fake quantization
+    in eval mode, i.e. the deployed arithmetic with int32-rounded biases. ``qat_float_top1``: the QAT
+    supernet's weights with every quantizer off; it splits a gap between QAT and FP32 in two:
+    ``int8_fakequant_top1 - qat_float_top1`` is what quantization itself costs the QAT weights,
+    ``qat_float_top1 - fp32_top1`` how far the QAT phase's updates moved the subnet. These two and
+    ``ort_int8_top1`` (the exported QAT INT8 model) are None without a QAT phase. ``ptq_int8_top1``:
+    ONNX Runtime post-training quantization of the FP32 export. ``fp32_ms``/``int8_ms``: the exported
+    FP32 and INT8 (``int8_model``: QAT, else PTQ) models timed interleaved on the device, on
+    ``latency_scale`` (the latency table's when there is one); None when not measured.
+    """
+
+    space: str
+    subnet: str
+    resolution: int
+    data: str
+    test_images: int
+    fp32_source: str
+    int8_model: str
+    fp32_top1: float | None
+    int8_fakequant_top1: float | None
+    qat_float_top1: float | None
+    ort_fp32_top1: float | None
+    ort_int8_top1: float | None
+    ptq_int8_top1: float | None
+    fp32_ms: float | None
+    int8_ms: float | None
+    latency_scale: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def evaluate_subnet(
     run_dir: str | Path,
     subnet: str | Subnet,
@@ -247,27 +283,13 @@ def evaluate_subnet(
     measure: bool = True,
     show_progress: bool = True,
     on_models: Callable[[onnx.ModelProto, onnx.ModelProto], None] | None = None,
-) -> dict[str, Any]:
-    """Test-split top-1 of a trained subnet in PyTorch and ONNX Runtime, and its latency.
-
-    Returns ``fp32_top1`` (PyTorch, FP32 supernet), ``int8_fakequant_top1`` (PyTorch, LSQ+ fake
-    quantization in eval mode, i.e. the deployed arithmetic with int32-rounded biases; None without a
-    QAT phase), ``qat_float_top1`` (PyTorch, the QAT supernet's weights
-    with every quantizer off; None without a QAT phase), ``ort_fp32_top1``, ``ort_int8_top1`` (the exported QAT
-    INT8 model; None without a QAT phase), ``ptq_int8_top1`` (ONNX Runtime post-training
-    quantization of the FP32 model), ``fp32_ms`` and ``int8_ms`` (exported FP32 and INT8 models on
-    the device, interleaved, on the scale of the latency table under ``tables`` when there is one;
-    the INT8 model is the QAT one when there is one, else the PTQ one; None with ``measure=False``), plus what was evaluated. ``on_models(fp32, int8)`` receives the
-    exported models (e.g. to save them).
-
-    ``qat_float_top1`` splits a gap between QAT and FP32 in two: ``int8_fakequant_top1 -
-    qat_float_top1`` is what quantization itself costs the QAT weights, ``qat_float_top1 -
-    fp32_top1`` is how far the QAT phase's weight updates moved the subnet.
-    """
+) -> SubnetEvaluation:
+    """Test-split top-1 of a trained subnet in PyTorch and ONNX Runtime, and its latency
+    (:class:`SubnetEvaluation`). ``on_models(fp32, int8)`` receives the exported models (e.g. to
+    save them); ``measure=False`` skips the latency."""
     run = open_run(run_dir)
     chosen = run.subnet(subnet)
     steps = _Steps(["data", "fp32", "ptq", "int8", "latency"], show_progress, "evaluate")
-    report: dict[str, Any] = {"space": run.space.encoding, "subnet": chosen.encode(), "resolution": chosen.resolution}
     try:
         steps("data")
         datasets = run.load_data(data)
@@ -297,33 +319,33 @@ def evaluate_subnet(
         if on_models is not None:
             on_models(fp32, int8)
         steps("latency")
-        fp32_ms = int8_ms = None
+        fp32_ms = int8_ms = scale = None
         if measure:
             from spaceevo.latency.api import measure_onnx
 
             (fp32_stats, int8_stats), scale = measure_onnx([fp32, int8], device, threads, tables)
-            fp32_ms, int8_ms = fp32_stats.median_ms, int8_stats.median_ms
-            report["latency_scale"] = scale
+            fp32_ms, int8_ms = fp32_stats.ms, int8_stats.ms
         steps.done()
     finally:
         steps.close()
-    report.update(
-        {
-            "data": str(datasets.spec),
-            "test_images": len(test),
-            "fp32_source": fp32_source,
-            "int8_model": "qat" if run.quantization_aware else "ptq",
-            "fp32_top1": _round(fp32_top1),
-            "int8_fakequant_top1": _round(fakequant_top1),
-            "qat_float_top1": _round(qat_float_top1),
-            "ort_fp32_top1": _round(ort_fp32),
-            "ort_int8_top1": _round(ort_int8),
-            "ptq_int8_top1": _round(ptq_top1),
-            "fp32_ms": _round(fp32_ms, 4),
-            "int8_ms": _round(int8_ms, 4),
-        }
+    return SubnetEvaluation(
+        space=run.space.encoding,
+        subnet=chosen.encode(),
+        resolution=chosen.resolution,
+        data=str(datasets.spec),
+        test_images=len(test),
+        fp32_source=fp32_source,
+        int8_model="qat" if run.quantization_aware else "ptq",
+        fp32_top1=_round(fp32_top1),
+        int8_fakequant_top1=_round(fakequant_top1),
+        qat_float_top1=_round(qat_float_top1),
+        ort_fp32_top1=_round(ort_fp32),
+        ort_int8_top1=_round(ort_int8),
+        ptq_int8_top1=_round(ptq_top1),
+        fp32_ms=_round(fp32_ms, 4),
+        int8_ms=_round(int8_ms, 4),
+        latency_scale=scale,
     )
-    return report
 
 
 CLASSIFIER = "an image classifier with one float input 1 x C x R x R and one output [N, classes]"
@@ -375,6 +397,26 @@ def classifier_shape(model: onnx.ModelProto, path: Path) -> tuple[int, int, int 
     return int(dims[1]), int(dims[2]), out_dims[1] if len(out_dims) == 2 else None
 
 
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """What :func:`evaluate_model` measured on an exported ONNX file: ONNX Runtime test-split top-1
+    (%) and latency (ms, on ``latency_scale``; None when not measured). ``space``, ``subnet`` and
+    ``precision`` come from the model's metadata (None for a model spaceevo did not export)."""
+
+    model: str
+    space: str | None
+    subnet: str | None
+    precision: str | None
+    data: str
+    test_images: int
+    ort_top1: float
+    ms: float | None
+    latency_scale: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def evaluate_model(
     path: str | Path,
     *,
@@ -383,7 +425,7 @@ def evaluate_model(
     threads: int = 1,
     tables: str | Path | None = None,
     measure: bool = True,
-) -> dict[str, Any]:
+) -> ModelEvaluation:
     """ONNX Runtime test-split top-1 and device latency of an exported model file.
 
     The data set is ``data`` or the one in the model's metadata (``embedded`` if it has none); the
@@ -404,19 +446,20 @@ def evaluate_model(
     if classes is not None and classes != datasets.num_classes:
         raise UsageError(f"{path} outputs {classes} classes, expected {expected}; give --data of the model")
     top1 = ort_top1(model, datasets.test, resolution, name=str(path))
-    report: dict[str, Any] = {
-        "model": str(path),
-        "space": metadata.get("space"),
-        "subnet": metadata.get("subnet"),
-        "precision": metadata.get("precision"),
-        "data": str(spec),
-        "test_images": len(datasets.test),
-        "ort_top1": _round(top1),
-        "ms": None,
-    }
+    ms = scale = None
     if measure:
         from spaceevo.latency.api import measure_onnx
 
         (stats,), scale = measure_onnx([model], device, threads, tables)
-        report["ms"], report["latency_scale"] = _round(stats.median_ms, 4), scale
-    return report
+        ms = _round(stats.ms, 4)
+    return ModelEvaluation(
+        model=str(path),
+        space=metadata.get("space"),
+        subnet=metadata.get("subnet"),
+        precision=metadata.get("precision"),
+        data=str(spec),
+        test_images=len(datasets.test),
+        ort_top1=_round(top1),
+        ms=ms,
+        latency_scale=scale,
+    )

@@ -167,7 +167,9 @@ def _record_fields(run: RunDir, record: Any) -> tuple[CandidateSpace, DataSpec, 
         if not isinstance(record[key], kind):
             raise broken(key, f"is a {type(record[key]).__name__}, expected a {kind.__name__}")
     try:
-        space = require_candidate_space(load_space(record["space"]), "deployment")
+        source = record.get("hyperspace_source")
+        named = f"{source}:{record['space']}" if isinstance(source, str) and Path(source).is_file() else record["space"]
+        space = require_candidate_space(load_space(named), "deployment")
     except SpaceEvoError as error:
         raise broken("space", f"names '{record['space']}', which cannot be loaded ({error})") from None
     try:

@@ -11,7 +11,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from spaceevo.latency.api import build_table, load_predictor, measure_latency, measure_onnx, predict_latency, validate_latency
+    from spaceevo.latency.api import (
+        LatencyMeasurement,
+        LatencyPrediction,
+        build_table,
+        load_predictor,
+        measure_latency,
+        measure_onnx,
+        predict_latency,
+        validate_latency,
+    )
     from spaceevo.latency.build import BuildReport
     from spaceevo.latency.fingerprint import DeviceFingerprint, device_fingerprint
     from spaceevo.latency.predictor import LatencyPredictor, Prediction
@@ -27,6 +36,8 @@ _EXPORTS = {
     "Prediction": "spaceevo.latency.predictor",
     "LatencyTable": "spaceevo.latency.table",
     "ValidationReport": "spaceevo.latency.validate",
+    "LatencyMeasurement": "spaceevo.latency.api",
+    "LatencyPrediction": "spaceevo.latency.api",
     "build_table": "spaceevo.latency.api",
     "load_predictor": "spaceevo.latency.api",
     "measure_latency": "spaceevo.latency.api",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import astuple, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -27,6 +28,10 @@ CALIBRATION_GROUP = 4
 
 @dataclass(frozen=True)
 class BuildReport:
+    """What a table build did: segments the hyperspace has and needs, how many were measured in this
+    call (the rest were in the table), corrupt rows dropped and re-measured, the median spread of
+    the measurements, the calibration subnets timed end to end, and the wall time (s)."""
+
     table_path: str
     hyperspace: str
     segments_possible: int
@@ -37,6 +42,9 @@ class BuildReport:
     median_spread: float
     calibration_samples: int
     seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def sample_architectures(
@@ -73,7 +81,7 @@ def _same_model(a: BoundaryModel, b: BoundaryModel) -> bool:
 def build_latency_table(
     hyperspace: Hyperspace,
     fingerprint: DeviceFingerprint,
-    root: Path,
+    tables: Path,
     *,
     workers: int = 2,
     calibration_samples: int = 30,
@@ -90,7 +98,7 @@ def build_latency_table(
     estimates the rest with a per-kind regression fitted on it.
     """
     start = time.perf_counter()
-    table = LatencyTable.open(root, fingerprint, create=True, repair=True)
+    table = LatencyTable.open(tables, fingerprint, create=True, repair=True)
     dropped = len(table.dropped)
     if dropped:
         table.compact()  # the corrupt rows' segments are missing now and measured below
@@ -132,7 +140,7 @@ def build_latency_table(
             for arch, st in zip(group, stats):
                 total, cuts, elements = predictor.segment_features(arch)
                 calibration.samples.append(
-                    CalibrationSample(arch.space.encoding, arch.subnet.encode(), st.median_ms, total, cuts, elements)
+                    CalibrationSample(arch.space.encoding, arch.subnet.encode(), st.ms, total, cuts, elements)
                 )
             calibration.save(path)
             bar.update(len(group))

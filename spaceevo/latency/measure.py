@@ -55,11 +55,11 @@ class MeasureConfig:
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Milliseconds: the figure (``median_ms``: the median of round medians, or for a
-    :class:`StableMeter` the fast tail of all reference-unit runs), the round medians and their
-    spread (robust CV)."""
+    """Milliseconds: the figure (``ms``: the median of round medians for
+    :func:`measure_interleaved`, the fast tail of all reference-unit runs for a :class:`StableMeter`),
+    the round medians and their spread (robust CV), and the plain wall-clock median (``raw_median_ms``)."""
 
-    median_ms: float
+    ms: float
     min_ms: float
     round_medians_ms: tuple[float, ...]
     raw_median_ms: float | None = None
@@ -67,10 +67,10 @@ class LatencyStats:
     @property
     def spread(self) -> float:
         """Interquartile range of the round medians over their median: how much the figure moved."""
-        if self.median_ms <= 0 or len(self.round_medians_ms) < 2:
+        if self.ms <= 0 or len(self.round_medians_ms) < 2:
             return 0.0
         q1, _, q3 = statistics.quantiles(self.round_medians_ms, n=4, method="inclusive")
-        return (q3 - q1) / self.median_ms
+        return (q3 - q1) / self.ms
 
 
 def make_session(model: onnx.ModelProto | bytes | str, fingerprint: DeviceFingerprint) -> ort.InferenceSession:
@@ -130,15 +130,8 @@ def measure_interleaved(timers: Sequence[Timer], config: MeasureConfig = Measure
         for i, timer in enumerate(timers):
             medians[i].append(statistics.median(timer.round(config.runs_per_round, config.min_round_s)))
     return [
-        LatencyStats(median_ms=statistics.median(m), min_ms=min(m), round_medians_ms=tuple(m)) for m in medians
+        LatencyStats(ms=statistics.median(m), min_ms=min(m), round_medians_ms=tuple(m)) for m in medians
     ]
-
-
-def measure_model(
-    model: onnx.ModelProto | bytes | str, fingerprint: DeviceFingerprint, config: MeasureConfig = MeasureConfig()
-) -> LatencyStats:
-    """Latency of one model on the fingerprinted device."""
-    return measure_interleaved([Timer(model, fingerprint)], config)[0]
 
 
 def fast_tail(values: Sequence[float]) -> float:
@@ -193,7 +186,7 @@ class StableMeter:
             medians = tuple(statistics.median(r) for r in runs)
             stats.append(
                 LatencyStats(
-                    median_ms=fast_tail([run for r in runs for run in r]),
+                    ms=fast_tail([run for r in runs for run in r]),
                     min_ms=min(medians),
                     round_medians_ms=medians,
                     raw_median_ms=statistics.median(raw_medians),

@@ -1,7 +1,7 @@
 """Latency tables: measured INT8 latency of every segment a hyperspace needs, per device.
 
 One table per device fingerprint, shared by all hyperspaces (keys describe the computation, not the
-space it came from), stored as ``<root>/<fingerprint slug>/segments.jsonl``: a header line with the
+space it came from), stored as ``<tables>/<fingerprint slug>/segments.jsonl``: a header line with the
 fingerprint and versions, then one line per measured segment. Building is resumable: each finished
 batch is appended and fsynced, a killed build leaves at most one truncated last line (dropped on
 load), and a re-run measures only the keys that are missing. Compaction rewrites the file atomically.
@@ -52,7 +52,7 @@ TABLE_MEASURE = MeasureConfig(warmup=5, rounds=10, runs_per_round=4, min_round_s
 GROUP_SIZE = 16
 CHUNK_SIZE = 64
 #: Relative difference between two passes above which a segment is timed a third time.
-DISAGREEMENT = 0.10
+DISAGREEMENT = 0.05
 REBUILD_HINT = (
     "run 'spaceevo latency build' again for your hyperspace (same --tables and --threads): it drops corrupt rows "
     "and measures them again"
@@ -60,7 +60,7 @@ REBUILD_HINT = (
 WRITE_HINT = "make the folder writable or choose another with --tables or $SPACEEVO_LATENCY_TABLES"
 
 
-def default_root() -> Path:
+def default_tables() -> Path:
     """Where tables live: ``$SPACEEVO_LATENCY_TABLES`` or ``./latency_tables``."""
     return Path(os.environ.get(DEFAULT_ROOT_ENV, "latency_tables"))
 
@@ -161,8 +161,8 @@ class LatencyTable:
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: Path, fingerprint: DeviceFingerprint) -> "LatencyTable":
-        path = Path(root) / fingerprint.slug / TABLE_FILE
+    def create(cls, tables: Path, fingerprint: DeviceFingerprint) -> "LatencyTable":
+        path = Path(tables) / fingerprint.slug / TABLE_FILE
         header = {
             "format": FORMAT,
             "fingerprint": fingerprint.to_dict(),
@@ -227,19 +227,19 @@ class LatencyTable:
 
     @classmethod
     def open(
-        cls, root: Path, fingerprint: DeviceFingerprint, create: bool = False, *, repair: bool = False
+        cls, tables: Path, fingerprint: DeviceFingerprint, create: bool = False, *, repair: bool = False
     ) -> "LatencyTable":
-        """The table of ``fingerprint`` under ``root``: loaded (``repair``: see :meth:`load`), or
+        """The table of ``fingerprint`` under ``tables``: loaded (``repair``: see :meth:`load`), or
         created when ``create``."""
-        path = Path(root) / fingerprint.slug / TABLE_FILE
+        path = Path(tables) / fingerprint.slug / TABLE_FILE
         if path.exists():
             return cls.load(path, expected=fingerprint, repair=repair)
         if create:
-            return cls.create(root, fingerprint)
-        others = sorted(p.parent.name for p in Path(root).glob(f"*/{TABLE_FILE}"))
+            return cls.create(tables, fingerprint)
+        others = sorted(p.parent.name for p in Path(tables).glob(f"*/{TABLE_FILE}"))
         hint = f" (tables exist for other devices: {', '.join(others)})" if others else ""
         raise ArtifactError(
-            f"no latency table for this device under {root}{hint}.\n"
+            f"no latency table for this device under {tables}{hint}.\n"
             f"  device: {fingerprint.describe()}\n"
             f"Build one with 'spaceevo latency build --space SPACE --device cpu'."
         )
@@ -344,12 +344,12 @@ def _timed_passes(timers: Sequence[Timer], meter: StableMeter) -> list[tuple[flo
     ):
         for members in layout:
             for i, stats in zip(members, meter.measure([timers[i] for i in members], TABLE_MEASURE)):
-                figures[i].append(stats.median_ms)
+                figures[i].append(stats.ms)
     disputed = [i for i, f in enumerate(figures) if abs(f[0] - f[1]) / min(f) > DISAGREEMENT]
     for start in range(0, len(disputed), GROUP_SIZE):
         members = disputed[start : start + GROUP_SIZE]
         for i, stats in zip(members, meter.measure([timers[i] for i in members], TABLE_MEASURE)):
-            figures[i].append(stats.median_ms)
+            figures[i].append(stats.ms)
     return [(statistics.median(f), (max(f) - min(f)) / statistics.median(f)) for f in figures]
 
 

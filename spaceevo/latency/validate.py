@@ -109,7 +109,7 @@ def validate_predictor(
             bar.update(len(group))
     rows = tuple(
         ValidationRow(
-            a.space.encoding, a.subnet.encode(), p, m1.median_ms, m2.median_ms, m1.raw_median_ms, m2.raw_median_ms
+            a.space.encoding, a.subnet.encode(), p, m1.ms, m2.ms, m1.raw_median_ms, m2.raw_median_ms
         )
         for a, p, m1, m2 in zip(archs, predicted, first, second)
     )

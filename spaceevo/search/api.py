@@ -26,9 +26,9 @@ from spaceevo.errors import SpaceEvoError, UsageError
 from spaceevo.io import atomic_write_json, atomic_write_text
 from spaceevo.search.evolution import (
     STUDY_NAME,
-    Budget,
+    EvolutionSizes,
     EvolutionResult,
-    budget_for,
+    evolution_sizes,
     open_storage,
     open_study,
     run_evolution,
@@ -157,7 +157,7 @@ def search_block_lut(
     latency_constraints_ms: Constraints,
     run_dir: str | Path,
     storage: str | None = None,
-    budget: str = "default",
+    preset: str = "default",
     seed: int = 0,
     fixed_stage_ms: FixedStageMs = 0.0,
     samples: int = 100_000,
@@ -175,7 +175,7 @@ def search_block_lut(
     if workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
     hyper = _hyperspace(hyperspace)
-    sizes = budget_for(budget, hyper)
+    sizes = evolution_sizes(preset, hyper)
     require_writable(Path(run_dir) / "search", "--run directory")
     url = storage_url(storage, run_dir)
     opened = open_storage(url)  # an unreachable storage fails before the LUT is read
@@ -186,7 +186,7 @@ def search_block_lut(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one progress bar, not a line per trial
     config = _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed)
     study = open_study(url, config, storage=opened)  # a foreign study is refused before any helper starts
-    helpers = _start_workers(workers - 1, block_lut_dir, hyper.source or hyper.name, constraints, url, budget, seed, fixed_stage_ms, samples)
+    helpers = _start_workers(workers - 1, block_lut_dir, hyper.source or hyper.name, constraints, url, preset, seed, fixed_stage_ms, samples)
     try:
         result = _evolve(study, hyper, lut, constraints, sizes, seed, fixed_stage_ms, samples, progress)
     except BaseException:  # interrupted or failed: the helpers stop too (their claims are freed at once)
@@ -211,7 +211,7 @@ def search_block_lut(
             "latency_constraints_ms": constraints,
             "top": [s.to_dict() for s in ranked[:top]],
             "evaluated": len(result.scores),
-            "budget": {"name": budget, **sizes.__dict__},
+            "preset": {"name": preset, **sizes.__dict__},
             "block_lut": str(Path(block_lut_dir).resolve()),
             "storage": url,
             "study": STUDY_NAME,
@@ -258,7 +258,7 @@ def _start_workers(
     hyperspace: str,
     constraints: list[float],
     url: str,
-    budget: str,
+    preset: str,
     seed: int,
     fixed_stage_ms: FixedStageMs,
     samples: int,
@@ -268,7 +268,7 @@ def _start_workers(
     for _ in range(count):
         helper = context.Process(
             target=_worker_main,
-            args=(str(block_lut_dir), hyperspace, constraints, url, budget, seed, fixed_stage_ms, samples),
+            args=(str(block_lut_dir), hyperspace, constraints, url, preset, seed, fixed_stage_ms, samples),
         )
         helper.start()
         helpers.append(helper)
@@ -280,7 +280,7 @@ def _worker_main(
     hyperspace: str,
     constraints: list[float],
     url: str,
-    budget: str,
+    preset: str,
     seed: int,
     fixed_stage_ms: FixedStageMs,
     samples: int,
@@ -294,7 +294,7 @@ def _worker_main(
         hyper = load_hyperspace(hyperspace)
         lut = load_block_lut(block_lut_dir, hyper)
         study = open_study(url, _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed))
-        _evolve(study, hyper, lut, constraints, budget_for(budget, hyper), seed, fixed_stage_ms, samples, progress=False)
+        _evolve(study, hyper, lut, constraints, evolution_sizes(preset, hyper), seed, fixed_stage_ms, samples, progress=False)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -333,7 +333,7 @@ def _evolve(
     hyper: Hyperspace,
     lut: BlockLUT,
     constraints: list[float],
-    sizes: Budget,
+    sizes: EvolutionSizes,
     seed: int,
     fixed_stage_ms: FixedStageMs,
     samples: int,

@@ -34,23 +34,22 @@ import json
 import math
 import random
 import sys
-import time
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from spaceevo.errors import ArtifactError, RunMismatchError, TrainingDivergedError, UsageError
+from spaceevo.errors import ArtifactError, RunMismatchError, UsageError
 from spaceevo.io import atomic_write_json
-from spaceevo.train.checkpoint import load_state, save_state
+from spaceevo.train.checkpoint import load_state
 from spaceevo.nn.elastic import ElasticBlock
 from spaceevo.nn.layers import QuantPoint
-from spaceevo.quant.lsq import LsqActivationQuantizer, LsqQuantizer, LsqWeightQuantizer, set_quant_mode
+from spaceevo.quant.lsq import LsqActivationQuantizer, LsqWeightQuantizer, set_quant_mode
 from spaceevo.quant.qat import prepare_qat
 from spaceevo.search.lut import format_stage_config
 from spaceevo.search.teacher import Teacher, teacher_features
@@ -65,7 +64,7 @@ from spaceevo.space import (
 )
 from spaceevo.train.bn import batchnorms
 from spaceevo.train.data import ImageSplit, make_loader, resize_batch
-from spaceevo.train.optim import make_scheduler
+from spaceevo.train.engine import Engine, EngineConfig, Optimization, Phase, StepFn, StepOutput, Task
 
 KD_FORMAT = "spaceevo-blockkd/1"
 
@@ -394,7 +393,7 @@ def build_feature_cache(
 
 @dataclass(frozen=True)
 class KDConfig:
-    """Budget and hyper-parameters of every distillation job and of the feature caches.
+    """Sizes and hyper-parameters of every distillation job and of the feature caches.
 
     ``epochs`` FP32 then ``qat_epochs`` QAT epochs of ``steps_per_epoch`` sandwich steps of
     ``batch_size`` cached images; Adam at ``lr`` / ``qat_lr`` with cosine decay per phase.
@@ -436,7 +435,7 @@ class KDConfig:
 #: 2-20 s per job on the 2-core host (QAT of ``mbv3_se`` is the slowest); the learning rate was
 #: picked from 2e-3 / 6e-3 / 1.5e-2 on two jobs (held-out-free training NSR after 60 steps:
 #: 0.91 / 0.69 / 0.61 for stage2 resnet, 1.11 / 0.74 / 0.66 for stage3 mbv2).
-KD_BUDGETS: dict[str, KDConfig] = {
+KD_PRESETS: dict[str, KDConfig] = {
     "smoke": KDConfig(
         epochs=1, qat_epochs=1, steps_per_epoch=1, batch_size=8, num_random=1,
         train_images=32, heldout_images=16, calibration_images=8, lut_samples=2,
@@ -445,11 +444,11 @@ KD_BUDGETS: dict[str, KDConfig] = {
 }
 
 
-def kd_config(budget: str, **overrides: Any) -> KDConfig:
-    """The :data:`KD_BUDGETS` preset ``budget`` with ``overrides`` applied."""
-    if budget not in KD_BUDGETS:
-        raise UsageError(f"unknown budget '{budget}'; allowed: {', '.join(KD_BUDGETS)}")
-    return replace(KD_BUDGETS[budget], **overrides)
+def kd_config(preset: str, **overrides: Any) -> KDConfig:
+    """The :data:`KD_PRESETS` preset ``preset`` with ``overrides`` applied."""
+    if preset not in KD_PRESETS:
+        raise UsageError(f"unknown preset '{preset}'; allowed: {', '.join(KD_PRESETS)}")
+    return replace(KD_PRESETS[preset], **overrides)
 
 
 @dataclass(frozen=True)
@@ -471,10 +470,6 @@ class KDPaths:
 def file_digest(path: Path) -> str:
     """Short content hash of a file (the teacher checkpoint a job distils from)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    save_state(path, state, KD_FORMAT)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -529,6 +524,72 @@ def load_student(paths: KDPaths, job: KDJob, teacher: Teacher, *, reduce_range: 
     return student.eval()
 
 
+class JobTask(Task):
+    """One distillation job as a task of the training engine: sandwich steps of sub-stages (the
+    largest, the smallest, ``num_random`` random ones) on one batch of cached teacher features at
+    one drawn resolution, NSR loss, gradients accumulated before one step; LSQ+ quantizers added
+    before the ``qat`` phase and initialised from one batch."""
+
+    def __init__(self, job: KDJob, teacher: Teacher, cache: FeatureCache, config: KDConfig, *,
+                 reduce_range: bool, device: torch.device):
+        self.job, self.cache, self.config, self.reduce_range, self.device = job, cache, config, reduce_range, device
+        seed = config.seed ^ zlib.crc32(job.name.encode())
+        torch.manual_seed(seed)
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.model: nn.Module = build_student(job, teacher, qat=False, reduce_range=reduce_range).to(device)
+
+    def phases(self) -> tuple[Phase, ...]:
+        config = self.config
+
+        def adam(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+            return lambda model: torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+
+        return (
+            Phase("fp32", config.epochs, config.steps_per_epoch, adam(config.lr)),
+            Phase("qat", config.qat_epochs, config.steps_per_epoch, adam(config.qat_lr)),
+        )
+
+    def prepare(self, phase: Phase, *, restoring: bool) -> None:
+        if phase.name != "qat":
+            return
+        self.model = prepare_qat(self.model, reduce_range=self.reduce_range)
+        if not restoring:
+            resolution = max(self.job.hyperspace.resolutions)
+            inputs, _ = self.cache.pair(self.job, resolution, slice(0, self.config.batch_size), self.device)
+            initialize_student_quantizers(self.model, inputs, resolution)
+
+    def batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        while True:
+            resolution = self.rng.choice(self.job.hyperspace.resolutions)
+            index = torch.randint(len(self.cache), (self.config.batch_size,), generator=self.generator)
+            yield (resolution, *self.cache.pair(self.job, resolution, index, self.device))
+
+    def make_step(self, phase: Phase, optimization: Optimization) -> StepFn:
+        job, student = self.job, self.model
+
+        def step(batch: tuple[int, torch.Tensor, torch.Tensor], epoch: int) -> StepOutput:
+            resolution, inputs, target = batch
+            subs = [job.max_sub_stage(), job.min_sub_stage()] + [job.random_sub_stage(self.rng) for _ in range(self.config.num_random)]
+            student.train()
+            optimization.optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for sub in subs:
+                student.set_active(sub, resolution)
+                with optimization.autocast():
+                    loss = nsr_loss(student(inputs), target)
+                optimization.backward(loss)
+                losses.append(loss.detach())
+            names = [f"NSR loss of sub-stage {sub.config}" for sub in subs]
+            update = optimization.update(student, torch.stack(losses), names)
+            return StepOutput({"nsr": sum(update.losses) / len(subs)}, int(inputs.shape[0]), update.non_finite)
+
+        return step
+
+    def generators(self) -> dict[str, random.Random | torch.Generator]:
+        return {"sampler": self.rng, "batches": self.generator}
+
+
 def train_job(
     job: KDJob,
     teacher: Teacher,
@@ -545,98 +606,27 @@ def train_job(
 
     A job whose done marker matches these inputs is loaded without training; a checkpoint resumes at
     its last finished epoch; a marker or checkpoint from other inputs (hyperspace YAML, teacher,
-    config) raises :class:`RunMismatchError`.
+    config) raises :class:`RunMismatchError`. Trained by the training engine as a :class:`JobTask`.
     """
     device = torch.device(device)
     paths = KDPaths(folder, job.name)
     record = _record(job, config, teacher_digest)
     if is_done(paths, record):
         return load_student(paths, job, teacher, reduce_range=reduce_range).to(device)
-    seed = config.seed ^ zlib.crc32(job.name.encode())
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
-    student = build_student(job, teacher, qat=False, reduce_range=reduce_range).to(device)
-    start, history, state = 0, [], None
+    task = JobTask(job, teacher, cache, config, reduce_range=reduce_range, device=device)
+    state = None
     if paths.checkpoint.exists():
         state = _load(paths.checkpoint)
-        _check_record(paths.checkpoint, state["record"], record)
-        if state["phase"] == "qat":
-            student = prepare_qat(student, reduce_range=reduce_range)
-        student.load_state_dict(state["model"])
-        start, history = int(state["epoch"]), list(state["history"])
-        rng.setstate(_as_tuple(state["rng"]["sampler"]))
-        generator.set_state(state["rng"]["batches"])
-        torch.set_rng_state(state["rng"]["torch"])
-    resolutions = job.hyperspace.resolutions
-    optimizer = scheduler = None
-    phase = None
-    for epoch in range(start + 1, config.total_epochs + 1):
-        epoch_phase = "fp32" if epoch <= config.epochs else "qat"
-        if epoch_phase != phase:
-            phase = epoch_phase
-            if phase == "qat" and not any(isinstance(m, LsqQuantizer) for m in student.modules()):
-                student = prepare_qat(student, reduce_range=reduce_range)
-                resolution = max(resolutions)
-                inputs, _ = cache.pair(job, resolution, slice(0, config.batch_size), device)
-                initialize_student_quantizers(student, inputs, resolution)
-            epochs = config.epochs if phase == "fp32" else config.qat_epochs
-            optimizer = torch.optim.Adam(
-                student.parameters(), lr=config.lr if phase == "fp32" else config.qat_lr, weight_decay=config.weight_decay
-            )
-            scheduler = make_scheduler(optimizer, epochs * config.steps_per_epoch, 0)
-            if state is not None and state["phase"] == phase and epoch == start + 1:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-        student.train()
-        started, total = time.perf_counter(), 0.0
-        bar = tqdm(
-            total=config.steps_per_epoch, desc=f"block KD {job.name} {epoch}/{config.total_epochs} {phase}",
-            unit="step", file=sys.stderr, disable=not show_progress, dynamic_ncols=True, leave=False,
-        )
-        with bar:
-            for step in range(1, config.steps_per_epoch + 1):
-                resolution = rng.choice(resolutions)
-                index = torch.randint(len(cache), (config.batch_size,), generator=generator)
-                inputs, target = cache.pair(job, resolution, index, device)
-                subs = [job.max_sub_stage(), job.min_sub_stage()] + [job.random_sub_stage(rng) for _ in range(config.num_random)]
-                optimizer.zero_grad(set_to_none=True)
-                losses = []
-                for sub in subs:
-                    student.set_active(sub, resolution)
-                    loss = nsr_loss(student(inputs), target)
-                    loss.backward()
-                    losses.append(loss.item())
-                if not all(math.isfinite(v) for v in losses):
-                    raise TrainingDivergedError(
-                        f"block KD job {job.name} diverged at epoch {epoch}, step {step} ({phase}); "
-                        f"{paths.checkpoint} keeps epoch {epoch - 1}"
-                    )
-                optimizer.step()
-                scheduler.step()
-                total += sum(losses) / len(losses)
-                bar.set_postfix(nsr=f"{losses[0]:.3f}", refresh=False)
-                bar.update(1)
-        history.append(
-            {"epoch": epoch, "phase": phase, "nsr": total / config.steps_per_epoch, "train_s": round(time.perf_counter() - started, 2)}
-        )
-        _save(
-            paths.checkpoint,
-            {
-                "record": record,
-                "epoch": epoch,
-                "phase": phase,
-                "model": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {"sampler": rng.getstate(), "batches": generator.get_state(), "torch": torch.get_rng_state()},
-                "history": history,
-            },
-        )
-    atomic_write_json(paths.done, {**record, "history": history})
-    return student.eval()
-
-
-def _as_tuple(value: Any) -> Any:
-    """``random.Random`` states come back from ``torch.load`` with lists where tuples were."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+        _check_record(paths.checkpoint, state.get("record") or {}, record)
+    engine = Engine(task, EngineConfig(
+        phases=task.phases(),
+        name=f"block KD {job.name}",
+        checkpoint=paths.checkpoint,
+        checkpoint_format=KD_FORMAT,
+        meta={"record": record},
+        progress=show_progress,
+        leave_progress=False,
+    ))
+    result = engine.run(state)
+    atomic_write_json(paths.done, {**record, "history": list(result.history)})
+    return task.model.eval()

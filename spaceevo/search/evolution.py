@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 import sqlalchemy
@@ -49,7 +49,7 @@ CLAIMS = (TrialState.RUNNING, TrialState.COMPLETE)
 
 
 @dataclass(frozen=True)
-class Budget:
+class EvolutionSizes:
     """Aging-evolution sizes: population P, tournament S, spaces evaluated in total T."""
 
     population: int
@@ -58,10 +58,10 @@ class Budget:
 
 
 #: Paper: 500/125/5000 (``full``); ``default`` is a tenth of it, ``smoke`` a quick check.
-BUDGETS: dict[str, Budget] = {
-    "smoke": Budget(population=16, tournament=4, total=48),
-    "default": Budget(population=100, tournament=25, total=1000),
-    "full": Budget(population=500, tournament=125, total=5000),
+PRESETS: dict[str, EvolutionSizes] = {
+    "smoke": EvolutionSizes(population=16, tournament=4, total=48),
+    "default": EvolutionSizes(population=100, tournament=25, total=1000),
+    "full": EvolutionSizes(population=500, tournament=125, total=5000),
 }
 
 
@@ -70,14 +70,14 @@ def count_spaces(hyperspace: Hyperspace) -> int:
     return math.prod(len(s.block_types) * len(s.windows) for s in hyperspace.searchable_stages)
 
 
-def budget_for(name: str, hyperspace: Hyperspace) -> Budget:
-    """A named budget sized to the hyperspace: T at most the number of spaces, P at most T/2, S at most P."""
-    if name not in BUDGETS:
-        raise UsageError(f"unknown budget '{name}'; allowed: {', '.join(BUDGETS)}")
-    preset = BUDGETS[name]
+def evolution_sizes(name: str, hyperspace: Hyperspace) -> EvolutionSizes:
+    """A named preset sized to the hyperspace: T at most the number of spaces, P at most T/2, S at most P."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset '{name}'; allowed: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
     total = min(preset.total, count_spaces(hyperspace))
     population = max(1, min(preset.population, total // 2))
-    return Budget(population, max(1, min(preset.tournament, population)), total)
+    return EvolutionSizes(population, max(1, min(preset.tournament, population)), total)
 
 
 # ---- storage -----------------------------------------------------------------------------------
@@ -195,13 +195,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def ask_as_worker(study: optuna.Study) -> optuna.Trial:
-    """A new RUNNING trial that carries this process's ``worker`` attribute from its creation (one
-    storage write). ``study.ask()`` followed by ``set_user_attr("worker", …)`` leaves a trial
-    without a worker when the process is killed in between, which no one can tell from a live one
-    until ``stale_after_s``; a trial made here always names its process, so a killed worker's trial
-    is freed at once (:func:`is_abandoned`)."""
-    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"worker": worker_id()})
+def ask_as_worker(study: optuna.Study, **user_attrs: Any) -> optuna.Trial:
+    """A new RUNNING trial that carries this process's ``worker`` attribute (and ``user_attrs``, e.g.
+    a claim) from its creation, in one storage write. ``study.ask()`` followed by
+    ``set_user_attr("worker", …)`` leaves a trial without a worker when the process is killed in
+    between, which no one can tell from a live one until ``stale_after_s``; a trial made here always
+    names its process, so a killed worker's trial is freed at once (:func:`is_abandoned`)."""
+    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"worker": worker_id(), **user_attrs})
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)  # what study.ask() does
     return optuna.Trial(study, trial_id)
 
@@ -289,19 +289,19 @@ def propose(
     hyperspace: Hyperspace,
     finished: Sequence[tuple[str, float, int]],
     known: set[str],
-    budget: Budget,
+    sizes: EvolutionSizes,
     rng: random.Random,
 ) -> CandidateSpace | None:
     """The next space to evaluate, not in ``known``; ``finished`` holds (encoding, score, trial number)
     in finishing order. Homogeneous seeds first (in random order, so that workers starting together
     rarely claim the same one), random spaces until P are finished, then a mutation of the best of S
     random members of the last P finished. ``None`` when every space is known."""
-    if len(finished) < budget.population:
+    if len(finished) < sizes.population:
         seeds = [s for s in hyperspace.homogeneous_spaces() if s.encoding not in known]
         return rng.choice(seeds) if seeds else _random_unknown(hyperspace, known, rng)
-    population = list(finished[-budget.population :])
+    population = list(finished[-sizes.population :])
     for _ in range(100):
-        contenders = rng.sample(population, min(budget.tournament, len(population)))
+        contenders = rng.sample(population, min(sizes.tournament, len(population)))
         parent = max(contenders, key=lambda item: (item[1], -item[2]))
         child = mutate(hyperspace.candidate_space(parent[0]), rng)
         if child.encoding not in known:
@@ -328,7 +328,7 @@ def run_evolution(
     study: optuna.Study,
     hyperspace: Hyperspace,
     evaluate: Callable[[CandidateSpace], SpaceScore],
-    budget: Budget,
+    sizes: EvolutionSizes,
     seed: int = 0,
     progress: bool = True,
     stale_after_s: float = 600.0,
@@ -339,7 +339,7 @@ def run_evolution(
     The proposal of trial n draws from ``random.Random(f"{seed}:{n}")`` and the study's history, so a
     single worker with the same seed reproduces the same search."""
     evaluated_here = 0
-    bar = tqdm(total=budget.total, desc="space search", unit="space", disable=not progress)
+    bar = tqdm(total=sizes.total, desc="space search", unit="space", disable=not progress)
     try:
         while True:
             trials = study.get_trials(deepcopy=False)
@@ -352,14 +352,14 @@ def run_evolution(
                 else:
                     running.append(trial)
             finished = finished_in_order(trials)
-            bar.update(min(len(finished), budget.total) - bar.n)
-            if len(finished) >= budget.total:
+            bar.update(min(len(finished), sizes.total) - bar.n)
+            if len(finished) >= sizes.total:
                 break
-            if len(finished) + len(running) >= budget.total:
+            if len(finished) + len(running) >= sizes.total:
                 bar.set_postfix_str(_waiting_for(running, stale_after_s), refresh=True)
                 time.sleep(poll_s)  # the last spaces are being evaluated by other workers
                 continue
-            if _step(study, hyperspace, evaluate, budget, seed, finished):
+            if _step(study, hyperspace, evaluate, sizes, seed, finished):
                 evaluated_here += 1
             elif _exhausted(study, hyperspace):
                 break
@@ -390,7 +390,7 @@ def _step(
     study: optuna.Study,
     hyperspace: Hyperspace,
     evaluate: Callable[[CandidateSpace], SpaceScore],
-    budget: Budget,
+    sizes: EvolutionSizes,
     seed: int,
     finished: list[FrozenTrial],
 ) -> bool:
@@ -399,12 +399,12 @@ def _step(
     try:
         others = [t for t in study.get_trials(deepcopy=False, states=CLAIMS) if t.number != trial.number]
         rank = sum(1 for t in others if t.state == TrialState.COMPLETE or t.number < trial.number)
-        if rank >= budget.total:  # not among the first T: another worker takes the last places
+        if rank >= sizes.total:  # not among the first T: another worker takes the last places
             study.tell(trial, state=TrialState.PRUNED)
             return False
         known = {t.user_attrs["space"] for t in others if "space" in t.user_attrs}
         history = [(t.user_attrs["space"], float(t.value), t.number) for t in finished]
-        space = propose(hyperspace, history, known, budget, random.Random(f"{seed}:{trial.number}"))
+        space = propose(hyperspace, history, known, sizes, random.Random(f"{seed}:{trial.number}"))
         if space is None:
             study.tell(trial, state=TrialState.PRUNED)
             return False

@@ -52,11 +52,11 @@ from spaceevo.search.subnet_search import (
     BudgetSearch,
     HeldoutFitness,
     SubnetSearch,
-    SubnetSearchBudget,
+    SubnetSearchConfig,
     Window,
     all_evaluated,
     open_extract_study,
-    search_budget,
+    subnet_search_config,
 )
 from spaceevo.space import CandidateSpace, Subnet
 
@@ -150,7 +150,7 @@ class Extraction:
     fitness: HeldoutFitness
     study: optuna.Study
     storage: str
-    sizes: SubnetSearchBudget
+    sizes: SubnetSearchConfig
     seed: int
     show_progress: bool = True
 
@@ -201,7 +201,7 @@ class Extraction:
 def open_extraction(
     run_dir: str | Path,
     *,
-    budget: str | SubnetSearchBudget = "default",
+    preset: str | SubnetSearchConfig = "default",
     storage: str | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -214,7 +214,7 @@ def open_extraction(
     latency predictor and the study."""
     from spaceevo.latency.api import load_predictor
 
-    sizes = search_budget(budget)
+    sizes = subnet_search_config(preset)
     run = open_run(run_dir)
     writable_folder(run.run.path / "extract", "the extraction's artifacts")
     url = storage or f"sqlite:///{(run.run.path / 'extract' / 'study.db').resolve()}"
@@ -248,7 +248,7 @@ def extract_subnets(
     *,
     num_budgets: int | None = None,
     delta_ms: float | None = None,
-    budget: str | SubnetSearchBudget = "default",
+    preset: str | SubnetSearchConfig = "default",
     storage: str | None = None,
     seed: int = 0,
     verify: bool = True,
@@ -271,22 +271,22 @@ def extract_subnets(
     requested = AUTO if latency_budgets_ms == AUTO else check_budgets(latency_budgets_ms)
     count = check_count(num_budgets, requested)
     _check_delta(delta_ms)
-    search_budget(budget)
+    subnet_search_config(preset)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the held-out evaluations run with the device's thread count too
     try:
-        return _extract(requested, count, run_dir, delta_ms, budget, storage, seed, verify, device, threads, tables, show_progress)
+        return _extract(requested, count, run_dir, delta_ms, preset, storage, seed, verify, device, threads, tables, show_progress)
     finally:
         torch.set_num_threads(torch_threads)
 
 
 def _extract(
-    requested: LatencyBudgets, count: int, run_dir: str | Path, delta_ms: float | None, budget: str | SubnetSearchBudget,
+    requested: LatencyBudgets, count: int, run_dir: str | Path, delta_ms: float | None, preset: str | SubnetSearchConfig,
     storage: str | None, seed: int, verify: bool, device: str, threads: int, tables: str | Path | None,
     show_progress: bool,
 ) -> ExtractResult:
     extraction = open_extraction(
-        run_dir, budget=budget, storage=storage, seed=seed, device=device, threads=threads, tables=tables,
+        run_dir, preset=preset, storage=storage, seed=seed, device=device, threads=threads, tables=tables,
         show_progress=show_progress,
     )
     choice = extraction.budgets(requested, count)
@@ -444,11 +444,11 @@ def _verification_key(extraction: Extraction, device: str, threads: int, tables:
     """What a verification's figures depend on: the supernet (run, epoch, phase, data), the device
     fingerprint and the latency table folder (the scale of the measured figures)."""
     from spaceevo.latency.fingerprint import device_fingerprint
-    from spaceevo.latency.table import default_root
+    from spaceevo.latency.table import default_tables
 
     key = {k: v for k, v in extraction.fitness.key().items() if k not in ("kind", "heldout_images")}
     key["device"] = device_fingerprint(device, threads).slug
-    key["tables"] = str(Path(tables or default_root()).resolve())
+    key["tables"] = str(Path(tables or default_tables()).resolve())
     return key
 
 
@@ -557,7 +557,7 @@ def _verify(
             bar.close()
         for index, (result, stem) in enumerate(todo):
             fp32, int8 = stats[2 * index], stats[2 * index + 1]
-            result.measured_fp32_ms, result.measured_int8_ms = round(fp32.median_ms, 4), round(int8.median_ms, 4)
+            result.measured_fp32_ms, result.measured_int8_ms = round(fp32.ms, 4), round(int8.ms, 4)
             result.measured_int8_spread = round(int8.spread, 4)
             record.add(stem, result, scale)
         record.save()

@@ -2,7 +2,7 @@
 
 Entry point::
 
-    build_block_luts(run_dir, hyperspace="tiny", data="embedded", budget="smoke" | "default",
+    build_block_luts(run_dir, hyperspace="tiny", data="embedded", preset="smoke" | "default",
                      teacher_path=None, shard=(0, 1), device="cpu", seed=0, show_progress=True) -> Path
 
 runs whatever is missing, each step resumable, and returns ``RUN/search/lut/``:
@@ -18,7 +18,7 @@ runs whatever is missing, each step resumable, and returns ``RUN/search/lut/``:
    written as ``RUN/search/lut/stage{i}_{block}_{window}.csv`` in the published format
    (:mod:`spaceevo.search.lut`);
 4. ``RUN/search/lut_record.json``: what produced the LUTs (hyperspace digest, device, teacher,
-   budget) and the fixed-stage latency per resolution (:func:`fixed_stage_latency_ms`).
+   preset) and the fixed-stage latency per resolution (:func:`fixed_stage_latency_ms`).
 
 ``device`` is the latency target (ONNX Runtime's execution provider, as ``--device``); training runs
 on ``torch_device`` (default: CUDA when available, else the CPU). With ``shard=(i, n)`` only jobs
@@ -36,7 +36,7 @@ at their largest choices and the head at the mean over the last searchable stage
 width is not known before a subnet is drawn), the only approximation.
 
 Timing (``tiny``, embedded data, 2 cores shared with another run, everything ``nice``-d): see
-:data:`LUT_BUDGETS`.
+:data:`LUT_PRESETS`.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ LUT_RECORD = "lut_record.json"
 
 
 @dataclass(frozen=True)
-class LutBudget:
-    """Teacher and block-KD settings of one budget."""
+class LutPreset:
+    """Teacher and block-KD settings of one preset."""
 
     teacher: TeacherConfig
     kd: KDConfig
@@ -97,8 +97,8 @@ class LutBudget:
 #: (``tiny``): 14.6 min in all, measured with 1 thread, ``nice``-d, on 2 cores shared with another
 #: training run: teacher 185 s, teacher features 20 s, 24 jobs 392 s of training, 48 LUT files of
 #: 6 sub-stages x 3 resolutions about 280 s.
-LUT_BUDGETS: dict[str, LutBudget] = {
-    name: LutBudget(teacher_config(name), kd_config(name)) for name in ("smoke", "default")
+LUT_PRESETS: dict[str, LutPreset] = {
+    name: LutPreset(teacher_config(name), kd_config(name)) for name in ("smoke", "default")
 }
 
 
@@ -272,13 +272,15 @@ def _lut_paths(lut_dir: Path, job: KDJob) -> list[Path]:
 
 
 def _check_lut_record(path: Path, wanted: dict) -> None:
-    """Refuse to add to (or return) LUTs that another hyperspace YAML, budget or seed produced."""
+    """Refuse to add to (or return) LUTs that another hyperspace YAML, preset or seed produced."""
     if not path.exists():
         return
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ArtifactError(f"{path} is unreadable ({error}); delete it") from None
+    if "budget" in stored:  # records written before the compute preset was named "preset"
+        stored.setdefault("preset", stored.pop("budget"))
     differing = [k for k in wanted if stored.get(k) != wanted[k]]
     if differing:
         details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {wanted[k]!r}" for k in differing)
@@ -291,7 +293,7 @@ def build_block_luts(
     run_dir: str | Path,
     hyperspace: str | Hyperspace = "tiny",
     data: str = "embedded",
-    budget: str = "default",
+    preset: str = "default",
     teacher_path: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
     device: str = "cpu",
@@ -299,29 +301,29 @@ def build_block_luts(
     show_progress: bool = True,
     *,
     torch_device: str | None = None,
-    latency_root: str | Path | None = None,
+    tables: str | Path | None = None,
 ) -> Path:
     """Build what is missing of this shard's block LUTs in ``RUN/search/`` and return the LUT folder.
 
     See the module doc for the steps and the layout. A finished shard returns at once (nothing is
     loaded). Raises :class:`~spaceevo.errors.ArtifactError` when this device has no calibrated latency
     table for the hyperspace, :class:`~spaceevo.errors.RunMismatchError` when the run directory holds
-    artifacts of another hyperspace, teacher or budget.
+    artifacts of another hyperspace, teacher or preset.
     """
-    if budget not in LUT_BUDGETS:
-        raise UsageError(f"unknown budget '{budget}' for block LUTs; allowed: {', '.join(LUT_BUDGETS)}")
+    if preset not in LUT_PRESETS:
+        raise UsageError(f"unknown preset '{preset}' for block LUTs; allowed: {', '.join(LUT_PRESETS)}")
     space = load_hyperspace(hyperspace) if isinstance(hyperspace, str) else hyperspace
-    settings = LUT_BUDGETS[budget]
+    settings = LUT_PRESETS[preset]
     teacher_cfg = TeacherConfig(**{**asdict(settings.teacher), "seed": seed})
     config = KDConfig(**{**asdict(settings.kd), "seed": seed})
-    predictor = load_predictor(space, device, 1, latency_root)
+    predictor = load_predictor(space, device, 1, tables)
     reduce_range = predictor.table.fingerprint.reduce_range
     search_dir = Path(run_dir) / "search"
     lut_dir, kd_dir = search_dir / "lut", search_dir / "blockkd"
     jobs = jobs_of_shard(kd_jobs(space), shard)
     started = time.perf_counter()
 
-    _check_lut_record(search_dir / LUT_RECORD, {"hyperspace_digest": space.digest, "budget": budget, "kd_config": asdict(config)})
+    _check_lut_record(search_dir / LUT_RECORD, {"hyperspace_digest": space.digest, "preset": preset, "kd_config": asdict(config)})
     pending = [job for job in jobs if not all(p.exists() for p in _lut_paths(lut_dir, job))]
     teacher_file = Path(teacher_path) if teacher_path is not None else search_dir / TEACHER_FILE
     if pending:
@@ -362,7 +364,7 @@ def build_block_luts(
             "device": predictor.table.fingerprint.slug,
             "teacher": str(teacher_file),
             "teacher_digest": teacher_digest,
-            "budget": budget,
+            "preset": preset,
             "teacher_config": asdict(teacher_cfg),
             "kd_config": asdict(config),
             "fixed_stage_ms": {str(r): round(ms, 6) for r, ms in fixed_stage_latency_ms(space, predictor).items()},

@@ -84,7 +84,7 @@ def search_space(
     hyperspace: str | Hyperspace = "tiny",
     *,
     data: str = "embedded",
-    budget: str = "default",
+    preset: str = "default",
     latency_constraints_ms: Constraints = "auto",
     storage: str | None = None,
     seed: int = 0,
@@ -103,10 +103,10 @@ def search_space(
     require_writable(Path(run_dir) / "search", "--run directory")
     if teacher_path is not None:
         load_teacher(teacher_path, hyper)  # a missing, corrupt or unfitting --teacher fails before the latency table
-    lut_budget = "default" if budget == "full" else budget
+    lut_preset = "default" if preset == "full" else preset
     build_table(hyper, device, 1, tables, show_progress=show_progress)  # loads a complete table at once
     lut_dir = build_block_luts(
-        run_dir, hyper, data, lut_budget, teacher_path, shard, device, seed, show_progress, latency_root=tables
+        run_dir, hyper, data, lut_preset, teacher_path, shard, device, seed, show_progress, tables=tables
     )
     if shard[1] > 1:
         try:
@@ -115,7 +115,7 @@ def search_space(
             return None
     fixed = fixed_stage_ms_of(run_dir)
     result = search_block_lut(
-        lut_dir, hyper, latency_constraints_ms, run_dir, storage=storage, budget=budget, seed=seed,
+        lut_dir, hyper, latency_constraints_ms, run_dir, storage=storage, preset=preset, seed=seed,
         fixed_stage_ms=fixed, samples=samples, workers=workers, progress=show_progress,
     )
     write_subnet_plot(

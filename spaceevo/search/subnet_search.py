@@ -35,7 +35,7 @@ from tqdm import tqdm
 from spaceevo.deploy.trained import TrainedRun
 from spaceevo.nn import Supernet
 from spaceevo.errors import UsageError
-from spaceevo.search.evolution import CLAIMS, is_abandoned, worker_id, open_study
+from spaceevo.search.evolution import CLAIMS, ask_as_worker, is_abandoned, open_study
 from spaceevo.space import BlockChoice, CandidateSpace, StageChoices, Subnet
 from spaceevo.train.data import Datasets, make_loader
 from spaceevo.train.evaluate import evaluate
@@ -45,7 +45,7 @@ STUDY_PREFIX = "spaceevo-extract"
 
 
 @dataclass(frozen=True)
-class SubnetSearchBudget:
+class SubnetSearchConfig:
     """Sizes of one search: population P, G generations after the first, OFA's parent and mutation
     ratios and per-gene mutation probability, sampling tries per child, and the held-out images the
     fitness counts (None: the whole held-out split)."""
@@ -79,18 +79,18 @@ class SubnetSearchBudget:
 
 #: ``smoke`` checks the pipeline on a smoke-trained supernet in seconds (20 evaluations of 256
 #: held-out images); ``default`` evaluates up to 168 subnets on the whole held-out split.
-BUDGETS: dict[str, SubnetSearchBudget] = {
-    "smoke": SubnetSearchBudget(population=8, generations=2, heldout_images=256),
-    "default": SubnetSearchBudget(population=24, generations=8),
+PRESETS: dict[str, SubnetSearchConfig] = {
+    "smoke": SubnetSearchConfig(population=8, generations=2, heldout_images=256),
+    "default": SubnetSearchConfig(population=24, generations=8),
 }
 
 
-def search_budget(budget: str | SubnetSearchBudget) -> SubnetSearchBudget:
-    if isinstance(budget, SubnetSearchBudget):
-        return budget
-    if budget not in BUDGETS:
-        raise UsageError(f"unknown extract budget '{budget}'; allowed: {', '.join(BUDGETS)}")
-    return BUDGETS[budget]
+def subnet_search_config(preset: str | SubnetSearchConfig) -> SubnetSearchConfig:
+    if isinstance(preset, SubnetSearchConfig):
+        return preset
+    if preset not in PRESETS:
+        raise UsageError(f"unknown extract preset '{preset}'; allowed: {', '.join(PRESETS)}")
+    return PRESETS[preset]
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ class BudgetSearch:
         return max(self.evaluated, key=lambda e: (e.heldout_top1, -e.generation, -e.slot))
 
 
-def search_key(budget_ms: float, window: Window, sizes: SubnetSearchBudget, seed: int, fixed: Sequence[Subnet] | None) -> str:
+def search_key(budget_ms: float, window: Window, sizes: SubnetSearchConfig, seed: int, fixed: Sequence[Subnet] | None) -> str:
     """Identity of one search in the study: every setting that shapes its plans."""
     key = {"budget_ms": budget_ms, "window": asdict(window), "sizes": asdict(sizes), "seed": seed}
     if fixed is not None:
@@ -285,7 +285,7 @@ class SubnetSearch:
         space: CandidateSpace,
         predict_ms: Callable[[Subnet], float],
         fitness: Callable[[Subnet], float],
-        sizes: SubnetSearchBudget,
+        sizes: SubnetSearchConfig,
         budget_ms: float,
         window: Window,
         seed: int = 0,
@@ -403,13 +403,9 @@ class SubnetSearch:
 
     def _step(self, generation: int, slot: int, subnet: Subnet, trials: Sequence[FrozenTrial]) -> bool:
         """Claim one slot, evaluate its subnet (or copy a cached value) and tell; True if evaluated here."""
-        trial = self.study.ask()
+        trial = ask_as_worker(self.study, search=self.key, generation=generation, slot=slot)  # the claim, in one write
         try:
             encoding = subnet.encode()
-            trial.set_user_attr("worker", worker_id())
-            trial.set_user_attr("search", self.key)
-            trial.set_user_attr("generation", generation)
-            trial.set_user_attr("slot", slot)  # the claim
             rivals = [
                 t for t in self.study.get_trials(deepcopy=False, states=CLAIMS)
                 if t.number != trial.number and t.user_attrs.get("search") == self.key

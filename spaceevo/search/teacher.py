@@ -10,20 +10,18 @@ the first with that stage's stride ('same' padding, so sizes follow
 :func:`~spaceevo.space.conv_output_size` exactly as the student's), each as wide as the stage's
 widest choice times ``width_multiplier``. No pretrained weights: :func:`train_teacher` trains it on the
 data (label-smoothed cross-entropy, a random hyperspace resolution per batch, SGD with warm-up and
-cosine decay) and keeps it in ``RUN/search/teacher.pt``, written atomically after every epoch and
-resumed from there. :func:`load_teacher` reads such a checkpoint (``--teacher PATH``).
+cosine decay; the training engine, :mod:`spaceevo.train.engine`) and keeps it in
+``RUN/search/teacher.pt``, written atomically after every epoch and resumed from there. :func:`load_teacher` reads such a checkpoint (``--teacher PATH``).
 
 Measured on the 2-core reference host (``nice``-d, beside another training run; embedded
-Fashion-MNIST, ``tiny``): see :data:`TEACHER_BUDGETS`.
+Fashion-MNIST, ``tiny``): see :data:`TEACHER_PRESETS`.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
-import sys
-import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
-from tqdm import tqdm
 
-from spaceevo.errors import ArtifactError, RunMismatchError, TrainingDivergedError, UsageError
-from spaceevo.train.checkpoint import load_state, save_state
+from spaceevo.errors import ArtifactError, RunMismatchError, UsageError
 from spaceevo.space import Hyperspace
-from spaceevo.train.data import Datasets, make_loader, resize_batch
-from spaceevo.train.optim import make_optimizer, make_scheduler
+from spaceevo.train.checkpoint import load_state
+from spaceevo.train.data import Datasets, make_loader
+from spaceevo.train.engine import Engine, EngineConfig, Phase
+from spaceevo.train.evaluate import top1
+from spaceevo.train.optim import make_optimizer
+from spaceevo.train.static import StaticTask
 
 TEACHER_FORMAT = "spaceevo-teacher/1"
 TEACHER_FILE = "teacher.pt"
@@ -69,7 +69,7 @@ class TeacherConfig:
 #: ``smoke`` runs a handful of steps; ``default`` (3 epochs, 210 steps of 128 images) took 185 s
 #: for ``tiny`` on the embedded data (1 thread, ``nice``-d, 2 cores shared with another training
 #: run) and reached 81.6% held-out top-1 at 32 px.
-TEACHER_BUDGETS: dict[str, TeacherConfig] = {
+TEACHER_PRESETS: dict[str, TeacherConfig] = {
     "smoke": TeacherConfig(epochs=1, steps_per_epoch=3, batch_size=32, eval_images=128),
     "default": TeacherConfig(epochs=3, width_multiplier=1.5),
 }
@@ -191,23 +191,6 @@ def load_teacher(path: str | Path, hyperspace: Hyperspace) -> Teacher:
     return teacher.eval()
 
 
-def _save(path: Path, state: dict[str, Any]) -> None:
-    save_state(path, state, TEACHER_FORMAT)
-
-
-@torch.no_grad()
-def _heldout_top1(teacher: Teacher, datasets: Datasets, resolution: int, device: torch.device, limit: int | None) -> float:
-    teacher.eval()
-    correct = total = 0
-    for images, labels in make_loader(datasets.heldout, 256, False):
-        if limit is not None and total >= limit:
-            break
-        logits = teacher(resize_batch(images.to(device), resolution))
-        correct += int((logits.argmax(1) == labels.to(device)).sum())
-        total += int(labels.shape[0])
-    return 100.0 * correct / max(1, total)
-
-
 def train_teacher(
     path: Path,
     hyperspace: Hyperspace,
@@ -222,6 +205,8 @@ def train_teacher(
     A finished checkpoint for the same hyperspace YAML and config is loaded without training; an
     unfinished one is resumed at its last finished epoch (same weights as an uninterrupted run on the
     same host and thread count). Another hyperspace or config raises :class:`RunMismatchError`.
+    Trained by the training engine as a :class:`~spaceevo.train.static.StaticTask`: each batch at a
+    resolution drawn from the hyperspace's.
     """
     device = torch.device(device)
     torch.manual_seed(config.seed)
@@ -229,10 +214,26 @@ def train_teacher(
     teacher = Teacher(arch).to(device, memory_format=torch.channels_last)
     loader = make_loader(datasets.train, config.batch_size, True, seed=config.seed, drop_last=True)
     steps = min(len(loader), config.steps_per_epoch or len(loader))
-    optimizer = make_optimizer(teacher, config.lr, config.momentum, config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.epochs * steps, round(config.warmup_epochs * steps))
-    rng = random.Random(config.seed)
-    start, history = 0, []
+    heldout = make_loader(datasets.heldout, 256, False)
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {"heldout_top1": top1(model.eval(), heldout, max(hyperspace.resolutions), config.eval_images)}
+
+    task = StaticTask(
+        teacher, loader, label_smoothing=config.label_smoothing, resolutions=hyperspace.resolutions,
+        rng=random.Random(config.seed), memory_format=torch.channels_last, evaluate=evaluate,
+    )
+    optimizer = partial(make_optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    engine = Engine(task, EngineConfig(
+        phases=(Phase("fp32", config.epochs, steps, optimizer, warmup_steps=round(config.warmup_epochs * steps)),),
+        name="teacher training",
+        checkpoint=path,
+        checkpoint_format=TEACHER_FORMAT,
+        meta={"hyperspace": hyperspace.name, "hyperspace_digest": hyperspace.digest, "arch": arch.to_dict(),
+              "config": asdict(config)},
+        progress=show_progress,
+    ))
+    state = None
     if path.exists():
         state = _read(path)
         stored, wanted = state.get("config") or {}, asdict(config)
@@ -247,67 +248,12 @@ def train_teacher(
                 f"{path} holds a teacher trained with other settings ({'; '.join(differing)}); "
                 f"use another run directory or pass it as --teacher"
             )
-        teacher.load_state_dict(state["model"])
-        start, history = int(state["epoch"]), list(state["history"])
-        if start < config.epochs:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            rng.setstate(_as_tuple(state["rng"]["resolutions"]))
-            torch.set_rng_state(state["rng"]["torch"])
-            loader.generator.set_state(state["rng"]["loader"])
-    for epoch in range(start + 1, config.epochs + 1):
-        teacher.train()
-        started, total_loss = time.perf_counter(), 0.0
-        bar = tqdm(
-            total=steps, desc=f"teacher epoch {epoch}/{config.epochs}", unit="step", file=sys.stderr,
-            disable=not show_progress, dynamic_ncols=True,
-        )
-        with bar:
-            for index, (images, labels) in enumerate(itertools.islice(loader, steps), 1):
-                resolution = rng.choice(hyperspace.resolutions)
-                images = resize_batch(images.to(device), resolution).contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(teacher(images), labels.to(device), label_smoothing=config.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"teacher training diverged at epoch {epoch}, step {index}; {path} keeps epoch {epoch - 1}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                value = loss.item()
-                total_loss += value
-                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-                bar.update(1)
-        top1 = _heldout_top1(teacher, datasets, max(hyperspace.resolutions), device, config.eval_images)
-        history.append(
-            {"epoch": epoch, "loss": total_loss / steps, "heldout_top1": top1, "train_s": round(time.perf_counter() - started, 2)}
-        )
-        _save(
-            path,
-            {
-                "hyperspace": hyperspace.name,
-                "hyperspace_digest": hyperspace.digest,
-                "arch": arch.to_dict(),
-                "config": asdict(config),
-                "epoch": epoch,
-                "model": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {"resolutions": rng.getstate(), "torch": torch.get_rng_state(), "loader": loader.generator.get_state()},
-                "history": history,
-            },
-        )
-    return teacher.eval()
+    engine.run(state)
+    return task.model.eval()
 
 
-def _as_tuple(value: Any) -> Any:
-    """``random.Random`` states come back from ``torch.load`` with lists where tuples were."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def teacher_config(budget: str, **overrides: Any) -> TeacherConfig:
-    """The :data:`TEACHER_BUDGETS` preset ``budget`` with ``overrides`` applied."""
-    if budget not in TEACHER_BUDGETS:
-        raise UsageError(f"unknown budget '{budget}'; allowed: {', '.join(TEACHER_BUDGETS)}")
-    return replace(TEACHER_BUDGETS[budget], **overrides)
+def teacher_config(preset: str, **overrides: Any) -> TeacherConfig:
+    """The :data:`TEACHER_PRESETS` preset ``preset`` with ``overrides`` applied."""
+    if preset not in TEACHER_PRESETS:
+        raise UsageError(f"unknown preset '{preset}'; allowed: {', '.join(TEACHER_PRESETS)}")
+    return replace(TEACHER_PRESETS[preset], **overrides)

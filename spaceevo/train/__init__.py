@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from spaceevo.train.bn import recalibrate_bn
-    from spaceevo.train.config import BUDGETS, TrainConfig
+    from spaceevo.train.config import PRESETS, TrainConfig
     from spaceevo.train.loop import TrainResult, train_supernet
 
 
 _EXPORTS = {
     "TrainConfig": "spaceevo.train.config",
-    "BUDGETS": "spaceevo.train.config",
+    "PRESETS": "spaceevo.train.config",
     "train_supernet": "spaceevo.train.loop",
     "TrainResult": "spaceevo.train.loop",
     "recalibrate_bn": "spaceevo.train.bn",

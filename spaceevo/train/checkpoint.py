@@ -3,13 +3,16 @@
 ``RUN/config.json``         what the run trains: space encoding, hyperspace digest, data set,
                             training config, world size, package versions (written once, and
                             again from the checkpoint's request when it is missing).
-``RUN/checkpoints/last.pt`` the state after the last finished epoch: model, optimizer, scheduler,
-                            epoch, phase, RNG states, space encoding, hyperspace digest, data set,
-                            training config, per-epoch history.
+``RUN/checkpoints/last.pt`` the state after the last finished epoch (:mod:`spaceevo.train.engine`):
+                            model, optimizer, scheduler, epoch, phase, RNG states, per-epoch
+                            history, and the space encoding, hyperspace digest, data set and
+                            training config.
 ``RUN/checkpoints/fp32.pt`` the supernet weights after the last FP32 epoch of a run with a QAT
                             phase: the FP32 model that QAT and post-training quantization
                             (``spaceevo evaluate``) are compared against.
 ``RUN/log.jsonl``           one JSON line per finished epoch (the history of the checkpoint).
+``RUN/tensorboard/``        the same figures as TensorBoard scalars, only where ``tensorboard`` is
+                            installed.
 
 Every file is written atomically (:mod:`spaceevo.io`), the checkpoint before the log, so a killed
 run leaves the last finished epoch intact. A run is resumed only with the same space, hyperspace
@@ -38,12 +41,13 @@ import torch
 from spaceevo.errors import ArtifactError, RunMismatchError
 from spaceevo.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from spaceevo.space import CandidateSpace
-from spaceevo.train.config import BUDGETS, TrainConfig
+from spaceevo.train.config import PRESETS, TrainConfig
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoints/last.pt"
 FP32_CHECKPOINT_FILE = "checkpoints/fp32.pt"
+TENSORBOARD_FOLDER = "tensorboard"
 CHECKPOINT_FORMAT = 1
 
 
@@ -68,6 +72,10 @@ class RunDir:
     @property
     def fp32_checkpoint(self) -> Path:
         return self.path / FP32_CHECKPOINT_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_FOLDER
 
 
 def versions() -> dict[str, str]:
@@ -146,9 +154,9 @@ _FLAGS = {
 
 
 def _command_line(config: dict[str, Any]) -> str:
-    """The ``spaceevo train`` options that give ``config``: its budget and flags, when a budget
+    """The ``spaceevo train`` options that give ``config``: its preset and flags, when a preset
     preset matches it apart from the flags' fields (and the host-decided ``reduce_range``)."""
-    for name, preset in BUDGETS.items():
+    for name, preset in PRESETS.items():
         fields = preset.to_dict()
         if all(config.get(key, value) == value for key, value in fields.items() if key not in _FLAGS and key != "reduce_range"):
             flags = [f"{flag} {config[key]}" for key, flag in _FLAGS.items() if key in config and config[key] != fields[key]]
@@ -230,6 +238,6 @@ def write_config(run: RunDir, record: dict[str, Any]) -> None:
     atomic_write_json(run.config, record)
 
 
-def write_log(run: RunDir, history: list[dict[str, Any]]) -> None:
-    """Rewrite ``log.jsonl`` from the checkpoint's history (atomic, so it always matches it)."""
-    atomic_write_text(run.log, "".join(json.dumps(record, sort_keys=True) + "\n" for record in history))
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite a ``log.jsonl`` from the checkpoint's history (atomic, so it always matches it)."""
+    atomic_write_text(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in history))

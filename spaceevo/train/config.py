@@ -2,7 +2,7 @@
 
 A budget is a preset of every field: ``smoke`` is a fraction of an epoch for tests and for checking
 that a setup works; ``default`` trains a ``tiny`` candidate space on the embedded Fashion-MNIST
-subset on 2 CPU cores in about 20 minutes (see :data:`BUDGETS` for what was measured). Any field
+subset on 2 CPU cores in about 20 minutes (see :data:`PRESETS` for what was measured). Any field
 can be overridden on top of a budget (:meth:`TrainConfig.preset`).
 """
 
@@ -187,11 +187,11 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def preset(cls, budget: str = "default", **overrides: Any) -> TrainConfig:
-        """The named budget with ``overrides`` applied (``None`` values are ignored)."""
-        if budget not in BUDGETS:
-            raise UsageError(f"unknown training budget {budget!r}; allowed: {', '.join(BUDGETS)}")
-        return BUDGETS[budget].replace(**{k: v for k, v in overrides.items() if v is not None})
+    def preset(cls, preset: str = "default", **overrides: Any) -> TrainConfig:
+        """The named preset with ``overrides`` applied (``None`` values are ignored)."""
+        if preset not in PRESETS:
+            raise UsageError(f"unknown training preset {preset!r}; allowed: {', '.join(PRESETS)}")
+        return PRESETS[preset].replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def _is_int(value: Any) -> bool:
@@ -202,7 +202,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-BUDGETS: dict[str, TrainConfig] = {
+PRESETS: dict[str, TrainConfig] = {
     # A few steps of each phase: checks that training, QAT, checkpointing and evaluation work.
     # About 15-25 s on one CPU thread for tiny-1111-0000 (most of it is QAT and evaluation).
     "smoke": TrainConfig(
