@@ -1,4 +1,6 @@
-"""Keep freed tensor memory in the process during CPU training, so that it is reused without page faults.
+"""Keep freed tensor memory in the process during training, so that it is reused without page faults.
+
+The training engine (:meth:`spaceevo.train.engine.Engine.run`) turns it on for every training.
 
 glibc's ``malloc`` serves large blocks (above a threshold that adapts up to 32 MiB) with ``mmap`` and
 hands them back to the kernel on ``free``; a training step allocates and frees activations of tens

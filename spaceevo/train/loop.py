@@ -46,7 +46,6 @@ from spaceevo.errors import DataError, UsageError
 from spaceevo.nn import Supernet
 from spaceevo.space import CandidateSpace, Hyperspace, load_space, require_candidate_space
 from spaceevo.train import distributed as ddp
-from spaceevo.train.allocator import keep_freed_memory
 from spaceevo.train.bn import preserved_bn_state, recalibrate_bn
 from spaceevo.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -183,7 +182,6 @@ def train_supernet(
         if threads < 1:
             raise UsageError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    keep_freed_memory()
     candidate = require_candidate_space(load_space(space) if isinstance(space, str) else space, "training")
     spec = DataSpec.parse(data) if isinstance(data, str) else data
     spec.check()
