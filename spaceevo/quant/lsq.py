@@ -114,8 +114,8 @@ class _LsqPerTensorFakeQuant(torch.autograd.Function):
     temporary, about half the memory passes of a mask-then-multiply backward.
     Why not the PyTorch op: its forward + backward took 1.9-3.3x as long as these ops on the
     activations of a tiny supernet (medians per shape, ``scripts/bench_lsq.py --threads 1 --rounds 5``
-    on a shared 2-core VM); these ops' backward alone took 1.2-1.4x less time than the previous
-    mask-then-multiply version of it (interleaved, same shapes). ``s`` and ``zp`` are read as
+    on a shared 2-core VM), and the previous version of this op, with a mask-then-multiply backward
+    that kept ``x / s``, 1.2-1.4x as long as this one (medians per shape, interleaved, 1 thread). ``s`` and ``zp`` are read as
     Python numbers (as the PyTorch op does) when ``on_host`` (the caller passes it for CPU tensors),
     since broadcasting a one-element tensor through element-wise ops is slower on CPU. On a GPU they
     stay one-element tensors: reading them would stall its queue once per quantizer and subnet, as
