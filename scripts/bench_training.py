@@ -20,7 +20,9 @@ Each block is timed between two device synchronisations; batches are prepared be
 copied to the device inside the step, as in training. Images per second count each batch once
 (each image runs through four subnets in both blocks); ``ratio`` is elastic / static images per
 second, 1.0 when the elastic supernet trains as fast as the hardware trains the same networks. The
-figures are medians over the repetitions, with the range over them.
+figures are medians over the repetitions, with the range over them. On CPU the record also holds
+each block's process CPU time per step and their ratio (``cpu_ratio``, static / elastic CPU time):
+on a machine shared with other work, wall time counts the waits for a core and CPU time does not.
 
 Data: the embedded Fashion-MNIST subset for spaces it fits (``tiny``), else synthetic images at the
 largest resolution (e.g. ``onnxw``, 3 x 224 x 224, 1,000 classes). ``--resolution R`` trains every
@@ -56,6 +58,7 @@ from bench_sandwich import elastic_step
 from spaceevo.errors import DataError, UsageError
 from spaceevo.io import atomic_write_text
 from spaceevo.space import CandidateSpace, Subnet, load_space, require_candidate_space
+from spaceevo.train.allocator import keep_freed_memory
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import DataSpec, make_loader, resize_batch
 from spaceevo.train.loop import load_space_data
@@ -179,6 +182,7 @@ class Bench:
         first_images, _ = next(self.stream)
         self.step = elastic_step(case.space, device, case.phase, config, first_images, amp=amp)
         self.kept: dict[Subnet, StaticNet] = {}  # the largest and smallest networks, trained across repetitions
+        self.cpu_seconds: list[tuple[float, float]] = []  # per repetition: the blocks' process CPU time
 
     def warm_up(self, steps: int) -> None:
         for images, labels in itertools.islice(self.stream, steps):
@@ -198,8 +202,10 @@ class Bench:
             for images, labels in data:
                 drawn.append(self.step(images, labels).subnets)
 
+        cpu_start = time.process_time()
         with elastic_context:
             elastic_s = timed(self.device, elastic)
+        elastic_cpu = time.process_time() - cpu_start
         keep = {self.step.max_subnet, self.step.min_subnet}
         nets = dict(self.kept)
         for subnet in {s for subnets in drawn for s in subnets} - nets.keys():
@@ -212,8 +218,10 @@ class Bench:
                 static_step(self.step, step_nets, images, labels)
 
         static()  # warm-up: every network has seen its shapes before it is timed
+        cpu_start = time.process_time()
         with static_context:
             static_s = timed(self.device, static)
+        self.cpu_seconds.append((elastic_cpu, time.process_time() - cpu_start))
         return elastic_s, static_s
 
 
@@ -260,6 +268,14 @@ def measure(
         "elastic_images_per_s_reps": [_figure(v) for v in elastic],
         "static_images_per_s_reps": [_figure(v) for v in static],
     }
+    if device.type == "cpu":
+        cpu_ratios = [s / e for e, s in bench.cpu_seconds]
+        record.update(
+            elastic_cpu_step_s=_figure(statistics.median(e for e, _ in bench.cpu_seconds) / steps),
+            static_cpu_step_s=_figure(statistics.median(s for _, s in bench.cpu_seconds) / steps),
+            cpu_ratio=round(statistics.median(cpu_ratios), 3),
+            cpu_ratio_range=[round(min(cpu_ratios), 3), round(max(cpu_ratios), 3)],
+        )
     return record, bench
 
 
@@ -368,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--warmup must be at least 0 and every --batch at least 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as training does
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device")
@@ -392,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{record['space']} {record['phase']} {record['device_name']} batch {record['batch']} "
                 f"r{'/'.join(map(str, record['resolutions']))}: elastic {record['elastic_images_per_s']} images/s "
                 f"{record['elastic_images_per_s_range']}, static {record['static_images_per_s']} "
-                f"{record['static_images_per_s_range']}, ratio {record['ratio']} {record['ratio_range']}",
+                f"{record['static_images_per_s_range']}, ratio {record['ratio']} {record['ratio_range']}"
+                + (f", CPU-time ratio {record['cpu_ratio']} {record['cpu_ratio_range']}" if "cpu_ratio" in record else ""),
                 flush=True,
             )
         if profile is not None:

@@ -39,6 +39,9 @@ def test_one_step_per_phase_reports_both_throughputs_and_their_ratio(bench, caps
         assert record["elastic_images_per_s"] > 0 and record["static_images_per_s"] > 0
         assert record["ratio"] == pytest.approx(record["elastic_images_per_s"] / record["static_images_per_s"], rel=0.01)
         assert record["resolutions"] == [24, 28, 32] and record["data"] == "embedded"
+        assert record["elastic_cpu_step_s"] > 0 and record["static_cpu_step_s"] > 0
+        low, high = record["cpu_ratio_range"]
+        assert low <= record["cpu_ratio"] <= high
     text = profile.read_text()
     assert text.count("--- elastic: ") == 2 and text.count("--- static: ") == 2
 

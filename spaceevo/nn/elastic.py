@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spaceevo.nn.depthwise import conv2d
 from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint, conv_batchnorm
 from spaceevo.nn.static import Block, ConvBN, Head, SqueezeExcite, mix_activation, post_add_activation, se_channels
 from spaceevo.space import BlockSpec, BlockTypeSpec, HeadSpec, StageChoices, shortcut_kind
@@ -92,7 +93,7 @@ class ElasticConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
         in_channels = x.shape[1]
-        return F.conv2d(
+        return conv2d(
             x,
             self.weight_quant(self.weight_slice(in_channels, out_channels, kernel)),
             self.weight_quant.deployed_bias(x, self.bias_slice(out_channels)),

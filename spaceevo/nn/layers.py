@@ -16,10 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spaceevo.nn.depthwise import conv2d
+
+# ReLU6 and Hardswish run out of place: with autograd their in-place ops clone the input first and
+# then compute out of place (``hardtanh_``, ``hardswish_``), one more pass over the activation than
+# the out-of-place op; ReLU's in-place op does not.
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),
-    "relu6": lambda: nn.ReLU6(inplace=True),
-    "hswish": lambda: nn.Hardswish(inplace=True),
+    "relu6": nn.ReLU6,
+    "hswish": nn.Hardswish,
     "swish": nn.Sigmoid,  # the gate of x * sigmoid(x), see :class:`Activation`
     "hardsigmoid": nn.Hardsigmoid,  # the SE gate
     "none": nn.Identity,
@@ -110,7 +115,10 @@ class QuantizableConv2d(nn.Conv2d):
         self.weight_quant = QuantPoint("weight", self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.weight_quant.deployed_bias(x, self.bias))
+        weight, bias = self.weight_quant(self.weight), self.weight_quant.deployed_bias(x, self.bias)
+        if self.padding_mode != "zeros" or self.dilation != (1, 1) or isinstance(self.padding, str):
+            return self._conv_forward(x, weight, bias)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.groups)
 
 
 class QuantizableLinear(nn.Linear):

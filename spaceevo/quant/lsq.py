@@ -103,18 +103,23 @@ class _LsqPerTensorFakeQuant(torch.autograd.Function):
     ``torch._fake_quantize_learnable_per_tensor_affine`` (at ``grad_factor`` 1), from vectorised ops.
 
     The forward is bit-identical to that op and to :func:`_fake_quantize_inference`. Gradients, with
-    ``u = x / s`` and ``c = clamp(round(u), -zp, qmax - zp)``: ``dx = dy`` where ``round(u)`` was not
-    clamped (straight-through estimator), else 0; ``ds = sum(dy * (c - u))`` over unclamped and
-    ``sum(dy * c)`` over clamped elements; ``dzp = -s * sum(dy)`` over clamped elements. ``dx`` equals
-    PyTorch's exactly; ``ds`` and ``dzp`` agree up to the order of float summation, except at an
-    exact rounding tie, where PyTorch's backward rounds ``u + zp`` instead of ``u`` and so differentiates
-    the neighbouring code. Why not the PyTorch op: on 2 CPU threads its forward + backward took
-    1.1-1.6x as long as these ops on the activations of a tiny supernet (``scripts/bench_lsq.py``),
-    and a QAT sandwich step of ``tiny-1144-1101`` 1.14x as long (1.156 s against 1.016 s,
-    ``scripts/bench_sandwich.py --qat``). ``s`` and ``zp`` are read as Python numbers (as the PyTorch
-    op does) when ``on_host`` (the caller passes it for CPU tensors), since broadcasting a one-element
-    tensor through element-wise ops is slower on CPU. On a GPU they stay one-element tensors: reading
-    them would stall its queue once per quantizer and subnet, as PyTorch's op does.
+    ``u = x / s``, ``r = round(u)`` and ``c = clamp(r, -zp, qmax - zp)``: ``dx = dy`` where ``r`` was not
+    clamped (straight-through estimator), else 0; ``ds = sum(dy * c - dx * u)`` (``c - u`` over
+    unclamped, ``c`` over clamped elements); ``dzp = -s * sum(dy)`` over clamped elements. ``dx``
+    equals PyTorch's exactly; ``ds`` and ``dzp`` agree up to the order of float summation, except at
+    an exact rounding tie, where PyTorch's backward rounds ``u + zp`` instead of ``u`` and so
+    differentiates the neighbouring code. The forward keeps ``r`` (and ``x``, which its producer holds
+    anyway); the backward makes the input gradient in one pass (``hardtanh_backward`` on ``r``: the
+    mask of unclamped codes, exact since ``r`` is integer-valued) and both reductions from one
+    temporary, about half the memory passes of a mask-then-multiply backward.
+    Why not the PyTorch op: its forward + backward took 1.9-3.3x as long as these ops on the
+    activations of a tiny supernet (medians per shape, ``scripts/bench_lsq.py --threads 1 --rounds 5``
+    on a shared 2-core VM), and the previous version of this op, with a mask-then-multiply backward
+    that kept ``x / s``, 1.2-1.4x as long as this one (medians per shape, interleaved, 1 thread). ``s`` and ``zp`` are read as
+    Python numbers (as the PyTorch op does) when ``on_host`` (the caller passes it for CPU tensors),
+    since broadcasting a one-element tensor through element-wise ops is slower on CPU. On a GPU they
+    stay one-element tensors: reading them would stall its queue once per quantizer and subnet, as
+    PyTorch's op does.
     """
 
     @staticmethod
@@ -126,27 +131,32 @@ class _LsqPerTensorFakeQuant(torch.autograd.Function):
             # the reciprocal in the scale's precision (float32), as PyTorch's kernel computes it
             inverse = float(torch.tensor(scale_value, dtype=scale.dtype).reciprocal())
             low, high, step = ctx.qparams = (-zp, qmax - zp, scale_value)
-            u = x * inverse
-            ctx.save_for_backward(u)
+            rounded = torch.mul(x, inverse).round_()
+            ctx.save_for_backward(x, rounded)
         else:
             step = scale.detach()
             low = -zero_point.detach().to(scale.dtype)
             high = low + qmax
-            u = x * torch.reciprocal(step)
-            ctx.save_for_backward(u, low, high, step)
-        return u.clamp(low, high).round_().mul_(step)
+            inverse = torch.reciprocal(step)
+            rounded = torch.mul(x, inverse).round_()
+            ctx.save_for_backward(x, rounded, low, high, step)
+        ctx.inverse = inverse
+        # rounding then clamping to integer bounds gives the codes of clamping then rounding
+        return rounded.clamp(low, high).mul_(step)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        inverse = ctx.inverse
         if hasattr(ctx, "qparams"):
-            (u,), (low, high, step) = ctx.saved_tensors, ctx.qparams
+            (x, rounded), (low, high, step) = ctx.saved_tensors, ctx.qparams
+            grad_x = torch.ops.aten.hardtanh_backward(grad, rounded, low - 0.5, high + 0.5)
+            terms = torch.mul(grad, rounded.clamp(low, high)).addcmul_(grad_x, x, value=-inverse)
         else:
-            u, low, high, step = ctx.saved_tensors
-        rounded = torch.round(u)
-        codes = rounded.clamp(low, high)  # c: the code minus the zero point
-        clamped = rounded.sub_(codes).abs_().clamp_max_(1.0)  # 1 where round(u) was clamped, else 0
-        grad_x = torch.addcmul(grad, grad, clamped, value=-1.0)
-        grad_scale = (grad * codes).sum() - (grad_x * u).sum()
+            x, rounded, low, high, step = ctx.saved_tensors
+            inside = (rounded >= low) & (rounded <= high)
+            grad_x = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+            terms = torch.mul(grad, rounded.clamp(low, high)).sub_(grad_x * x * inverse)
+        grad_scale = terms.sum()  # sum(dy * c) - sum(dx * u)
         grad_zero_point = (grad_x.sum() - grad.sum()) * step
         return grad_x, grad_scale.reshape(1), grad_zero_point.reshape(1), None, None
 

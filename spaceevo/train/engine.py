@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from spaceevo.errors import ArtifactError, RunMismatchError, TrainingDivergedError
 from spaceevo.train import distributed as ddp
+from spaceevo.train.allocator import keep_freed_memory
 from spaceevo.train.checkpoint import save_state, write_log
 from spaceevo.train.optim import make_scheduler
 from spaceevo.train.sandwich import autocast_dtype
@@ -402,6 +403,7 @@ class Engine:
         """Train every epoch after ``checkpoint`` (None: from the start); returns at once when the
         checkpoint already holds the last epoch (its weights loaded into the task's model)."""
         config, task = self.config, self.task
+        keep_freed_memory()  # activations reused without page faults (spaceevo.train.allocator)
         start, history = 0, []
         if checkpoint is not None:
             start, history = self._restore(checkpoint), list(checkpoint["history"])
