@@ -31,7 +31,8 @@ from spaceevo.space import CandidateSpace, load_space, require_candidate_space
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import load_data, make_loader, resize_batch
 from spaceevo.train.optim import make_optimizer
-from spaceevo.train.sandwich import SandwichStep, autocast_dtype, memory_format
+from spaceevo.train.engine import Optimization, autocast_dtype
+from spaceevo.train.sandwich import SandwichStep, memory_format
 from spaceevo.train.weights import initialize_weights
 
 
@@ -66,7 +67,7 @@ def elastic_step(
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     lr = config.qat_lr if phase == "qat" else config.lr
     optimizer = make_optimizer(supernet, lr, config.momentum, config.weight_decay)
-    return SandwichStep(supernet, optimizer, None, config, random.Random(seed), amp_dtype=amp_dtype, scaler=scaler)
+    return SandwichStep(supernet, Optimization(optimizer, None, amp_dtype, scaler), config, random.Random(seed))
 
 
 def main() -> None:
@@ -102,7 +103,7 @@ def main() -> None:
     config = TrainConfig.preset("default", batch_size=args.batch, channels_last=args.channels_last)
     first_images, _ = next(iter(loader))
     step = elastic_step(space, device, "qat" if args.qat else "fp32", config, first_images, amp=args.amp)
-    amp_dtype = step.amp_dtype
+    amp_dtype = step.optimization.amp_dtype
 
     def synchronize() -> None:
         if device.type == "cuda":

@@ -131,7 +131,7 @@ def extract(step: SandwichStep, subnet: Subnet, phase: str, config: TrainConfig)
     else:
         net = step.supernet.extract(subnet)
     net = net.to(memory_format=step.memory_format).train()
-    lr = step.optimizer.param_groups[0]["lr"]
+    lr = step.optimization.optimizer.param_groups[0]["lr"]
     return StaticNet(net, make_optimizer(net, lr, config.momentum, config.weight_decay))
 
 
@@ -142,25 +142,25 @@ def static_step(
     (largest) on the labels, the others distilled from its logits, as the elastic step does."""
     images = images.to(step.device, non_blocking=True)
     labels = labels.to(step.device, non_blocking=True)
+    scaler = step.optimization.scaler
     teacher = None
     for subnet, static in nets:
         static.optimizer.zero_grad(set_to_none=True)
         inputs = resize_batch(images, subnet.resolution).contiguous(memory_format=step.memory_format)
-        with torch.autocast(step.device.type, dtype=step.amp_dtype, enabled=step.amp_dtype is not None):
+        with step.optimization.autocast():
             logits = static.net(inputs).float()
         if teacher is None:
             loss = F.cross_entropy(logits, labels, label_smoothing=step.config.label_smoothing)
             teacher = F.softmax(logits.detach(), dim=1)
         else:
             loss = distillation_loss(logits, teacher)
-        if step.scaler is not None:
-            step.scaler.scale(loss).backward()
-            step.scaler.step(static.optimizer)
+        step.optimization.backward(loss)
+        if scaler is not None:
+            scaler.step(static.optimizer)
         else:
-            loss.backward()
             static.optimizer.step()
-    if step.scaler is not None:
-        step.scaler.update()
+    if scaler is not None:
+        scaler.update()
 
 
 def timed(device: torch.device, run: Callable[[], None]) -> float:
@@ -252,7 +252,7 @@ def measure(
         "batch": case.batch,
         "resolutions": list(case.space.hyperspace.resolutions),
         "data": bench.data,
-        "amp": str(step.amp_dtype).replace("torch.", "") if step.amp_dtype else None,
+        "amp": str(step.optimization.amp_dtype).replace("torch.", "") if step.optimization.amp_dtype else None,
         "channels_last": step.memory_format == torch.channels_last,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None,
         "steps": steps,

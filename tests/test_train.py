@@ -24,6 +24,7 @@ from spaceevo.train.bn import batchnorms, preserved_bn_state, recalibrate_bn
 from spaceevo.train.checkpoint import load_checkpoint
 from spaceevo.train.config import PRESETS, TrainConfig
 from spaceevo.train.data import FASHION_MNIST_FILES, load_data, make_loader
+from spaceevo.train.engine import Optimization
 from spaceevo.train.evaluate import evaluate
 from spaceevo.train.loop import train_supernet
 from spaceevo.train.optim import WarmupCosine, make_optimizer, parameter_groups
@@ -109,7 +110,7 @@ def test_sandwich_step_memory_format_follows_the_config(data) -> None:
         net = Supernet(load_space(SPACE))
         initialize_weights(net)
         config = TrainConfig(batch_size=8, channels_last=channels_last)
-        step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, config, random.Random(0))
+        step = SandwichStep(net, Optimization(make_optimizer(net, 0.1, 0.9, 0.0)), config, random.Random(0))
         seen = []
         hook = net.stages[1][0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
         assert step(x, y).finite
@@ -200,7 +201,7 @@ def test_sandwich_loss_decreases_on_embedded_data(data) -> None:
     initialize_weights(net)
     config = TrainConfig(batch_size=16, lr=0.1)
     optimizer = make_optimizer(net, config.lr, config.momentum, config.weight_decay)
-    step = SandwichStep(net, optimizer, None, config, random.Random(0))
+    step = SandwichStep(net, Optimization(optimizer), config, random.Random(0))
     loader = make_loader(data.train, 16, True, seed=0, drop_last=True)
     results = [step(x, y) for x, y in itertools.islice(loader, 24)]
     assert all(r.finite and math.isfinite(r.total) for r in results)
@@ -220,7 +221,7 @@ def test_sandwich_step_with_an_infinite_weight_does_not_step(data) -> None:
     net = Supernet(load_space(SPACE))
     initialize_weights(net)
     config = TrainConfig(batch_size=8)
-    step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, config, random.Random(0))
+    step = SandwichStep(net, Optimization(make_optimizer(net, 0.1, 0.9, 0.0)), config, random.Random(0))
     with torch.no_grad():
         net.head.classifier.weight[0, 0] = float("inf")
     before = {k: v.clone() for k, v in net.state_dict().items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
@@ -240,8 +241,8 @@ def test_grad_norm_under_a_gradient_scaler_is_the_unscaled_norm(data) -> None:
         torch.manual_seed(0)
         net = Supernet(load_space(SPACE))
         initialize_weights(net)
-        step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, TrainConfig(batch_size=8), random.Random(0),
-                            scaler=scaler)
+        optimization = Optimization(make_optimizer(net, 0.1, 0.9, 0.0), scaler=scaler)
+        step = SandwichStep(net, optimization, TrainConfig(batch_size=8), random.Random(0))
         result = step(x, y)
         assert result.finite
         norms.append(result.grad_norm)
@@ -256,7 +257,7 @@ def test_largest_only_step_trains_the_largest_subnet_alone(data) -> None:
     net = Supernet(space)
     initialize_weights(net)
     rng = random.Random(0)
-    step = SandwichStep(net, make_optimizer(net, 0.1, 0.9, 0.0), None, TrainConfig(batch_size=8), rng)
+    step = SandwichStep(net, Optimization(make_optimizer(net, 0.1, 0.9, 0.0)), TrainConfig(batch_size=8), rng)
     x, y = next(iter(make_loader(data.train, 8, True, seed=0)))
     before = net.head.classifier.weight.detach().clone()
     result = step(x, y, largest_only=True)

@@ -10,8 +10,8 @@ how its model changes between phases (e.g. LSQ+ quantizers before QAT). The engi
   (:func:`~spaceevo.train.optim.make_scheduler`), steps per epoch and mixed precision; epochs are
   numbered from 1 across all phases;
 - **mixed precision**: CUDA autocast in phases with ``amp`` (bfloat16, or float16 with a gradient
-  scaler: :func:`~spaceevo.train.sandwich.autocast_dtype`), handed to the step as an
-  :class:`Optimization`;
+  scaler: :func:`autocast_dtype`), handed to the step as an :class:`Optimization`, which also
+  finishes every step (:meth:`Optimization.update`);
 - **checkpoints**: after every epoch the model, optimizer, schedule, scaler, every RNG state (Python's
   ``random``, torch's CPU and CUDA generators and the task's own: its subnet sampler, its
   DataLoader's generator), the task's extra state, the history and the task's ``meta`` (what the run
@@ -27,8 +27,8 @@ how its model changes between phases (e.g. LSQ+ quantizers before QAT). The engi
   package is installed (none otherwise);
 - **torchrun**: only rank 0 writes; BatchNorm buffers are broadcast from rank 0 before every step
   and the model after every (re)build; gradients are averaged once per step by
-  :func:`~spaceevo.train.distributed.all_reduce_gradients` (in :meth:`Optimization.update` and in
-  :class:`~spaceevo.train.sandwich.SandwichStep`), see :mod:`spaceevo.train.distributed`.
+  :func:`~spaceevo.train.distributed.all_reduce_gradients` in :meth:`Optimization.update`, see
+  :mod:`spaceevo.train.distributed`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from spaceevo.train import distributed as ddp
 from spaceevo.train.allocator import keep_freed_memory
 from spaceevo.train.checkpoint import save_state, write_log
 from spaceevo.train.optim import make_scheduler
-from spaceevo.train.sandwich import autocast_dtype
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 RandomSource = random.Random | torch.Generator
@@ -138,12 +137,21 @@ class Update:
     non_finite: str | None
 
 
+def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The autocast dtype of a phase with ``amp`` on ``device``: bfloat16 on CUDA where the GPU has it,
+    else float16 (which needs a gradient scaler); None (no autocast) on CPU or when ``enabled`` is False."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @dataclass
 class Optimization:
-    """The optimizer, schedule and mixed precision of the current phase, as a step uses them."""
+    """The optimizer, schedule (None: a constant learning rate, as in benchmarks) and mixed precision
+    of the current phase, as a step uses them."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
 
@@ -179,7 +187,8 @@ class Optimization:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         return Update(listed, grad_norm, None)
 
 

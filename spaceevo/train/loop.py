@@ -68,13 +68,14 @@ from spaceevo.train.engine import (
     StepFn,
     StepOutput,
     Task,
+    autocast_dtype,
     loader_batches,
     process_group,
     training_device,
 )
 from spaceevo.train.evaluate import evaluate
 from spaceevo.train.optim import make_optimizer
-from spaceevo.train.sandwich import SandwichStep, autocast_dtype, memory_format
+from spaceevo.train.sandwich import SandwichStep, memory_format
 from spaceevo.train.weights import initialize_weights
 
 HELDOUT_SEED = 0
@@ -250,10 +251,7 @@ class SupernetTask(Task):
             initialize_quantizers(self.model, resize_batch(images.to(self.device), max(self.space.hyperspace.resolutions)))
 
     def make_step(self, phase: Phase, optimization: Optimization) -> StepFn:
-        sandwich = SandwichStep(
-            self.model, optimization.optimizer, optimization.scheduler, self.config, self.rng,
-            amp_dtype=optimization.amp_dtype, scaler=optimization.scaler,
-        )
+        sandwich = SandwichStep(self.model, optimization, self.config, self.rng)
 
         def step(batch: tuple[torch.Tensor, torch.Tensor], epoch: int) -> StepOutput:
             images, labels = batch

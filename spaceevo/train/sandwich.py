@@ -18,7 +18,6 @@ and 32 px) 0.78x the pixels of 32 px on average, and largest-only epochs of ``ti
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -26,12 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import get_total_norm
 
 from spaceevo.space import Subnet
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import resize_batch
-from spaceevo.train.distributed import all_reduce_gradients
+from spaceevo.train.engine import Optimization
 
 
 @dataclass(frozen=True)
@@ -41,8 +39,8 @@ class StepResult:
     ``min`` is None and ``random`` empty for a largest-only step. ``random`` holds the distillation
     losses of the random subnets in drawing order; ``grad_norm`` is the global L2 norm of the
     accumulated (rank-averaged) gradients, unscaled under a float16 gradient scaler, NaN when a loss
-    already was not finite. When ``finite`` is
-    False the optimizer did not step and the gradients were discarded.
+    already was not finite. When ``finite`` is False the optimizer did not step and the gradients were
+    discarded.
     """
 
     max: float
@@ -68,14 +66,6 @@ class StepResult:
         return None
 
 
-def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """The autocast dtype of the FP32 phase on ``device``: bfloat16 on CUDA where the GPU has it, else
-    float16 (which needs a gradient scaler); None (no autocast) on CPU or when ``enabled`` is False."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format:
     """The memory format a supernet trains in on ``device`` (:meth:`TrainConfig.uses_channels_last`)."""
     return torch.channels_last if config.uses_channels_last(device.type) else torch.contiguous_format
@@ -90,59 +80,40 @@ class SandwichStep:
     """Callable that runs one sandwich step on a batch: ``step(images, labels) -> StepResult``
     (``step(images, labels, largest_only=True)``: the largest subnet alone).
 
-    ``rng`` draws the random subnets (seed it identically on every rank). The supernet's weights are
-    converted to the :func:`memory_format` of its device (in place, the parameters stay the same
-    objects) and so is every input. ``amp_dtype`` turns on CUDA autocast
-    (bfloat16 or float16; float16 needs ``scaler``). Gradients are averaged over ranks when
-    ``torch.distributed`` is initialised (:func:`~spaceevo.train.distributed.all_reduce_gradients`).
+    ``optimization`` (:class:`~spaceevo.train.engine.Optimization`) gives the autocast and the
+    backward pass of every subnet and finishes the step (:meth:`~spaceevo.train.engine.Optimization.update`:
+    gradients averaged over ranks, unscaled under a float16 gradient scaler, one optimizer and one
+    schedule step when everything is finite). ``rng`` draws the random subnets (seed it identically on
+    every rank). The supernet's weights are converted to the :func:`memory_format` of its device (in
+    place, the parameters stay the same objects) and so is every input.
     """
 
-    def __init__(
-        self,
-        supernet: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-        config: TrainConfig,
-        rng: random.Random,
-        *,
-        amp_dtype: torch.dtype | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ):
+    def __init__(self, supernet: nn.Module, optimization: Optimization, config: TrainConfig, rng: random.Random):
         self.device = next(supernet.parameters()).device
         self.memory_format = memory_format(config, self.device)
         # weights and inputs in one memory format (mixed formats are slow)
         supernet.to(memory_format=self.memory_format)
         self.supernet = supernet
-        self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.optimization = optimization
         self.config = config
         self.rng = rng
-        self.amp_dtype = amp_dtype
-        self.scaler = scaler
         space = supernet.space
         self.max_subnet = space.max_subnet()
         self.min_subnet = space.min_subnet()
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _forward(self, subnet: Subnet, images: torch.Tensor) -> torch.Tensor:
         self.supernet.set_active(subnet)
         images = resize_batch(images, subnet.resolution)
         images = images.contiguous(memory_format=self.memory_format)
-        with self._autocast():
+        with self.optimization.autocast():
             return self.supernet(images).float()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, largest_only: bool = False) -> StepResult:
+        optimization = self.optimization
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         self.supernet.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimization.optimizer.zero_grad(set_to_none=True)
         space = self.supernet.space
         if largest_only:
             subnets = [space.max_subnet(self.rng.choice(space.hyperspace.resolutions))]
@@ -153,36 +124,20 @@ class SandwichStep:
         losses = []
         logits = self._forward(subnets[0], images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
-        self._backward(loss)
+        optimization.backward(loss)
         losses.append(loss.detach())
         teacher = F.softmax(logits.detach(), dim=1)
         del logits, loss
         for subnet in subnets[1:]:
             loss = distillation_loss(self._forward(subnet, images), teacher)
-            self._backward(loss)
+            optimization.backward(loss)
             losses.append(loss.detach())
             del loss
 
-        values = all_reduce_gradients(self.supernet, torch.stack(losses))
-        finite = bool(torch.isfinite(values).all())
-        grad_norm = float("nan")
-        if finite:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)  # the true gradients, for the norm and the step
-            grads = [p.grad for p in self.supernet.parameters() if p.grad is not None]
-            grad_norm = float(get_total_norm(grads))
-            # float16 autocast: the scaler skips steps with overflowing gradients by itself
-            finite = self.scaler is not None or math.isfinite(grad_norm)
-        if finite:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        values = values.tolist()
+        # short names: StepResult.first_non_finite words what was not finite, naming the subnet
+        update = optimization.update(self.supernet, torch.stack(losses), [str(i) for i in range(len(losses))])
+        values = update.losses
         min_loss = None if largest_only else values[1]
-        return StepResult(values[0], min_loss, tuple(values[2:]), grad_norm, finite, tuple(subnets))
+        return StepResult(
+            values[0], min_loss, tuple(values[2:]), update.grad_norm, update.non_finite is None, tuple(subnets)
+        )
