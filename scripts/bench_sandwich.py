@@ -31,7 +31,7 @@ from spaceevo.space import CandidateSpace, load_space, require_candidate_space
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import load_data, make_loader, resize_batch
 from spaceevo.train.optim import make_optimizer
-from spaceevo.train.engine import Optimization, autocast_dtype
+from spaceevo.train.engine import Optimization
 from spaceevo.train.sandwich import SandwichStep, memory_format
 from spaceevo.train.weights import initialize_weights
 
@@ -55,19 +55,16 @@ def elastic_step(
     supernet = Supernet(space)
     initialize_weights(supernet)
     supernet = supernet.to(device, memory_format=memory_format(config, device))
-    amp_dtype = None
     if phase == "qat":
         from spaceevo.quant.qat import initialize_quantizers, prepare_qat
 
         supernet = prepare_qat(supernet, reduce_range=True)
         supernet.set_max()
         initialize_quantizers(supernet, resize_batch(images.to(device), max(space.hyperspace.resolutions)))
-    else:
-        amp_dtype = autocast_dtype(device, amp)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     lr = config.qat_lr if phase == "qat" else config.lr
     optimizer = make_optimizer(supernet, lr, config.momentum, config.weight_decay)
-    return SandwichStep(supernet, Optimization(optimizer, None, amp_dtype, scaler), config, random.Random(seed))
+    optimization = Optimization.on(device, optimizer, amp=amp and phase != "qat")
+    return SandwichStep(supernet, optimization, config, random.Random(seed))
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 A budget is a preset of every field: ``smoke`` is a fraction of an epoch for tests and for checking
 that a setup works; ``default`` trains a ``tiny`` candidate space on the embedded Fashion-MNIST
 subset on 2 CPU cores in about 20 minutes (see :data:`PRESETS` for what was measured). Any field
-can be overridden on top of a budget (:meth:`TrainConfig.preset`).
+can be overridden on top of a budget (:meth:`TrainConfig.preset`). On a GPU the ``default`` budget
+is fitted to the device (:func:`fit_to_cuda`): a larger batch, and as many epochs as fit in the CPU
+default's wall-clock time.
 """
 
 from __future__ import annotations
@@ -245,3 +247,65 @@ PRESETS: dict[str, TrainConfig] = {
     ),
 }
 """Named training budgets (``--preset``)."""
+
+CUDA_BATCH_FACTOR = 4
+"""How much larger the batch of the CUDA default is than the CPU default's (64 -> 256). On an H200 a
+``tiny`` sandwich step took 0.14-0.17 s at any batch from 64 to 1,024 (issue 17: per-step overhead,
+not arithmetic), so a larger batch trains more images in the same time; 4 keeps 35 steps in an epoch
+of the 9,000 embedded training images."""
+
+CPU_DEFAULT_WALL_S = 1180.0
+"""The wall-clock time the CUDA default fills: the CPU default's (19m39s for ``tiny-1144-1101`` on
+2 cores, see :data:`PRESETS`)."""
+
+LARGEST_STEP_COST = 0.5
+"""A largest-only step's time in sandwich steps (on CPU about half, see :data:`PRESETS`)."""
+
+QAT_STEP_COST = 2.0
+"""A QAT step's time in FP32 sandwich steps (on CPU about twice, see :data:`PRESETS`)."""
+
+FITTED_FIELDS = ("epochs", "largest_epochs", "eval_every", "batch_size", "lr", "qat_lr", "qat_steps_per_epoch")
+"""The fields :func:`fit_to_cuda` chooses."""
+
+
+def fit_to_cuda(
+    config: TrainConfig, step_s: float, train_images: int, *, world_size: int = 1,
+    batch_factor: int | None = None, target_s: float | None = None,
+) -> dict[str, Any]:
+    """The CPU ``config`` fitted to a CUDA device whose sandwich step at the larger batch took
+    ``step_s`` seconds (a probe), over ``train_images`` training images shared by ``world_size``
+    processes; returns the record kept in ``config.json`` and the checkpoint: ``fields`` (the
+    :data:`FITTED_FIELDS`, for :meth:`TrainConfig.replace`) and what they were derived from.
+
+    - The batch grows by ``batch_factor`` (:data:`CUDA_BATCH_FACTOR`) and both learning rates with
+      it: the linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training
+      ImageNet in 1 Hour"); the warm-up stays as long in epochs, as there. QAT epochs keep their
+      images (fewer, larger steps).
+    - The FP32 epochs fill ``target_s`` (:data:`CPU_DEFAULT_WALL_S`) by a cost model in sandwich
+      steps (largest-only steps :data:`LARGEST_STEP_COST`, QAT steps :data:`QAT_STEP_COST`; evaluation
+      not counted), never fewer than ``config``'s; largest-only epochs and evaluations keep their
+      share of them.
+    """
+    factor = CUDA_BATCH_FACTOR if batch_factor is None else batch_factor
+    target = CPU_DEFAULT_WALL_S if target_s is None else target_s
+    batch = config.batch_size * factor
+    qat_steps = None if config.qat_steps_per_epoch is None else math.ceil(config.qat_steps_per_epoch / factor)
+    scaled = config.replace(batch_size=batch, lr=config.lr * factor, qat_lr=config.qat_lr * factor,
+                            qat_steps_per_epoch=qat_steps)
+    steps = scaled.steps_in("fp32", max(1, train_images // (batch * world_size)))
+    largest_share = config.largest_epochs / config.epochs if config.epochs else 0.0
+    fp32_epoch_s = steps * step_s * (1 - largest_share * (1 - LARGEST_STEP_COST))
+    qat_s = config.qat_epochs * scaled.steps_in("qat", steps) * step_s * QAT_STEP_COST
+    fitted = scaled
+    if config.epochs:  # a QAT-only config keeps its epochs
+        epochs = max(config.epochs, math.floor((target - qat_s) / fp32_epoch_s))
+        eval_every = max(config.eval_every, round(config.eval_every * epochs / config.epochs))
+        fitted = scaled.override(epochs=epochs, eval_every=eval_every)
+    return {
+        "fields": {name: getattr(fitted, name) for name in FITTED_FIELDS},
+        "batch_factor": factor,
+        "probe_step_s": step_s,
+        "steps_per_epoch": steps,
+        "target_s": target,
+        "estimated_s": round(fitted.epochs * fp32_epoch_s + qat_s, 1),
+    }

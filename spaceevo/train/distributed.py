@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,6 +73,16 @@ def shutdown(created: bool) -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself without a process group): one decision for
+    all ranks, e.g. a timing that differs between them."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 @torch.no_grad()

@@ -155,6 +155,17 @@ class Optimization:
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
 
+    @classmethod
+    def on(
+        cls, device: torch.device, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, amp: bool = True,
+    ) -> Optimization:
+        """The optimization of a phase on ``device``: autocast at :func:`autocast_dtype` when ``amp``,
+        with a gradient scaler under float16."""
+        amp_dtype = autocast_dtype(device, amp)
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        return cls(optimizer, scheduler, amp_dtype, scaler)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """CUDA autocast at the phase's dtype; nothing when the phase runs in float32."""
         if self.amp_dtype is None:
@@ -373,16 +384,14 @@ class Engine:
         model = self.task.model
         optimizer = phase.optimizer(model)
         scheduler = make_scheduler(optimizer, phase.epochs * phase.steps, phase.warmup_steps)
-        device = next(model.parameters()).device
-        amp_dtype = autocast_dtype(device, phase.amp)
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        optimization = Optimization.on(next(model.parameters()).device, optimizer, scheduler, phase.amp)
         if checkpoint is not None:
             with self._incompatible("optimizer state"):
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 scheduler.load_state_dict(checkpoint["scheduler"])
-                if scaler is not None and checkpoint.get("scaler"):
-                    scaler.load_state_dict(checkpoint["scaler"])
-        return Optimization(optimizer, scheduler, amp_dtype, scaler)
+                if optimization.scaler is not None and checkpoint.get("scaler"):
+                    optimization.scaler.load_state_dict(checkpoint["scaler"])
+        return optimization
 
     def _save(self, epoch: int, phase: Phase, optimization: Optimization, history: list[dict[str, Any]]) -> None:
         config = self.config

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spaceevo.errors import DataError, UsageError
+from spaceevo.errors import ArtifactError, DataError, UsageError
 from spaceevo.io import check_writable
 from spaceevo.nn import Supernet
 from spaceevo.space import CandidateSpace, Hyperspace, load_space, require_candidate_space
@@ -58,7 +60,7 @@ from spaceevo.train.checkpoint import (
     run_record,
     write_config,
 )
-from spaceevo.train.config import TrainConfig
+from spaceevo.train.config import CUDA_BATCH_FACTOR, FITTED_FIELDS, TrainConfig, fit_to_cuda
 from spaceevo.train.data import DataSpec, Datasets, InMemorySplit, load_data, make_loader, resize_batch
 from spaceevo.train.engine import (
     Engine,
@@ -172,10 +174,14 @@ def train_supernet(
     (:class:`~spaceevo.errors.RunMismatchError` naming each differing field otherwise); a finished
     run returns at once. An unwritable ``run`` raises :class:`~spaceevo.errors.ArtifactError` before
     any work.
+    On CUDA the ``default`` preset (``config`` None) is fitted to the device: batch size, learning
+    rates and epochs from :func:`~spaceevo.train.config.fit_to_cuda` and a timed probe
+    (:func:`probe_step_s`), recorded as ``cuda_fit`` in ``config.json`` and the checkpoint, the flags
+    above applied on top; a resumed run takes them from its checkpoint, on any device.
     ``threads`` sets torch's intra-op threads for this process (None: leave them). ``progress``
-    shows a progress bar per epoch on stderr (rank 0 only); ``on_epoch_end(record)`` is called after
-    each epoch's checkpoint and log are written. A NaN or infinite
-    loss raises :class:`~spaceevo.errors.TrainingDivergedError` naming the epoch and the step, and
+    shows a progress bar per epoch on stderr (rank 0 only), and the fitted settings;
+    ``on_epoch_end(record)`` is called after each epoch's checkpoint and log are written. A NaN or
+    infinite loss raises :class:`~spaceevo.errors.TrainingDivergedError` naming the epoch and the step, and
     leaves the last checkpoint as it was.
     """
     started = time.perf_counter()
@@ -186,9 +192,10 @@ def train_supernet(
     candidate = require_candidate_space(load_space(space) if isinstance(space, str) else space, "training")
     spec = DataSpec.parse(data) if isinstance(data, str) else data
     spec.check()
-    config = (config or TrainConfig.preset(preset)).override(
-        epochs=epochs, qat_epochs=qat_epochs, largest_epochs=largest_epochs, seed=seed, eval_every=eval_every
-    )
+    changes = {"epochs": epochs, "qat_epochs": qat_epochs, "largest_epochs": largest_epochs, "seed": seed,
+               "eval_every": eval_every}
+    fitted_changes = changes if config is None and preset == "default" else None  # may be fitted to a GPU
+    config = (config or TrainConfig.preset(preset)).override(**changes)
     run_dir = RunDir(Path(run))
     for folder in (run_dir.path, run_dir.checkpoint.parent):
         check_writable(folder, "--run")
@@ -197,7 +204,7 @@ def train_supernet(
 
         config = config.replace(reduce_range=device_fingerprint("cpu").reduce_range)
     with process_group():
-        return _train(candidate, spec, config, run_dir, resume, progress, on_epoch_end, started)
+        return _train(candidate, spec, config, fitted_changes, run_dir, resume, progress, on_epoch_end, started)
 
 
 class SupernetTask(Task):
@@ -304,17 +311,86 @@ class SupernetTask(Task):
         return {"subnets": self.rng, "loader": self.loader.generator}
 
 
-def _run_record(space: CandidateSpace, spec: DataSpec, config: TrainConfig, device: torch.device) -> dict[str, Any]:
+def _run_record(
+    space: CandidateSpace, spec: DataSpec, config: TrainConfig, device: torch.device, fit: dict[str, Any] | None
+) -> dict[str, Any]:
     amp = autocast_dtype(device, config.amp)
     return run_record(
         space, str(spec), config, heldout_seed=HELDOUT_SEED, world_size=ddp.world_size(), device=str(device),
-        amp=str(amp).replace("torch.", "") if amp else None,
+        amp=str(amp).replace("torch.", "") if amp else None, **({} if fit is None else {"cuda_fit": fit}),
     )
 
 
-def _open_run(run: RunDir, space: CandidateSpace, requested: dict[str, Any], resume: bool) -> dict[str, Any] | None:
-    """The checkpoint to continue from (None: a fresh run); checks that it, and ``config.json``
-    where present, hold what this call asks for."""
+PROBE_STEPS = 5
+"""Timed sandwich steps of :func:`probe_step_s`."""
+
+
+def probe_step_s(space: CandidateSpace, config: TrainConfig, device: torch.device, steps: int = PROBE_STEPS) -> float:
+    """Median seconds of a sandwich step on ``device`` at ``config``'s batch size and precision: a
+    fresh supernet of ``space`` on random images at its largest resolution, timed after two untimed
+    steps (the first calls set kernels up); torch's random state is left as it was."""
+    hyperspace = space.hyperspace
+    size = max(hyperspace.resolutions)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        supernet = Supernet(space).to(device)
+        optimizer = make_optimizer(supernet, config.lr, config.momentum, config.weight_decay)
+        step = SandwichStep(supernet, Optimization.on(device, optimizer, amp=config.amp), config, random.Random(0))
+        images = torch.randn(config.batch_size, hyperspace.in_channels, size, size)
+        labels = torch.randint(hyperspace.num_classes, (config.batch_size,))
+        times = []
+        for _ in range(2 + steps):
+            synchronize()
+            begun = time.perf_counter()
+            step(images, labels)
+            synchronize()
+            times.append(time.perf_counter() - begun)
+    return statistics.median(times[2:])
+
+
+def _fits_device(device: torch.device) -> bool:
+    """Whether a fresh run of the ``default`` preset is fitted to ``device``: on CUDA (the preset is
+    sized for 2 CPU cores)."""
+    return device.type == "cuda"
+
+
+def _default_fit(
+    space: CandidateSpace, config: TrainConfig, device: torch.device, datasets: Datasets
+) -> dict[str, Any]:
+    """:func:`fit_to_cuda` of ``config`` from a probe on ``device`` (rank 0's under ``torchrun``)."""
+    probed = probe_step_s(space, config.replace(batch_size=config.batch_size * CUDA_BATCH_FACTOR), device)
+    step_s = ddp.broadcast_object(probed)
+    return fit_to_cuda(config, step_s, len(datasets.train), world_size=ddp.world_size())
+
+
+def _recorded_fit(run: RunDir, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``cuda_fit`` a checkpoint holds (None: the run was not fitted); :class:`ArtifactError`
+    when it is malformed."""
+    fit = checkpoint.get("cuda_fit")
+    if fit is None:
+        return None
+    fields = fit.get("fields") if isinstance(fit, dict) else None
+    if not isinstance(fields, dict) or not set(fields) <= set(FITTED_FIELDS):
+        raise ArtifactError(
+            f"{run.checkpoint} holds a malformed cuda_fit (fields: a mapping of {', '.join(FITTED_FIELDS)}); "
+            f"delete the run directory to train again"
+        )
+    return fit
+
+
+def _describe_fit(config: TrainConfig, fit: dict[str, Any], device: torch.device, recorded: bool) -> str:
+    factor = fit["batch_factor"]
+    source = "recorded in the checkpoint" if recorded else f"probed on {device}"
+    return (
+        f"spaceevo: default preset fitted to CUDA: {config.summary()}, lr {config.lr:g} (QAT {config.qat_lr:g}); "
+        f"batch and learning rates are the CPU default's x{factor} (linear scaling rule), the epochs fill about "
+        f"{fit['target_s']:g} s (estimated {fit['estimated_s']:g} s) at {fit['probe_step_s']:.3g} s per sandwich "
+        f"step ({source})"
+    )
+
+
+def _open_run(run: RunDir, space: CandidateSpace, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from (None: a fresh run), checked to be of ``space`` and resumable."""
     if not run.checkpoint.exists():
         return None
     checkpoint = load_checkpoint(run.checkpoint)
@@ -327,27 +403,48 @@ def _open_run(run: RunDir, space: CandidateSpace, requested: dict[str, Any], res
             f"{run.path} already holds a training run ({run.checkpoint}, epoch "
             f"{checkpoint.get('epoch')}); add --resume to continue it or choose another --run directory"
         )
+    return checkpoint
+
+
+def _check_run(run: RunDir, checkpoint: dict[str, Any], requested: dict[str, Any]) -> None:
+    """Check that a checkpoint, and ``config.json`` where present, hold what this call asks for."""
     check_run_record(run.checkpoint, checkpoint, requested)  # the checkpoint holds its own config
     stored = read_run_record(run)
     if stored is not None:
         check_run_record(run.config, stored, requested)
-    return checkpoint
 
 
 def _train(
     space: CandidateSpace,
     spec: DataSpec,
     config: TrainConfig,
+    changes: dict[str, Any] | None,
     run: RunDir,
     resume: bool,
     progress: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
     started: float,
 ) -> TrainResult:
+    """``changes``: the flags applied on top of the ``default`` preset when it may be fitted to the
+    device (None: not the default preset)."""
     device = training_device()
-    requested = _run_record(space, spec, config, device)
-    checkpoint = _open_run(run, space, requested, resume)
-    datasets = load_space_data(space.hyperspace, spec)
+    checkpoint = _open_run(run, space, resume)
+    datasets, fit = None, None
+    if changes is not None:
+        if checkpoint is not None:
+            fit = _recorded_fit(run, checkpoint)
+        elif _fits_device(device):
+            datasets = load_space_data(space.hyperspace, spec)
+            fit = _default_fit(space, config, device, datasets)
+        if fit is not None:
+            config = config.replace(**fit["fields"]).override(**changes)
+            if progress and ddp.rank() == 0:
+                print(_describe_fit(config, fit, device, checkpoint is not None), file=sys.stderr)
+    requested = _run_record(space, spec, config, device, fit)
+    if checkpoint is not None:
+        _check_run(run, checkpoint, requested)
+    if datasets is None:
+        datasets = load_space_data(space.hyperspace, spec)
     task = SupernetTask(space, config, datasets, device)
     if len(task.loader) == 0:
         raise UsageError(
@@ -362,7 +459,7 @@ def _train(
         checkpoint=run.checkpoint,
         checkpoint_format=CHECKPOINT_FORMAT,
         meta={"space": space.encoding, "hyperspace_digest": space.hyperspace.digest, "data": str(spec),
-              "config": config.to_dict()},
+              "config": config.to_dict(), **({} if fit is None else {"cuda_fit": fit})},
         log=run.log,
         tensorboard=run.tensorboard,
         progress=progress,
