@@ -8,6 +8,7 @@ it, so the suite behaves the same on every CPU. See DEVELOPERS.md.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,12 @@ from spaceevo.latency.regression import segment_features
 from spaceevo.latency.segments import Segment, required_segments
 from spaceevo.latency.table import DEFAULT_ROOT_ENV, LatencyTable, TableEntry
 from spaceevo.space import Hyperspace, load_hyperspace
+
+# A test run started in the background of a non-interactive shell (``nohup pytest &``, some CI runners)
+# inherits SIGINT ignored, and so would every process a test starts: the tests that press Ctrl-C
+# (SIGINT) would see it ignored. A handler in this process makes the kernel give its children the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: ms per unit of :data:`spaceevo.latency.regression.FEATURES` (intercept, dense MMACs, depthwise
 #: MMACs, input/output/activation Melements): rounded from a fit to a real AVX2 table, so the
