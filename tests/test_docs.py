@@ -123,3 +123,32 @@ def test_documented_commands_exist_with_their_options():
                 if option not in accepted:
                     wrong.append(f"{page.name}: 'spaceevo {name}' has no option {option}")
     assert not wrong, "\n".join(wrong)
+
+
+def python_blocks(text: str) -> list[str]:
+    """The ```python blocks of a Markdown text."""
+    return re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_python_examples_call_the_api_with_arguments_it_accepts(page) -> None:
+    """Every ``spaceevo.NAME(...)`` / ``spaceevo.latency.NAME(...)`` call in a Python example binds to
+    the function's signature (names and keywords exist; nothing is run)."""
+    import ast
+    import inspect
+
+    import spaceevo
+
+    for block in python_blocks(page.read_text()):
+        for node in ast.walk(ast.parse(block)):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            path = ast.unparse(node.func).split(".")
+            if path[0] != "spaceevo":
+                continue
+            target = spaceevo
+            for name in path[1:]:
+                target = getattr(target, name)
+            args = [None] * len(node.args)
+            kwargs = {k.arg: None for k in node.keywords if k.arg}
+            inspect.signature(target).bind(*args, **kwargs)  # TypeError names what does not fit
