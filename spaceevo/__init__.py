@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from spaceevo.pipeline import PipelineReport
     from spaceevo.pipeline import run_pipeline as run
     from spaceevo.search.api import SearchResult, score_spaces, search_block_lut
-    from spaceevo.search.extract import ExtractResult
-    from spaceevo.search.extract import extract_subnets as extract
+    from spaceevo.extraction.api import extract_subnets as extract
+    from spaceevo.extraction.results import ExtractResult
     from spaceevo.search.pipeline import search_space
     from spaceevo.search.qt_score import SpaceScore
     from spaceevo.space import CandidateSpace, Hyperspace, Subnet, load_space
@@ -53,8 +53,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "SpaceScore": ("spaceevo.search.qt_score", "SpaceScore"),
     "train_supernet": ("spaceevo.train.loop", "train_supernet"),
     "TrainResult": ("spaceevo.train.loop", "TrainResult"),
-    "extract": ("spaceevo.search.extract", "extract_subnets"),
-    "ExtractResult": ("spaceevo.search.extract", "ExtractResult"),
+    "extract": ("spaceevo.extraction.api", "extract_subnets"),
+    "ExtractResult": ("spaceevo.extraction.results", "ExtractResult"),
     "export": ("spaceevo.deploy.evaluate", "export_subnet"),
     "ExportReport": ("spaceevo.deploy.evaluate", "ExportReport"),
     "evaluate": ("spaceevo.deploy.evaluate", "evaluate_subnet"),

@@ -239,12 +239,12 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from spaceevo.search import extract_subnets
+    from spaceevo.extraction.api import extract_subnets
     from spaceevo.search.budgets import parse_latency_budgets
 
     result = extract_subnets(
-        args.run, parse_latency_budgets(args.latency_budget), num_budgets=args.num_budgets, delta_ms=args.delta,
-        preset=args.preset, storage=args.storage, seed=args.seed, verify=not args.no_verify, device=args.device,
+        args.run, parse_latency_budgets(args.latency_budget), num_budgets=args.num_budgets, preset=args.preset,
+        trials=args.trials, storage=args.storage, seed=args.seed, verify=not args.no_verify, device=args.device,
         threads=args.threads, tables=args.tables,
     )
     data = result.to_dict()
@@ -266,7 +266,9 @@ def _extract(args: argparse.Namespace) -> None:
             print(f"  fallback: {f.subnet}  predicted {f.predicted_int8_ms:.4g} ms  measured {f.measured_int8_ms} ms  "
                   f"held-out {f.heldout_int8_top1:.2f}%  {f.onnx_int8}")
     _print_table([("latency budgets", result.budgets.describe())]
-                 + [(k, data[k]) for k in ("pareto_csv", "pareto_png", "evaluated_csv", "storage", "evaluated_here", "verified_here")])
+                 + [("predictor (k-fold)", f"Spearman {data['predictor']['spearman']}, RMSE {data['predictor']['rmse']} points")]
+                 + [(k, data[k]) for k in ("pareto_csv", "pareto_png", "evaluated_csv", "predictor_json", "storage", "evaluated",
+                                           "front_size", "evaluated_here", "verified_here")])
 
 
 # ---- run -----------------------------------------------------------------------------------------
@@ -444,17 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract = commands.add_parser(
         "extract",
-        help="most accurate INT8 subnet of a trained supernet per latency budget (evolutionary search on Optuna, "
-             "resumable), exported and verified on the device",
+        help="most accurate INT8 subnet of a trained supernet per latency budget, answered from the accuracy/latency "
+             "front of one multi-objective search (Optuna, resumable), exported and verified on the device",
     )
     extract.add_argument("--run", required=True, metavar="DIR", help="training run directory (from spaceevo train); "
-                         "writes DIR/extract/ (study.db, evaluated.csv, pareto.csv, pareto.png, budget_<MS>ms_*.onnx)")
+                         "writes DIR/extract/ (study.db, evaluated.csv, pareto.csv, pareto.png, predictor.json, "
+                         "budget_<MS>ms_*.onnx)")
     _add_latency_budgets(extract, "the smallest and largest subnets of the run's space")
-    extract.add_argument("--delta", type=float, default=None, metavar="MS",
-                         help="latency window [MS - delta, MS] searched (default: 10%% of each budget)")
     extract.add_argument("--preset", default="default", choices=["smoke", "default"],
-                         help="search size: smoke 8 subnets x 2 generations on 256 held-out images, default 24 x 8 "
-                              "on the whole held-out split (default: default)")
+                         help="search size: smoke 12 subnets on 256 held-out images, default 200 on the whole "
+                              "held-out split (default: default)")
+    extract.add_argument("--trials", type=_positive_int, default=None, metavar="N",
+                         help="subnets the front search evaluates in all, across workers (default: the preset's)")
     extract.add_argument("--storage", default=None, metavar="URL",
                          help="Optuna storage shared by workers: an RDB URL or journal:PATH "
                               "(default: sqlite:///DIR/extract/study.db)")

@@ -11,8 +11,8 @@ directory), so a mistake never surfaces after minutes of work. Then:
    Q-T score, in ``RUN/search/``;
 2. quantized-for-all supernet training of the best space (:func:`spaceevo.train.loop.train_supernet`)
    in ``RUN/supernet/``;
-3. subnet extraction per latency budget, with export and verification on the device
-   (:func:`spaceevo.search.extract.extract_subnets`) in ``RUN/supernet/extract/``;
+3. subnet extraction: the accuracy/latency front in one search, every budget answered from it, with
+   export and verification on the device (:func:`spaceevo.extraction.api.extract_subnets`) in ``RUN/supernet/extract/``;
 4. ``RUN/report.json`` and a short report: per budget the subnet, predicted and measured INT8 latency,
    held-out and test top-1, the ONNX files; the Pareto PNG.
 
@@ -77,7 +77,7 @@ def run_pipeline(
     from spaceevo.errors import UsageError
     from spaceevo.latency import api as latency_api
     from spaceevo.search.budgets import choose_budgets, hyperspace_range
-    from spaceevo.search.extract import extract_subnets
+    from spaceevo.extraction.api import extract_subnets
     from spaceevo.search.pipeline import search_space
     from spaceevo.space import load_hyperspace
     from spaceevo.train.data import DataSpec

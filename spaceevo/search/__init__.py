@@ -1,4 +1,5 @@
 """Space search: block LUTs, the Q-T score and aging evolution over candidate spaces (on Optuna).
+Subnet extraction from a trained supernet is another stage: :mod:`spaceevo.extraction`.
 
 The names below are the Python API behind ``spaceevo score`` and ``spaceevo search --block-lut``
 (:mod:`spaceevo.search.api`). They are imported on first use, so importing
@@ -12,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from spaceevo.search.api import SearchResult, score_spaces, search_block_lut
-    from spaceevo.search.extract import ExtractResult, extract_subnets
     from spaceevo.search.lut import BlockLUT, LutRow, load_block_lut, read_lut_csv, write_lut_csv
     from spaceevo.search.qt_score import QTScorer, SpaceScore
 
@@ -28,8 +28,6 @@ _EXPORTS = {
     "SearchResult": "spaceevo.search.api",
     "score_spaces": "spaceevo.search.api",
     "search_block_lut": "spaceevo.search.api",
-    "ExtractResult": "spaceevo.search.extract",
-    "extract_subnets": "spaceevo.search.extract",
 }
 
 __all__ = sorted(_EXPORTS)
