@@ -9,7 +9,7 @@ One run on one device (issue 7, part 1):
    (skipped, and said so, when it equals one of the other two).
 2. Each space's quantized-for-all supernet is trained with the same recipe and epochs
    (:func:`spaceevo.train.loop.train_supernet`, the same ``--preset``), then
-   :func:`spaceevo.search.extract.extract_subnets` finds its best subnet at the same latency budgets
+   :func:`spaceevo.extraction.api.extract_subnets` finds its best subnet at the same latency budgets
    (verified: exported as INT8 ONNX, ONNX Runtime INT8 top-1 on the test split).
 3. Fixed points: torchvision ``mobilenet_v3_small`` and ``resnet18`` adapted to 1-channel 28 px input
    (see :func:`adapt_torchvision`), trained on the same data for the same number of epochs with
@@ -166,7 +166,7 @@ def extract_space(
 ) -> dict[str, Any]:
     """Extraction at ``budgets`` (those below the space's smallest subnet are skipped and noted);
     cached in ``RUN/bench_extract.json`` for the same budgets, search size and seed."""
-    from spaceevo.search.extract import extract_subnets
+    from spaceevo.extraction.api import extract_subnets
 
     cache = run_dir / "bench_extract.json"
     key = {"budgets_ms": list(budgets), "preset": preset, "seed": seed}

@@ -1,7 +1,7 @@
 """``spaceevo`` in a subprocess with stand-ins for everything that depends on the host or takes
 long: the latency predictor (:mod:`_fake_latency`), the held-out fitness (a hash of the subnet,
-after ``SPACEEVO_TEST_DELAY`` seconds) and the verification of winners (export, ONNX Runtime top-1
-and device timing). Every fitness evaluation appends ``eval <subnet>`` and every exported winner
+after ``SPACEEVO_TEST_DELAY`` seconds) and the verification of answers (export, ONNX Runtime top-1
+and device timing); ``SPACEEVO_TEST_GRACE`` shortens the heartbeat grace period. Every fitness evaluation appends ``eval <subnet>`` and every exported winner
 ``verify <file stem> <subnet>`` to ``SPACEEVO_TEST_LOG``, so tests can count them across processes.
 
     python tests/_extract_worker.py extract --run DIR ...
@@ -36,9 +36,12 @@ def install() -> None:
     import spaceevo.latency.api as latency_api
     from spaceevo.deploy.evaluate import ExportReport
     from spaceevo.latency.measure import LatencyStats
-    from spaceevo.search.subnet_search import HeldoutFitness
+    import spaceevo.extraction.storage as storage
+    from spaceevo.extraction.fitness import HeldoutFitness
 
     _fake_latency.install()
+    storage.HEARTBEAT_INTERVAL_S = 1  # a killed worker's trial is retried after SPACEEVO_TEST_GRACE seconds
+    storage.GRACE_PERIOD_S = int(os.environ.get("SPACEEVO_TEST_GRACE", storage.GRACE_PERIOD_S))
     delay = float(os.environ.get("SPACEEVO_TEST_DELAY", "0"))
 
     def fitness(self: HeldoutFitness, subnet) -> float:

@@ -182,7 +182,7 @@ def open_extraction(
             memo[key] = predictor.predict(run.space.resolve(subnet)).int8_ms
         return memo[key]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported by the exception it raises
     fitness = HeldoutFitness(run, config.heldout_images)
     name, key = study_name(fitness, seed)
     _, (high_ms, _) = space_latency_range(run.space, predict_ms)

@@ -12,8 +12,10 @@ its subnet is not evaluated by that study.
 from __future__ import annotations
 
 import sqlite3
+import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import optuna
 import sqlalchemy
@@ -23,6 +25,7 @@ from spaceevo.errors import ArtifactError, UsageError
 HEARTBEAT_INTERVAL_S = 5
 GRACE_PERIOD_S = 30
 MAX_RETRY = 2
+ATTEMPTS = 5
 STORAGE_FORMS = "sqlite:////ABSOLUTE/PATH.db, another RDB URL such as postgresql://USER@HOST/DB, or journal:PATH"
 
 
@@ -44,23 +47,33 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     sqlite = scheme.partition("+")[0] == "sqlite"
     if sqlite and (not rest.startswith("/") or rest[1:].partition("?")[0] in ("", ":memory:")):
         raise UsageError(f"--storage '{url}' names no database file; allowed: {STORAGE_FORMS}")
-    try:
-        with warnings.catch_warnings():  # the heartbeat is marked experimental; it has been in Optuna since 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = _rdb(url, sqlite)
-    except Exception as error:  # drivers raise many types; the user needs the reason, not a traceback
-        orig = getattr(error, "orig", None)
-        if sqlite and isinstance(error, sqlalchemy.exc.DatabaseError) and type(orig) is sqlite3.DatabaseError:
-            raise ArtifactError(
-                f"{rest[1:].partition('?')[0]}: not a readable Optuna study ({orig}); restore it, or delete it to "
-                f"start the extraction over"
-            ) from None
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot open Optuna storage '{url}': {reason} (allowed: {STORAGE_FORMS})") from None
+    for attempt in range(ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is marked experimental; it has been in Optuna since 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = _rdb(url, sqlite)
+            break
+        except Exception as error:  # drivers raise many types; the user needs the reason, not a traceback
+            if attempt + 1 < ATTEMPTS and (isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)):
+                time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables right now
+                continue
+            _raise_for(url, sqlite, rest, error)
     if sqlite:
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_wal)
         storage.engine.dispose()  # later connections get the pragmas
     return storage
+
+
+def _raise_for(url: str, sqlite: bool, rest: str, error: Exception) -> NoReturn:
+    """The :class:`ArtifactError` (a corrupt SQLite file) or :class:`UsageError` for ``error``."""
+    orig = getattr(error, "orig", None)
+    if sqlite and isinstance(error, sqlalchemy.exc.DatabaseError) and type(orig) is sqlite3.DatabaseError:
+        raise ArtifactError(
+            f"{rest[1:].partition('?')[0]}: not a readable Optuna study ({orig}); restore it, or delete it to "
+            f"start the extraction over"
+        ) from None
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise UsageError(f"cannot open Optuna storage '{url}': {reason} (allowed: {STORAGE_FORMS})") from None
 
 
 def _rdb(url: str, sqlite: bool) -> optuna.storages.RDBStorage:
