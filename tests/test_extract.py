@@ -387,10 +387,13 @@ def test_fallback_is_never_the_answer_whose_rounded_latency_is_above_its_own() -
             values=[top1, ms], user_attrs={"subnet": subnet, "predicted_int8_ms": ms}, state=TrialState.COMPLETE,
         ))
     over = BudgetResult(0.3, "winner", round(0.301353, 4), 40.0, 5)
-    fallback = _fallback(SimpleNamespace(study=study), over)
+    def points():
+        return evaluated(study.get_trials())
+
+    fallback = _fallback(SimpleNamespace(evaluated=points), over)
     assert fallback is not None and fallback.subnet == "cheaper" and fallback.predicted_int8_ms == 0.25
     last = BudgetResult(0.3, "cheaper", 0.25, 30.0, 5)
-    assert _fallback(SimpleNamespace(study=study), last) is None
+    assert _fallback(SimpleNamespace(evaluated=points), last) is None
 
 
 def test_non_dominated_keeps_the_fastest_of_equals() -> None:

@@ -115,7 +115,8 @@ class Extraction:
         )
 
     def evaluated(self) -> list[Evaluated]:
-        return evaluated(self.study.get_trials(deepcopy=False))
+        """The search's result: the first ``config.trials`` subnets evaluated (see :func:`evaluated`)."""
+        return evaluated(self.study.get_trials(deepcopy=False), self.config.trials)
 
     def answer(self, budgets_ms: Sequence[float]) -> list[BudgetResult]:
         """Each budget's most accurate evaluated subnet predicted at or under it (ties: the faster)."""

@@ -108,13 +108,19 @@ class Evaluated:
     trial: int
 
 
-def evaluated(trials: Sequence[FrozenTrial]) -> list[Evaluated]:
-    """Every evaluated subnet of a study's trials, once (its first COMPLETE trial), in trial order."""
+def evaluated(trials: Sequence[FrozenTrial], limit: int | None = None) -> list[Evaluated]:
+    """Every evaluated subnet of a study's trials, once, in the order they completed; with ``limit``
+    only the first ``limit`` of them.
+
+    The limit makes the result of a search with several workers the same for all of them: when the
+    study reaches its size, another worker may still be evaluating a subnet (at most one per other
+    worker); that trial is kept in the study but completes later, so it is not among the first."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and SUBNET in t.user_attrs]
     found: dict[str, Evaluated] = {}
-    for t in sorted(trials, key=lambda t: t.number):
-        if t.state == TrialState.COMPLETE and SUBNET in t.user_attrs and t.user_attrs[SUBNET] not in found:
+    for t in sorted(complete, key=lambda t: (t.datetime_complete, t.number)):
+        if t.user_attrs[SUBNET] not in found:
             found[t.user_attrs[SUBNET]] = Evaluated(t.user_attrs[SUBNET], float(t.values[0]), float(t.values[1]), t.number)
-    return list(found.values())
+    return list(found.values())[:limit]
 
 
 def non_dominated(points: Sequence[Evaluated]) -> list[Evaluated]:

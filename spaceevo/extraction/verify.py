@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm import tqdm
 
-from spaceevo.extraction.front import evaluated
 from spaceevo.extraction.results import BudgetResult
 from spaceevo.io import atomic_write_json, exclusive_lock
 
@@ -133,7 +132,7 @@ def _fallback(extraction: Extraction, over: BudgetResult) -> BudgetResult | None
     """The best evaluated subnet with a lower predicted latency than ``over``, compared at the study's
     precision: ``over.predicted_int8_ms`` is rounded, and a rounded-up figure made ``over`` its own
     fallback (verified again and again under ``_fallback`` stems)."""
-    points = {e.subnet: e for e in evaluated(extraction.study.get_trials(deepcopy=False))}
+    points = {e.subnet: e for e in extraction.evaluated()}
     limit = points[over.subnet].predicted_int8_ms if over.subnet in points else over.predicted_int8_ms
     cheaper = [e for s, e in points.items() if e.predicted_int8_ms < limit and s != over.subnet]
     if not cheaper:
