@@ -254,6 +254,7 @@ class AgingEvolutionSampler(optuna.samplers.BaseSampler):
     def __init__(self, hyperspace: Hyperspace, sizes: EvolutionSizes, seed: int = 0) -> None:
         self.hyperspace, self.sizes, self.seed = hyperspace, sizes, seed
         self._genes = genome_distributions(hyperspace)
+        self._finished_spaces: dict[int, str | None] = {}  # trial id -> encoding, for finished trials (they never change)
         self.complete_seen = 0  # COMPLETE trials at the last proposal (for a progress bar)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -264,19 +265,30 @@ class AgingEvolutionSampler(optuna.samplers.BaseSampler):
     ) -> dict[str, Any]:
         """The proposed genome; empty when every space is taken."""
         trials = study._get_trials(deepcopy=False, use_cache=True)  # one read per trial, shared with Optuna
-        known = {trial_space(self.hyperspace, t) for t in trials if t.state in TAKEN and t.number != trial.number}
-        history = [(trial_space(self.hyperspace, t), float(t.value), t.number) for t in finished_in_order(trials)]
+        known = {self._space(t) for t in trials if t.state in TAKEN and t.number != trial.number}
+        history = [(self._space(t), float(t.value), t.number) for t in finished_in_order(trials)]
         self.complete_seen = len(history)
         rng = random.Random(f"{self.seed}:{trial.number}")
         space = propose(self.hyperspace, history, known - {None}, self.sizes, rng, trial.number)
         return {} if space is None else {k: v for k, v in space_params(space).items() if k in search_space}
 
+    def _space(self, trial: FrozenTrial) -> str | None:
+        """:func:`trial_space`, remembered for finished trials (the proposal reads every trial)."""
+        if not trial.state.is_finished():
+            return trial_space(self.hyperspace, trial)
+        if trial._trial_id not in self._finished_spaces:
+            self._finished_spaces[trial._trial_id] = trial_space(self.hyperspace, trial)
+        return self._finished_spaces[trial._trial_id]
+
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
-        """Only reached when every space is taken (the objective then ends the search): any value."""
-        assert isinstance(param_distribution, CategoricalDistribution)
-        return param_distribution.choices[0]
+        """A parameter outside the genome, or a gene when every space is taken (run_evolution's
+        objective never asks for one then): drawn at random."""
+        rng = random.Random(f"{self.seed}:{trial.number}:{param_name}")
+        return optuna.samplers.RandomSampler(seed=rng.randrange(2**31)).sample_independent(
+            study, trial, param_name, param_distribution
+        )
 
     def search_complete(self, study: optuna.Study) -> bool:
         """Whether T spaces are complete (a stale trial is then failed, not retried)."""
@@ -354,6 +366,10 @@ def run_evolution(
         while not sampler.search_complete(study):
             try:
                 study.optimize(objective, callbacks=[MaxTrialsCallback(sizes.total, states=(TrialState.COMPLETE,)), show])
+            except UnboundLocalError as error:
+                if isinstance(error.__context__, KeyboardInterrupt):  # Ctrl-C while Optuna told the trial:
+                    raise KeyboardInterrupt from None  # its clean-up then fails on a name the tell never set
+                raise
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 if not _failed_as_stale(study, current):
                     raise
