@@ -193,9 +193,9 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_its_space_retried(lut_di
     scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
     evaluated = []
 
-    def evaluate(space):  # slower than the grace period in all: the stale trial is found while searching
+    def evaluate(space):  # 21 of them take longer than the grace period: the stale trial is found while searching
         evaluated.append(space.encoding)
-        time.sleep(0.2)
+        time.sleep(0.3)
         return scorer.score(space)
 
     study = open_search_study(url, {"test": 1}, TINY, EvolutionSizes(16, 4, 30))
@@ -414,10 +414,10 @@ def test_search_with_helpers_interrupted_by_sigint_stops_them(lut_dir, tmp_path,
     trials = _trials(url)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) < 1000, "it did not search on alone"
     running = {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING}
-    assert len(running) <= 1  # the main process failed its trial; a helper ended by SIGTERM may leave its own
+    assert len(running) <= 2  # at most one per process: Ctrl-C outside the objective (or SIGTERM) leaves it RUNNING
     monkeypatch.setattr(storage, "GRACE_S", 1)
     study = optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(url, heartbeat=True))
-    time.sleep(1.5)  # past the grace period: the heartbeat check of a re-run fails it
+    time.sleep(2.5)  # past the grace period (SQLite's clock counts whole seconds): a re-run's heartbeat check fails them
     storage.fail_stale_trials(study)
     assert not [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
 
