@@ -1,6 +1,7 @@
-"""Aging evolution over candidate spaces on Optuna: determinism, resuming a killed search, two worker
-processes on one study without a duplicate space, the best space beating the homogeneous seeds,
-unreachable storage and the `spaceevo search --block-lut` command."""
+"""Aging evolution over candidate spaces as an Optuna sampler: determinism, genes as trial parameters,
+a killed worker's trial failed by the heartbeat and retried, resuming, two worker processes on one
+study, the best space beating the homogeneous seeds, unreachable storage and the
+`spaceevo search --block-lut` command."""
 
 from __future__ import annotations
 
@@ -25,19 +26,22 @@ import yaml
 import spaceevo
 from spaceevo.cli import main
 from spaceevo.errors import RunMismatchError, UsageError
-from spaceevo.search import evolution
+from spaceevo.search import evolution, storage
 from spaceevo.search.api import score_spaces, search_block_lut
 from spaceevo.search.evolution import (
     EvolutionSizes,
-    evolution_sizes,
     count_spaces,
+    evolution_sizes,
+    genome_distributions,
     mutate,
+    open_search_study,
     open_storage,
-    open_study,
+    params_space,
     run_evolution,
+    space_params,
 )
 from spaceevo.search.lut import LutRow, load_block_lut, lut_filename, required_files, stage_input_sizes, write_lut_csv
-from spaceevo.search.qt_score import QTScorer
+from spaceevo.search.qt_score import QTScorer, SpaceScore
 from spaceevo.space import load_hyperspace, load_space
 
 TINY = load_hyperspace("tiny")
@@ -75,6 +79,11 @@ def complete_trials(url):
     return [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def space_of(trial: optuna.trial.FrozenTrial) -> str:
+    """The candidate space a trial evaluated: its genes are its parameters."""
+    return params_space(TINY, trial.params).encoding
+
+
 def test_budgets_are_sized_to_the_hyperspace():
     assert count_spaces(TINY) == 6**4 * 2**4
     assert evolution_sizes("full", TINY) == EvolutionSizes(500, 125, 5000)
@@ -103,7 +112,7 @@ def test_same_seed_same_search_and_best_beats_every_homogeneous_seed(lut_dir, tm
     ]
     first, second = (json.loads(r.result_path.read_text()) for r in results)
     assert first["top"] == second["top"] and first["best_space"] == second["best_space"]
-    order = [[t.user_attrs["space"] for t in complete_trials(r.storage)] for r in results]
+    order = [[space_of(t) for t in complete_trials(r.storage)] for r in results]
     assert order[0] == order[1] and len(order[0]) == 48 == len(set(order[0]))
     assert sorted(order[0][:6]) == sorted(s.encoding for s in TINY.homogeneous_spaces())  # seeded with them
 
@@ -117,10 +126,36 @@ def test_same_seed_same_search_and_best_beats_every_homogeneous_seed(lut_dir, tm
     assert saved["space"] == best.best_space and load_space(saved["space"]).encoding == best.best_space
 
 
+def test_genes_are_trial_params_and_taken_spaces_are_not_proposed(lut_dir, tmp_path, monkeypatch):
+    """Each stage's block type and window are categorical parameters (optuna.importance ranks them);
+    a space held by a RUNNING trial (another worker's) is not proposed, a WAITING one (a queued retry)
+    is evaluated once, by the trial that takes it."""
+    monkeypatch.setattr(storage, "GRACE_S", 1)  # the RUNNING trial below never beats: failed 1 s after it started
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_search_study(url, {"test": 1}, TINY, EvolutionSizes(4, 2, 12))
+    running, queued = TINY.homogeneous_spaces()[:2]
+    genes = genome_distributions(TINY)
+    for state, space in ((optuna.trial.TrialState.RUNNING, running), (optuna.trial.TrialState.WAITING, queued)):
+        study.add_trial(optuna.trial.create_trial(state=state, params=space_params(space), distributions=genes))
+    scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
+    result = run_evolution(study, lambda space: scorer.score(space), progress=False)
+
+    complete = complete_trials(url)
+    spaces = [space_of(t) for t in complete]
+    assert len(spaces) == 12 == len(set(spaces)) == len(result.scores)
+    assert running.encoding not in spaces and spaces.count(queued.encoding) == 1
+    for trial in complete:
+        assert trial.distributions == genes and params_space(TINY, trial.params) is not None
+        assert set(trial.user_attrs) == {"worker", "score"} and trial.value == trial.user_attrs["score"]["qt_score"]
+    assert set(optuna.importance.get_param_importances(study)) == set(genes)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1  # the RUNNING trial without a worker, once stale
+
+
 KILLED_SEARCH = textwrap.dedent(
     """
     import os, signal, sys
-    from spaceevo.search.evolution import EvolutionSizes, open_study, run_evolution
+    from spaceevo.search.evolution import EvolutionSizes, open_search_study, run_evolution
     from spaceevo.search.lut import load_block_lut
     from spaceevo.search.qt_score import QTScorer
     from spaceevo.space import load_hyperspace
@@ -136,43 +171,53 @@ KILLED_SEARCH = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # killed midway through the 10th evaluation
         return scorer.score(space)
 
-    run_evolution(open_study(url, {"test": 1}), hyperspace, evaluate, EvolutionSizes(16, 4, 30), progress=False)
+    run_evolution(open_search_study(url, {"test": 1}, hyperspace, EvolutionSizes(16, 4, 30)), evaluate, progress=False)
     """
 )
 
 
-def test_killed_search_resumes_without_reevaluating_finished_trials(lut_dir, tmp_path):
-    url = f"sqlite:///{tmp_path / 'study.db'}"
+def _url(backend: str, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}" if backend == "sqlite" else f"journal:{tmp_path / 'study.log'}"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_killed_worker_trial_is_failed_by_heartbeat_and_its_space_retried(lut_dir, tmp_path, monkeypatch, backend):
+    """kill -9 mid-evaluation: the next worker on the study fails the trial once its heartbeat is older
+    than the grace period (2 s here) and evaluates its space again; finished trials are kept."""
+    monkeypatch.setattr(storage, "GRACE_S", 2)
+    url = _url(backend, tmp_path)
     killed = subprocess.run([sys.executable, "-c", KILLED_SEARCH, str(lut_dir), url], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     before = complete_trials(url)
     assert len(before) == 9
-
     scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
     evaluated = []
 
-    def evaluate(space):
+    def evaluate(space):  # 21 of them take longer than the grace period: the stale trial is found while searching
         evaluated.append(space.encoding)
+        time.sleep(0.3)
         return scorer.score(space)
 
-    study = open_study(url, {"test": 1})
-    result = run_evolution(study, TINY, evaluate, EvolutionSizes(16, 4, 30), progress=False)
-    assert len(evaluated) == 30 - 9 == result.evaluated_here
-    done_before = {t.user_attrs["space"] for t in before}
-    assert not done_before & set(evaluated)
+    study = open_search_study(url, {"test": 1}, TINY, EvolutionSizes(16, 4, 30))
+    result = run_evolution(study, evaluate, progress=False)
+    assert len(evaluated) == 30 - 9 == result.evaluated_here == len(set(evaluated))
+    assert not {space_of(t) for t in before} & set(evaluated)
     after = complete_trials(url)
     assert [t.number for t in after[:9]] == [t.number for t in before]  # finished trials kept as they were
-    assert len(after) == 30 == len({t.user_attrs["space"] for t in after})
-    states = [t.state for t in study.get_trials()]
-    assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed worker's trial, no longer claiming
-    assert states.count(optuna.trial.TrialState.RUNNING) == 0
+    assert len(after) == 30 == len({space_of(t) for t in after})
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].params  # the killed worker's trial, its genome written
+    retry = [t for t in after if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retry) == 1 and retry[0].params == failed[0].params  # its space, evaluated again
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in trials)
 
 
 KILLED_AFTER_ASK = textwrap.dedent(
     """
     import os, signal, sys
     import optuna
-    from spaceevo.search.evolution import EvolutionSizes, open_study, run_evolution
+    from spaceevo.search.evolution import EvolutionSizes, open_search_study, run_evolution
     from spaceevo.search.lut import load_block_lut
     from spaceevo.search.qt_score import QTScorer
     from spaceevo.space import load_hyperspace
@@ -186,47 +231,49 @@ KILLED_AFTER_ASK = textwrap.dedent(
     def init_then_die(self, study, trial_id):
         init(self, study, trial_id)
         created.append(trial_id)
-        if len(created) == 30:  # the last trial exists in storage; nothing else has been written to it
+        if len(created) == 30:  # the last trial exists in storage: no heartbeat, no parameters yet
             os.kill(os.getpid(), signal.SIGKILL)
 
     optuna.Trial.__init__ = init_then_die
-    run_evolution(open_study(url, {"test": 1}), hyperspace, lambda space: scorer.score(space), EvolutionSizes(16, 4, 30),
-                  progress=False)
+    study = open_search_study(url, {"test": 1}, hyperspace, EvolutionSizes(16, 4, 30))
+    run_evolution(study, lambda space: scorer.score(space), progress=False)
     """
 )
 
 
-def test_search_killed_right_after_creating_a_trial_resumes_at_once(lut_dir, tmp_path, monkeypatch):
-    """The issue: killed between study.ask() and the trial's worker attribute, the re-run waited at
-    29/30 for the stale timeout (600 s). The orphan names its dead worker now, so it is freed at once:
-    the resumed search never sleeps waiting for it (a sleep here fails the test, no clock involved)."""
-    url = f"sqlite:///{tmp_path / 'study.db'}"
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_search_killed_before_the_first_heartbeat_does_not_stall(lut_dir, tmp_path, monkeypatch, backend):
+    """Killed between creating a trial and its first heartbeat (Optuna's heartbeat never fails such a
+    trial): its start is its last sign of life, so the resumed search fails it after the grace period
+    instead of waiting for it (the old claim protocol waited 600 s)."""
+    monkeypatch.setattr(storage, "GRACE_S", 2)
+    url = _url(backend, tmp_path)
     killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ASK, str(lut_dir), url], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert len(complete_trials(url)) == 29
-    study = open_study(url, {"test": 1})
+    study = open_search_study(url, {"test": 1}, TINY, EvolutionSizes(16, 4, 30))
     orphan = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
-    assert len(orphan) == 1 and "space" not in orphan[0].user_attrs
-
-    def no_waiting(seconds):
-        raise AssertionError(f"the resumed search waited ({seconds} s) for the killed worker's trial")
-
-    monkeypatch.setattr(evolution.time, "sleep", no_waiting)
+    assert len(orphan) == 1 and not orphan[0].params
+    waits = []
+    sleep = time.sleep
+    monkeypatch.setattr(evolution.time, "sleep", lambda seconds: (waits.append(seconds), sleep(seconds)))
     scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
-    result = run_evolution(study, TINY, lambda space: scorer.score(space), EvolutionSizes(16, 4, 30), progress=False,
-                           stale_after_s=1e9)
+    result = run_evolution(study, lambda space: scorer.score(space), progress=False)
     assert result.evaluated_here == 1 and len(result.scores) == 30 == len({s.space for s in result.scores})
+    assert sum(waits) <= storage.GRACE_S + 1  # it waited for the orphan at most the grace period
     states = [t.state for t in study.get_trials()]
-    assert states.count(optuna.trial.TrialState.FAIL) == 1 and optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.COMPLETE) == 30
+    assert len(states) == 31  # failed after the total was reached: not retried
 
 
 def test_waiting_for_other_workers_says_for_what(lut_dir, tmp_path, monkeypatch, capsys):
-    """A trial claimed by a live worker elsewhere (here: a RUNNING trial of another host) holds the
-    last place: the progress bar says which trial, whose, how long it has run and when it is freed."""
+    """T spaces are complete but another worker's trial still runs: the progress bar says which trial,
+    whose, how long it has run and when it is failed if that worker is dead."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = open_study(url, {"test": 1})
     scorer = QTScorer(load_block_lut(lut_dir, TINY), CONSTRAINTS, samples=SAMPLES)
-    run_evolution(study, TINY, lambda space: scorer.score(space), EvolutionSizes(4, 2, 5), progress=False)
+    run_evolution(open_search_study(url, {"test": 1}, TINY, EvolutionSizes(4, 2, 5)), lambda space: scorer.score(space),
+                  progress=False)
+    study = open_search_study(url, {"test": 1}, TINY, EvolutionSizes(4, 2, 6))
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, user_attrs={"worker": "elsewhere:1"}))
     waits = []
 
@@ -237,9 +284,25 @@ def test_waiting_for_other_workers_says_for_what(lut_dir, tmp_path, monkeypatch,
 
     monkeypatch.setattr(evolution.time, "sleep", sleep)
     with pytest.raises(KeyboardInterrupt):
-        run_evolution(study, TINY, lambda space: scorer.score(space), EvolutionSizes(4, 2, 6), progress=True, stale_after_s=600)
+        run_evolution(study, lambda space: scorer.score(space), progress=True)
     err = capsys.readouterr().err
-    assert re.search(r"waiting for 1 space\(s\) of other workers: trial 5 \(elsewhere:1\) running \d+ s, freed after 600 s", err), err
+    assert re.search(r"waiting for 1 trial\(s\) of other workers: trial 5 \(elsewhere:1\) running \d+ s, failed if its "
+                     r"heartbeat stops for 10 s", err), err
+    assert len(complete_trials(url)) == 6
+
+
+def test_ctrl_c_while_optuna_tells_a_trial_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """Optuna 5.1's study.optimize turns a KeyboardInterrupt during its tell into an UnboundLocalError
+    (its clean-up reads a name the tell never set): the search raises KeyboardInterrupt, so the CLI
+    says 'interrupted' instead of printing a traceback."""
+    study = open_search_study(f"sqlite:///{tmp_path / 'study.db'}", {"test": 1}, TINY, EvolutionSizes(4, 2, 8))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optuna.study._optimize, "_tell_with_warning", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_evolution(study, lambda space: SpaceScore(space.encoding, 1.0, ()), progress=False)
 
 
 SEARCH_COMMAND = textwrap.dedent(
@@ -297,7 +360,7 @@ def test_search_interrupted_by_sigint_exits_130_with_the_hint_and_resumes(lut_di
     summary = json.loads(out)
     assert summary["evaluated"] == 48 and summary["evaluated_here"] == 48 - before
     trials = optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(summary["storage"])).get_trials()
-    spaces = [t.user_attrs["space"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    spaces = [space_of(t) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(spaces) == 48 == len(set(spaces))
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
 
@@ -338,7 +401,7 @@ def _search_with_a_helper(lut_dir: Path, run: Path) -> tuple[subprocess.Popen, s
 
 
 @pytest.mark.parametrize("to", ["the main process", "the process group (Ctrl-C)"])
-def test_search_with_helpers_interrupted_by_sigint_stops_them(lut_dir, tmp_path, to):
+def test_search_with_helpers_interrupted_by_sigint_stops_them(lut_dir, tmp_path, monkeypatch, to):
     process, url, helper = _search_with_a_helper(lut_dir, tmp_path / "run")
     if to == "the main process":
         process.send_signal(signal.SIGINT)
@@ -350,8 +413,13 @@ def test_search_with_helpers_interrupted_by_sigint_stops_them(lut_dir, tmp_path,
     assert not _alive(helper), "the helper stopped with the search"
     trials = _trials(url)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) < 1000, "it did not search on alone"
-    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    assert all(evolution.is_abandoned(t, stale_after_s=1e9) for t in running), "a re-run frees their claims at once"
+    running = {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING}
+    assert len(running) <= 2  # at most one per process: Ctrl-C outside the objective (or SIGTERM) leaves it RUNNING
+    monkeypatch.setattr(storage, "GRACE_S", 1)
+    study = optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(url, heartbeat=True))
+    time.sleep(2.5)  # past the grace period (SQLite's clock counts whole seconds): a re-run's heartbeat check fails them
+    storage.fail_stale_trials(study)
+    assert not [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
 
 
 def test_search_helpers_end_when_the_search_is_killed(lut_dir, tmp_path):
@@ -383,8 +451,8 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "journal"])
-def test_two_worker_processes_share_a_search_without_duplicates(lut_dir, tmp_path, backend):
-    url = f"sqlite:///{tmp_path / 'study.db'}" if backend == "sqlite" else f"journal:{tmp_path / 'study.log'}"
+def test_two_worker_processes_share_a_search(lut_dir, tmp_path, backend):
+    url = _url(backend, tmp_path)
     workers = [
         subprocess.Popen([sys.executable, "-c", WORKER, str(lut_dir), str(tmp_path), url, name], stderr=subprocess.PIPE, text=True)
         for name in ("w1", "w2")
@@ -392,16 +460,23 @@ def test_two_worker_processes_share_a_search_without_duplicates(lut_dir, tmp_pat
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"ready-{n}").exists() for n in ("w1", "w2")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    (tmp_path / "go").touch()  # both start together: they race for the same seed spaces
+    (tmp_path / "go").touch()  # both start together: they propose from the same seeds at the same moment
     for worker in workers:
         _, err = worker.communicate(timeout=120)
         assert worker.returncode == 0, err
     trials = complete_trials(url)
-    spaces = [t.user_attrs["space"] for t in trials]
-    assert len(spaces) == 48 == len(set(spaces))  # exactly the budget, no space evaluated twice
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both took part
+    assert 48 <= len(trials) <= 49  # the total, and the other worker's trial that was running when it was reached
+    by_worker = {}
+    for trial in trials:
+        by_worker.setdefault(trial.user_attrs["worker"], []).append(space_of(trial))
+    assert len(by_worker) == 2 and all(len(s) == len(set(s)) for s in by_worker.values())  # both took part, never twice
+    spaces = [space_of(t) for t in trials]
+    assert len(spaces) - len(set(spaces)) <= 3  # a duplicate needs two proposals in the same milliseconds (docs/search.md)
     results = [json.loads((tmp_path / n / "search" / "result.json").read_text()) for n in ("w1", "w2")]
-    assert results[0]["best_space"] == results[1]["best_space"]
+    assert results[0]["best_space"] == results[1]["best_space"] and results[0]["evaluated"] == results[1]["evaluated"]
+    assert results[0]["evaluated"] == len(set(spaces))  # each space counted once
+    states = {t.state for t in optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(url)).get_trials()}
+    assert states == {optuna.trial.TrialState.COMPLETE}
 
 
 def test_resumed_search_with_other_settings_is_refused(lut_dir, tmp_path):

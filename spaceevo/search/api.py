@@ -26,11 +26,10 @@ from spaceevo.errors import SpaceEvoError, UsageError
 from spaceevo.io import atomic_write_json, atomic_write_text, check_writable
 from spaceevo.search.evolution import (
     STUDY_NAME,
-    EvolutionSizes,
     EvolutionResult,
     evolution_sizes,
+    open_search_study,
     open_storage,
-    open_study,
     run_evolution,
     storage_url,
 )
@@ -185,18 +184,18 @@ def search_block_lut(
     sizes = evolution_sizes(preset, hyper)
     check_writable(Path(run_dir) / "search", "--run")
     url = storage_url(storage, run_dir)
-    opened = open_storage(url)  # an unreachable storage fails before the LUT is read
+    opened = open_storage(url, heartbeat=True)  # an unreachable storage fails before the LUT is read
     lut = load_block_lut(block_lut_dir, hyper)
     constraints = _constraints(lut, latency_constraints_ms, fixed_stage_ms, seed, f"any space of '{hyper.name}'")
     if latency_constraints_ms == "auto" and progress:
         print(f"spaceevo: latency constraints (auto): {', '.join(f'{c:g}' for c in constraints)} ms", file=sys.stderr)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one progress bar, not a line per trial
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one progress bar, not a line (and traceback) per trial
     config = _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed)
-    study = open_study(url, config, storage=opened)  # a foreign study is refused before any helper starts
+    study = open_search_study(url, config, hyper, sizes, seed, storage=opened)  # a foreign study is refused before any helper starts
     helpers = _start_workers(workers - 1, block_lut_dir, hyper.source or hyper.name, constraints, url, preset, seed, fixed_stage_ms, samples)
     try:
-        result = _evolve(study, hyper, lut, constraints, sizes, seed, fixed_stage_ms, samples, progress)
-    except BaseException:  # interrupted or failed: the helpers stop too (their claims are freed at once)
+        result = _evolve(study, lut, constraints, seed, fixed_stage_ms, samples, progress)
+    except BaseException:  # interrupted or failed: the helpers stop too (their trials fail, not left RUNNING)
         for helper in helpers:
             helper.terminate()
         for helper in helpers:
@@ -296,20 +295,21 @@ def _worker_main(
     ends with the process that started it, also when that one is killed (``kill -9``), and quietly on
     Ctrl-C (the starting process reports it)."""
     _exit_with_parent()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         hyper = load_hyperspace(hyperspace)
         lut = load_block_lut(block_lut_dir, hyper)
-        study = open_study(url, _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed))
-        _evolve(study, hyper, lut, constraints, evolution_sizes(preset, hyper), seed, fixed_stage_ms, samples, progress=False)
+        config = _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed)
+        study = open_search_study(url, config, hyper, evolution_sizes(preset, hyper), seed)
+        _evolve(study, lut, constraints, seed, fixed_stage_ms, samples, progress=False)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 def _exit_with_parent(poll_s: float = 0.5) -> None:
     """End this process as soon as its parent is gone (a thread polls the parent's id): an orphaned
-    helper would otherwise search on alone. Its claimed trial is freed at once by the next worker
-    on this host (:func:`~spaceevo.search.evolution.is_abandoned`)."""
+    helper would otherwise search on alone. Its running trial is failed by the heartbeat check of
+    the next worker on the study (:mod:`spaceevo.search.storage`)."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -337,14 +337,12 @@ def _search_config(
 
 def _evolve(
     study: optuna.Study,
-    hyper: Hyperspace,
     lut: BlockLUT,
     constraints: list[float],
-    sizes: EvolutionSizes,
     seed: int,
     fixed_stage_ms: FixedStageMs,
     samples: int,
     progress: bool,
 ) -> EvolutionResult:
     scorer = QTScorer(lut, constraints, fixed_stage_ms, samples=samples)
-    return run_evolution(study, hyper, lambda space: scorer.score(space, seed), sizes, seed, progress=progress)
+    return run_evolution(study, lambda space: scorer.score(space, seed), progress=progress)

@@ -1,26 +1,27 @@
-"""Aging evolution over candidate spaces, as an ask/tell loop over an Optuna study.
+"""Aging evolution over candidate spaces, as an Optuna sampler run by ``study.optimize``.
 
 DESIGN.md: population P, tournament S, T spaces evaluated in total, no crossover; a mutation changes
 one stage's block type or one stage's width window; the first spaces are the homogeneous ones (same
-block type in every stage), then random ones until the population is full. The study lives in Optuna
-storage, which is the only state: every step rebuilds the population from the finished trials in the
-order they finished, so a killed search resumes where it stopped and several workers (processes or
-machines) share one search.
+block type in every stage), then random ones until the population is full.
 
-Each trial carries, as user attributes (shown by optuna-dashboard): ``worker`` (host:pid), ``space``
-(the encoding) and ``score``: ``{"qt_score", "feasible_fraction": {"<C>ms": …}, "top_tier_loss":
-{"<C>ms": …}}`` (one attribute, so one storage write); its value is the Q-T score.
+:class:`AgingEvolutionSampler` is an ``optuna.samplers.BaseSampler``: a candidate space's genes are
+the trial's parameters, one categorical per searchable stage for its block type (``stage1_block``,
+the block type's name) and one for its width window (``stage1_window``, the window's index), so
+optuna-dashboard and ``optuna.importance`` see them. The trial's value is the Q-T score; its user
+attributes are ``worker`` (host:pid) and ``score``: ``{"qt_score",
+"feasible_fraction": {"<C>ms": …}, "top_tier_loss": {"<C>ms": …}}``. The study in Optuna storage is
+the only state: each trial's genome is proposed from the finished trials in the order they finished,
+so a killed search resumes where it stopped and several workers (processes or machines) share one.
 
-No candidate space is evaluated twice, also across workers. A worker *claims* a space by writing it
-into its RUNNING trial, then reads every trial and backs off (marks its trial PRUNED, unevaluated) if
-another RUNNING or COMPLETE trial holds the same space. Of two workers claiming the same space, the
-one that writes second reads the first one's claim (the storage orders writes and reads: RDB
-transactions, or the journal file's lock), so at most one of them evaluates it; both may back off, which
-costs a retry, never a duplicate. A claim lapses when its trial is abandoned: its worker's process is
-gone (same host), or it has been RUNNING longer than ``stale_after_s`` (other hosts); such trials are
-marked FAIL. The guarantee therefore holds as long as no evaluation outlives ``stale_after_s``
-(default 600 s; one evaluation takes well under a second). The total is exact in the same way: a
-trial that is not among the first T unfinished-or-complete trials by trial number backs off.
+Workers and crashes are Optuna's business (:mod:`spaceevo.search.storage`): ``study.optimize`` keeps a
+heartbeat per running trial and fails trials whose heartbeat stopped (a killed worker's), queueing
+their genome again; ``MaxTrialsCallback(T, states=(COMPLETE,))`` stops every worker once T spaces are
+complete. The sampler treats the genomes of RUNNING, WAITING and COMPLETE trials as taken, so a worker
+never evaluates a space twice. Across workers a duplicate needs two workers to propose the same space
+in the few milliseconds between one reading the study and writing its trial's parameters; homogeneous
+seeds are taken in trial-number order so that workers starting together take different ones. A
+duplicate costs one evaluation (the score depends only on seed and space) and is reported once. With W
+workers, up to W - 1 trials that were running when the T-th finished complete as well.
 """
 
 from __future__ import annotations
@@ -29,24 +30,26 @@ import math
 import os
 import random
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
-import sqlalchemy
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from spaceevo.errors import ArtifactError, RunMismatchError, UsageError
+from spaceevo.errors import UsageError
+from spaceevo.search import storage as storage_module
 from spaceevo.search.qt_score import SpaceScore, constraint_score
+from spaceevo.search.storage import STORAGE_FORMS, fail_stale_trials, open_storage, storage_url
 from spaceevo.space import CandidateSpace, Hyperspace
 
 STUDY_NAME = "spaceevo-space-search"
-CLAIMS = (TrialState.RUNNING, TrialState.COMPLETE)
+TAKEN = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE)
+"""Trials whose space no other trial may propose: being evaluated, queued for a retry, or done."""
 
 
 @dataclass(frozen=True)
@@ -81,168 +84,75 @@ def evolution_sizes(name: str, hyperspace: Hyperspace) -> EvolutionSizes:
     return EvolutionSizes(population, max(1, min(preset.tournament, population)), total)
 
 
-# ---- storage -----------------------------------------------------------------------------------
+# ---- storage (spaceevo.search.storage; these names stay importable from here) --------------------
 
 
-def storage_url(storage: str | None, run_dir: str | Path | None) -> str:
-    """The storage a search uses: ``storage`` as given, or SQLite in ``run_dir/search/study.db``."""
-    if storage:
-        return storage
-    if run_dir is None:
-        raise UsageError("a search needs a run directory or an Optuna storage URL")
-    path = Path(run_dir).resolve() / "search" / "study.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+def open_study(
+    url: str,
+    config: dict,
+    study_name: str = STUDY_NAME,
+    storage: optuna.storages.BaseStorage | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+) -> optuna.Study:
+    """:func:`spaceevo.search.storage.open_study`, by default the space search's study."""
+    return storage_module.open_study(url, config, study_name, storage, sampler)
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open any Optuna RDB URL (``sqlite:///…``, ``postgresql://…``, ``mysql://…``) or a journal file
-    (``journal:PATH`` or ``journal:///abs/path``); a storage that cannot be opened raises
-    :class:`UsageError` saying why, a corrupt SQLite or journal file :class:`ArtifactError` naming it."""
-    _check_storage_url(url)
-    for attempt in range(5):
-        try:
-            return _open_storage(url)
-        except Exception as error:  # drivers raise many types; the user needs the reason, not a traceback
-            creating = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
-            if creating and attempt < 4:
-                time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables right now
-                continue
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            corrupt = _corrupt_file(url, error)
-            if corrupt is not None:
-                raise ArtifactError(
-                    f"{corrupt}: not a readable Optuna study ({getattr(error, 'orig', None) or reason}); it is corrupt "
-                    f"or another kind of file: restore it, or delete it to start over (its finished trials are lost)"
-                ) from None
-            raise UsageError(f"cannot open Optuna storage '{url}': {reason} (allowed: {STORAGE_FORMS})") from None
-    raise AssertionError("unreachable")
+def open_search_study(
+    url: str,
+    config: dict,
+    hyperspace: Hyperspace,
+    sizes: EvolutionSizes,
+    seed: int = 0,
+    storage: optuna.storages.BaseStorage | None = None,
+) -> optuna.Study:
+    """The space search's study in ``url`` (or in ``storage``, opened with ``heartbeat=True``), with
+    its sampler; ``config`` must match what the study holds (:func:`open_study`)."""
+    storage = storage or open_storage(url, heartbeat=True)
+    return open_study(url, config, storage=storage, sampler=AgingEvolutionSampler(hyperspace, sizes, seed))
 
 
-def _corrupt_file(url: str, error: Exception) -> Path | None:
-    """The SQLite or journal file of ``url`` if ``error`` says it exists but holds no readable study
-    (the artifact's fault), else None (the URL's, the folder's or the server's)."""
-    if url.startswith("journal:"):
-        path = _journal_path(url)
-        return path if path.is_file() and isinstance(error, ValueError) else None  # bad UTF-8 or JSON
-    orig = getattr(error, "orig", None)
-    if isinstance(error, sqlalchemy.exc.DatabaseError) and type(orig) is sqlite3.DatabaseError:
-        return Path(url.partition(":///")[2].partition("?")[0])
-    return None
+# ---- genomes -----------------------------------------------------------------------------------
 
 
-STORAGE_FORMS = (
-    "sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db, another RDB URL such as "
-    "postgresql://USER@HOST/DB, or journal:PATH"
-)
-"""The storage URLs a search or an extraction accepts, as messages name them."""
+def genome_distributions(hyperspace: Hyperspace) -> dict[str, BaseDistribution]:
+    """A candidate space's genes as Optuna parameters: per searchable stage, its block type's name
+    and its width window's index."""
+    genes: dict[str, BaseDistribution] = {}
+    for stage in hyperspace.searchable_stages:
+        names = sorted(stage.block_types, key=lambda n: hyperspace.block_types[n].digit)
+        genes[f"{stage.name}_block"] = CategoricalDistribution(names)
+        genes[f"{stage.name}_window"] = CategoricalDistribution(list(range(len(stage.windows))))
+    return genes
 
 
-def _check_storage_url(url: str) -> None:
-    """:class:`UsageError` for a URL that names no shared, persistent study: no scheme, an empty
-    journal path, or an SQLite URL without a file (in-memory, lost when the process ends)."""
-    scheme, sep, rest = url.partition("://")
-    if url.startswith("journal:"):
-        if not url[len("journal:") :].removeprefix("//"):
-            raise UsageError(f"--storage '{url}' names no journal file; allowed: {STORAGE_FORMS}")
-    elif not sep:
-        raise UsageError(f"--storage '{url}' is not a storage URL; allowed: {STORAGE_FORMS}")
-    elif scheme.partition("+")[0] == "sqlite":
-        path = rest.partition("?")[0]
-        if not path.startswith("/") or path[1:] in ("", ":memory:"):
-            raise UsageError(
-                f"--storage '{url}' names no database file (SQLite would keep the study in memory, lost when "
-                f"the process ends); allowed: {STORAGE_FORMS}"
-            )
+def space_params(space: CandidateSpace) -> dict[str, Any]:
+    """The parameters of a candidate space (:func:`genome_distributions`)."""
+    hyperspace = space.hyperspace
+    names = hyperspace.block_type_by_digit
+    params: dict[str, Any] = {}
+    for stage, block, window in zip(hyperspace.searchable_stages, space.block_digits, space.window_digits):
+        params[f"{stage.name}_block"] = names[block].name
+        params[f"{stage.name}_window"] = window
+    return params
 
 
-def _journal_path(url: str) -> Path:
-    """The file of a ``journal:PATH`` or ``journal:///abs/path`` URL."""
-    return Path(url[len("journal:") :].removeprefix("//"))
-
-
-def _open_storage(url: str) -> optuna.storages.BaseStorage:
-    if url.startswith("journal:"):
-        path = _journal_path(url)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"folder {path.parent} does not exist")
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if not url.startswith("sqlite"):
-        return optuna.storages.RDBStorage(url)
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    sqlalchemy.event.listen(storage.engine, "connect", _sqlite_wal)
-    storage.engine.dispose()  # later connections get the pragmas
-    return storage
-
-
-def _sqlite_wal(connection: object, _record: object) -> None:
-    """Write-ahead log without an fsync per commit: a killed process loses nothing committed (a power
-    cut may lose the last trials, which a resumed search evaluates again); several processes on one
-    host share the file. Not for network file systems: use a server database or a journal there."""
-    cursor = connection.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def open_study(url: str, config: dict, study_name: str = STUDY_NAME, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
-    """Create or load the search's study in ``url`` (or the already opened ``storage``) and check that
-    it holds a search with the same ``config``."""
-    storage = storage or open_storage(url)
+def params_space(hyperspace: Hyperspace, params: dict[str, Any]) -> CandidateSpace | None:
+    """The candidate space of a trial's parameters; None if some gene is not set yet."""
     try:
-        study = optuna.create_study(
-            storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.RandomSampler(seed=0),  # unused: the loop chooses every space
-        )
-    except Exception as error:
-        raise UsageError(f"cannot open Optuna study '{study_name}' in '{url}': {error}") from None
-    stored = study.user_attrs.get("config")
-    if stored is None:
-        study.set_user_attr("config", config)
-    elif stored != config:
-        differences = ", ".join(
-            f"{key}: {stored.get(key)!r} there, {config.get(key)!r} now"
-            for key in sorted(set(stored) | set(config))
-            if stored.get(key) != config.get(key)
-        )
-        raise RunMismatchError(
-            f"study '{study_name}' in {url} holds a search with other settings ({differences}); "
-            f"use the same settings to resume it, or another run directory / --storage"
-        )
-    return study
+        stages = hyperspace.searchable_stages
+        blocks = tuple(hyperspace.block_types[params[f"{s.name}_block"]].digit for s in stages)
+        windows = tuple(int(params[f"{s.name}_window"]) for s in stages)
+    except KeyError:
+        return None
+    return CandidateSpace(hyperspace, blocks, windows)
 
 
-# ---- trials ------------------------------------------------------------------------------------
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def ask_as_worker(study: optuna.Study, **user_attrs: Any) -> optuna.Trial:
-    """A new RUNNING trial that carries this process's ``worker`` attribute (and ``user_attrs``, e.g.
-    a claim) from its creation, in one storage write. ``study.ask()`` followed by
-    ``set_user_attr("worker", …)`` leaves a trial without a worker when the process is killed in
-    between, which no one can tell from a live one until ``stale_after_s``; a trial made here always
-    names its process, so a killed worker's trial is freed at once (:func:`is_abandoned`)."""
-    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"worker": worker_id(), **user_attrs})
-    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)  # what study.ask() does
-    return optuna.Trial(study, trial_id)
-
-
-def is_abandoned(trial: FrozenTrial, stale_after_s: float) -> bool:
-    """A RUNNING trial whose worker process is gone (same host) or that has run too long (a trial
-    of another host, or one without a ``worker``, as :func:`ask_as_worker` never makes)."""
-    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    started = trial.datetime_start or datetime.now()
-    return (datetime.now() - started).total_seconds() > stale_after_s
+def trial_space(hyperspace: Hyperspace, trial: FrozenTrial) -> str | None:
+    """The encoding a trial holds: from its parameters, else its ``space`` attribute (studies written
+    before the genes were parameters), else None (its parameters are not written yet)."""
+    space = params_space(hyperspace, trial.params)
+    return trial.user_attrs.get("space") if space is None else space.encoding
 
 
 def finished_in_order(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -261,14 +171,14 @@ def _score_attr(score: SpaceScore) -> dict:
     }
 
 
-def trial_score(trial: FrozenTrial) -> SpaceScore:
-    """Rebuild a space's score from a finished trial's ``score`` attribute."""
+def trial_score(hyperspace: Hyperspace, trial: FrozenTrial) -> SpaceScore:
+    """Rebuild a space's score from a finished trial's parameters and ``score`` attribute."""
     attr = trial.user_attrs["score"]
     parts = tuple(
         constraint_score(float(key.removesuffix("ms")), fraction, attr["top_tier_loss"][key])
         for key, fraction in attr["feasible_fraction"].items()
     )
-    return SpaceScore(trial.user_attrs["space"], float(trial.value), parts)
+    return SpaceScore(str(trial_space(hyperspace, trial)), float(trial.value), parts)
 
 
 # ---- proposals ---------------------------------------------------------------------------------
@@ -315,14 +225,16 @@ def propose(
     known: set[str],
     sizes: EvolutionSizes,
     rng: random.Random,
+    number: int = 0,
 ) -> CandidateSpace | None:
-    """The next space to evaluate, not in ``known``; ``finished`` holds (encoding, score, trial number)
-    in finishing order. Homogeneous seeds first (in random order, so that workers starting together
-    rarely claim the same one), random spaces until P are finished, then a mutation of the best of S
-    random members of the last P finished. ``None`` when every space is known."""
+    """The next space to evaluate (for trial ``number``), not in ``known``; ``finished`` holds
+    (encoding, score, trial number) in finishing order. Homogeneous seeds first (the one at ``number``
+    modulo those left, so that workers proposing at the same moment take different ones), random
+    spaces until P are finished, then a mutation of the best of S random members of the last P
+    finished. ``None`` when every space is known."""
     if len(finished) < sizes.population:
         seeds = [s for s in hyperspace.homogeneous_spaces() if s.encoding not in known]
-        return rng.choice(seeds) if seeds else _random_unknown(hyperspace, known, rng)
+        return seeds[number % len(seeds)] if seeds else _random_unknown(hyperspace, known, rng)
     population = list(finished[-sizes.population :])
     for _ in range(100):
         contenders = rng.sample(population, min(sizes.tournament, len(population)))
@@ -333,12 +245,63 @@ def propose(
     return _random_unknown(hyperspace, known, rng)
 
 
-# ---- the loop ----------------------------------------------------------------------------------
+class AgingEvolutionSampler(optuna.samplers.BaseSampler):
+    """Aging evolution over a hyperspace's candidate spaces as an Optuna sampler: each trial's genome
+    (:func:`genome_distributions`) is sampled jointly by :func:`propose` from the study's trials. The
+    proposal of trial n draws from ``random.Random(f"{seed}:{n}")``, so one worker with the same seed
+    reproduces the same search."""
+
+    def __init__(self, hyperspace: Hyperspace, sizes: EvolutionSizes, seed: int = 0) -> None:
+        self.hyperspace, self.sizes, self.seed = hyperspace, sizes, seed
+        self._genes = genome_distributions(hyperspace)
+        self._finished_spaces: dict[int, str | None] = {}  # trial id -> encoding, for finished trials (they never change)
+        self.complete_seen = 0  # COMPLETE trials at the last proposal (for a progress bar)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return dict(self._genes)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        """The proposed genome; empty when every space is taken."""
+        trials = study._get_trials(deepcopy=False, use_cache=True)  # one read per trial, shared with Optuna
+        known = {self._space(t) for t in trials if t.state in TAKEN and t.number != trial.number}
+        history = [(self._space(t), float(t.value), t.number) for t in finished_in_order(trials)]
+        self.complete_seen = len(history)
+        rng = random.Random(f"{self.seed}:{trial.number}")
+        space = propose(self.hyperspace, history, known - {None}, self.sizes, rng, trial.number)
+        return {} if space is None else {k: v for k, v in space_params(space).items() if k in search_space}
+
+    def _space(self, trial: FrozenTrial) -> str | None:
+        """:func:`trial_space`, remembered for finished trials (the proposal reads every trial)."""
+        if not trial.state.is_finished():
+            return trial_space(self.hyperspace, trial)
+        if trial._trial_id not in self._finished_spaces:
+            self._finished_spaces[trial._trial_id] = trial_space(self.hyperspace, trial)
+        return self._finished_spaces[trial._trial_id]
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        """A parameter outside the genome, or a gene when every space is taken (run_evolution's
+        objective never asks for one then): drawn at random."""
+        rng = random.Random(f"{self.seed}:{trial.number}:{param_name}")
+        return optuna.samplers.RandomSampler(seed=rng.randrange(2**31)).sample_independent(
+            study, trial, param_name, param_distribution
+        )
+
+    def search_complete(self, study: optuna.Study) -> bool:
+        """Whether T spaces are complete (a stale trial is then failed, not retried)."""
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= self.sizes.total
+
+
+# ---- the search --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class EvolutionResult:
-    """Every finished space of the study (finishing order) and how many this call evaluated."""
+    """Every finished space of the study (finishing order, each space once) and how many this call
+    evaluated."""
 
     scores: list[SpaceScore]
     evaluated_here: int
@@ -348,105 +311,142 @@ class EvolutionResult:
         return max(self.scores, key=lambda s: s.qt_score)
 
 
+def worker_id() -> str:
+    """This process as ``host:pid`` (a trial's ``worker`` attribute)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def run_evolution(
     study: optuna.Study,
-    hyperspace: Hyperspace,
     evaluate: Callable[[CandidateSpace], SpaceScore],
-    sizes: EvolutionSizes,
-    seed: int = 0,
     progress: bool = True,
-    stale_after_s: float = 600.0,
-    poll_s: float = 0.05,
+    poll_s: float = 0.2,
 ) -> EvolutionResult:
-    """Run (or resume, or join) the aging evolution in ``study`` until T spaces are finished.
-
-    The proposal of trial n draws from ``random.Random(f"{seed}:{n}")`` and the study's history, so a
-    single worker with the same seed reproduces the same search."""
+    """Run (or resume, or join) the aging evolution of ``study`` (:func:`open_search_study`) until T
+    spaces are complete, then wait for the trials other workers are still running (at most one
+    evaluation, or the heartbeat's grace period for a dead worker's trial), so that every worker
+    returns the same finished study. An exception of ``evaluate`` fails its trial and is raised."""
+    sampler = study.sampler
+    if not isinstance(sampler, AgingEvolutionSampler):
+        raise TypeError("run_evolution needs a study opened by open_search_study (an AgingEvolutionSampler)")
+    hyperspace, sizes = sampler.hyperspace, sampler.sizes
     evaluated_here = 0
+    exhausted = False
+    current: list[int] = []  # this worker's trial, unless its evaluation raised
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal evaluated_here, exhausted
+        current[:] = [trial._trial_id]
+        retried = params_space(hyperspace, trial.params)  # a WAITING retry holds its genome already
+        if retried is None and not trial.relative_params:
+            exhausted = True  # every space is taken: the workers that hold them finish the rest
+            study.stop()
+            raise optuna.TrialPruned("every candidate space is taken")
+        genes = {name: trial.suggest_categorical(name, d.choices) for name, d in sampler._genes.items()}
+        space = params_space(hyperspace, genes)
+        assert space is not None
+        trial.set_user_attr("worker", worker_id())
+        try:
+            score = evaluate(space)
+        except BaseException:
+            current.clear()
+            raise
+        trial.set_user_attr("score", _score_attr(score))
+        evaluated_here += 1
+        return score.qt_score
+
     bar = tqdm(total=sizes.total, desc="space search", unit="space", disable=not progress)
+
+    def show(_study: optuna.Study, trial: FrozenTrial) -> None:
+        complete = sampler.complete_seen + (trial.state == TrialState.COMPLETE)  # as of this trial's proposal
+        bar.update(max(0, min(complete, sizes.total) - bar.n))
+
     try:
-        while True:
-            trials = study.get_trials(deepcopy=False)
-            running = []
-            for trial in trials:
-                if trial.state != TrialState.RUNNING:
-                    continue
-                if is_abandoned(trial, stale_after_s):
-                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-                else:
-                    running.append(trial)
-            finished = finished_in_order(trials)
-            bar.update(min(len(finished), sizes.total) - bar.n)
-            if len(finished) >= sizes.total:
+        bar.update(min(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), sizes.total))
+        while not sampler.search_complete(study):
+            try:
+                study.optimize(objective, callbacks=[MaxTrialsCallback(sizes.total, states=(TrialState.COMPLETE,)), show])
+            except UnboundLocalError as error:
+                if isinstance(error.__context__, KeyboardInterrupt):  # Ctrl-C while Optuna told the trial:
+                    raise KeyboardInterrupt from None  # its clean-up then fails on a name the tell never set
+                raise
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                if not _failed_as_stale(study, current):
+                    raise
+                continue  # this worker was so slow that another failed its trial; it was retried
+            if exhausted:
                 break
-            if len(finished) + len(running) >= sizes.total:
-                bar.set_postfix_str(_waiting_for(running, stale_after_s), refresh=True)
-                time.sleep(poll_s)  # the last spaces are being evaluated by other workers
-                continue
-            if _step(study, hyperspace, evaluate, sizes, seed, finished):
-                evaluated_here += 1
-            elif _exhausted(study, hyperspace):
-                break
+        _wait_for_others(study, bar, poll_s)
     finally:
         bar.close()
-    latest = finished_in_order(study.get_trials(deepcopy=False))
-    return EvolutionResult([trial_score(t) for t in latest], evaluated_here)
+    scores: dict[str, SpaceScore] = {}  # each space once (a duplicate across workers has the same score)
+    for trial in finished_in_order(study.get_trials(deepcopy=False)):
+        score = trial_score(hyperspace, trial)
+        scores.setdefault(score.space, score)
+    return EvolutionResult(list(scores.values()), evaluated_here)
 
 
-def _waiting_for(running: Sequence[FrozenTrial], stale_after_s: float) -> str:
-    """What a worker waits for when the last spaces are claimed by others: the oldest claim, its
-    worker and when it is freed if that worker never finishes it."""
+def _failed_as_stale(study: optuna.Study, current: list[int]) -> bool:
+    """Whether this worker's last trial, evaluated without an error, was failed by another worker's
+    heartbeat check (its result cannot be written: Optuna raises when it tells a finished trial)."""
+    return bool(current) and study._storage.get_trial(current[0]).state == TrialState.FAIL
+
+
+def _wait_for_others(study: optuna.Study, bar: tqdm, poll_s: float) -> None:
+    """Wait until no trial is RUNNING: other workers' last trials finish, a dead worker's trial is
+    failed once its heartbeat is older than the grace period (and not retried: the search is complete)."""
+    while True:
+        fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        bar.update(min(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), bar.total) - bar.n)
+        bar.set_postfix_str(_waiting_for(running), refresh=True)
+        time.sleep(poll_s)
+
+
+def _waiting_for(running: Sequence[FrozenTrial]) -> str:
+    """What a worker waits for at the end: the oldest trial still running, its worker and when it is
+    failed if that worker is dead."""
     oldest = min(running, key=lambda t: t.datetime_start or datetime.now())
     age = (datetime.now() - (oldest.datetime_start or datetime.now())).total_seconds()
-    worker = oldest.user_attrs.get("worker", "no worker recorded")
+    worker = oldest.user_attrs.get("worker", "no worker recorded yet")
     return (
-        f"waiting for {len(running)} space(s) of other workers: trial {oldest.number} ({worker}) running "
-        f"{age:.0f} s, freed after {stale_after_s:.0f} s"
+        f"waiting for {len(running)} trial(s) of other workers: trial {oldest.number} ({worker}) running "
+        f"{age:.0f} s, failed if its heartbeat stops for {storage_module.GRACE_S} s"
     )
 
 
-def _exhausted(study: optuna.Study, hyperspace: Hyperspace) -> bool:
-    claimed = {t.user_attrs.get("space") for t in study.get_trials(deepcopy=False, states=CLAIMS)}
-    return len(claimed - {None}) >= count_spaces(hyperspace)
+# ---- legacy claim protocol: used only by subnet_search.py, which the extraction package replaces;
+# ---- delete this section when that merge lands ----------------------------------------------------
+
+CLAIMS = (TrialState.RUNNING, TrialState.COMPLETE)
 
 
-def _step(
-    study: optuna.Study,
-    hyperspace: Hyperspace,
-    evaluate: Callable[[CandidateSpace], SpaceScore],
-    sizes: EvolutionSizes,
-    seed: int,
-    finished: list[FrozenTrial],
-) -> bool:
-    """Ask one trial, claim a space for it, evaluate and tell; False if it backed off."""
-    trial = ask_as_worker(study)
-    try:
-        others = [t for t in study.get_trials(deepcopy=False, states=CLAIMS) if t.number != trial.number]
-        rank = sum(1 for t in others if t.state == TrialState.COMPLETE or t.number < trial.number)
-        if rank >= sizes.total:  # not among the first T: another worker takes the last places
-            study.tell(trial, state=TrialState.PRUNED)
-            return False
-        known = {t.user_attrs["space"] for t in others if "space" in t.user_attrs}
-        history = [(t.user_attrs["space"], float(t.value), t.number) for t in finished]
-        space = propose(hyperspace, history, known, sizes, random.Random(f"{seed}:{trial.number}"))
-        if space is None:
-            study.tell(trial, state=TrialState.PRUNED)
-            return False
-        trial.set_user_attr("space", space.encoding)  # the claim
-        rivals = [
-            t for t in study.get_trials(deepcopy=False, states=CLAIMS)
-            if t.number != trial.number and t.user_attrs.get("space") == space.encoding
-        ]
-        if rivals:
-            trial.set_user_attr("backed_off_for", rivals[0].number)
-            study.tell(trial, state=TrialState.PRUNED)
-            time.sleep(random.uniform(0.0, 0.05))  # break the symmetry of workers that collided
-            return False
-        score = evaluate(space)
-        trial.set_user_attr("score", _score_attr(score))
-        study.tell(trial, score.qt_score, skip_if_finished=True)
-        return True
-    except BaseException:
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        raise
+def ask_as_worker(study: optuna.Study, **user_attrs: Any) -> optuna.Trial:
+    """A new RUNNING trial that carries this process's ``worker`` attribute (and ``user_attrs``) from
+    its creation, in one storage write (subnet_search.py's claim)."""
+    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"worker": worker_id(), **user_attrs})
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return optuna.Trial(study, trial_id)
 
+
+def is_abandoned(trial: FrozenTrial, stale_after_s: float) -> bool:
+    """A RUNNING trial whose worker process is gone (same host) or that has run too long."""
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    started = trial.datetime_start or datetime.now()
+    return (datetime.now() - started).total_seconds() > stale_after_s
+
+
+__all__ = [
+    "STUDY_NAME", "STORAGE_FORMS", "EvolutionSizes", "PRESETS", "count_spaces", "evolution_sizes", "open_storage",
+    "open_study", "open_search_study", "storage_url", "genome_distributions", "space_params", "params_space",
+    "AgingEvolutionSampler", "EvolutionResult", "run_evolution", "mutate", "propose",
+]
