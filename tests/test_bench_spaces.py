@@ -101,6 +101,8 @@ def test_reference_adaptation_keeps_a_4x4_map_at_28px(bench, name):
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert shapes[0] == (28, 28) and min(s for s in shapes if s != (1, 1)) == (4, 4)  # (1, 1): squeeze-excitation
+    # running statistics converge within the training: time constant 1 / momentum <= 100 steps of 2,520
+    assert all(bn.momentum >= 0.01 for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
 
 
 def test_the_full_test_set_names_the_debian_package_when_missing(bench, monkeypatch, capsys):
