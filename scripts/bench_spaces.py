@@ -1,34 +1,43 @@
-"""The searched space against the MobileNetV3 space and torchvision models: same data, recipe, device.
+"""The searched space against the MobileNetV3 space and stock models, with 95 % intervals.
 
-One run on one device (issue 7, part 1):
+One run on one device (issue 7, part 1; issue 18, item 3):
 
-1. ``spaceevo search --device cpu`` for ``tiny`` (block LUTs + Q-T evolution, resumable) gives the
-   *searched* space; the *MobileNetV3* space of tiny is ``tiny-2222-0000`` (MBv3+SE blocks in every
-   stage, same stages, strides and resolutions); the *best homogeneous* space is the homogeneous
-   space with the highest Q-T score on the search's own LUT, constraints and fixed-stage latency
-   (skipped, and said so, when it equals one of the other two).
-2. Each space's quantized-for-all supernet is trained with the same recipe and epochs
-   (:func:`spaceevo.train.loop.train_supernet`, the same ``--preset``), then
-   :func:`spaceevo.extraction.api.extract_subnets` finds its best subnet at the same latency budgets
-   (verified: exported as INT8 ONNX, ONNX Runtime INT8 top-1 on the test split).
-3. Fixed points: torchvision ``mobilenet_v3_small`` and ``resnet18`` adapted to 1-channel 28 px input
-   (see :func:`adapt_torchvision`), trained on the same data for the same number of epochs with
-   spaceevo's optimizer, schedule and loaders, then quantized by ONNX Runtime **post-training**
-   static quantization (QDQ U8S8 per-channel, calibrated on held-out images) - not QAT: spaceevo's
-   LSQ+ QAT works on spaceevo networks only.
+1. ``spaceevo search --device cpu`` for ``tiny`` (block LUTs + Q-T evolution, resumable, the first
+   seed) gives the *searched* space (or ``--searched-space`` names it and the search is skipped);
+   the *MobileNetV3* space of tiny is ``tiny-2222-0000`` (MBv3+SE blocks in every stage, same
+   stages, strides and resolutions); the *best homogeneous* space is the homogeneous space with the
+   highest Q-T score on the search's own LUT, constraints and fixed-stage latency (skipped, and said
+   so, when it equals one of the other two or when no search ran).
+2. For every seed of ``--seeds``, each space's quantized-for-all supernet is trained with the same
+   recipe and epochs (:func:`spaceevo.train_supernet`, the same ``--preset``), then
+   :func:`spaceevo.extract` finds its best subnet at the same latency budgets (exported as INT8
+   ONNX).
+3. Stock references (:data:`REFERENCE_MODELS`, torchvision, random init), adapted to 1-channel
+   28 px input (:data:`ADAPTATIONS`), trained per seed on the same data for the same number of
+   epochs by the training engine (a :class:`~spaceevo.train.static.StaticTask`, the supernets'
+   optimizer, schedule and loaders), then made INT8 by ONNX Runtime post-training static
+   quantization (QDQ U8S8 per-channel, calibrated on held-out images). spaceevo's LSQ+ QAT places
+   its quantizers at the :class:`~spaceevo.nn.layers.QuantPoint` s of spaceevo networks
+   (``prepare_qat`` takes a Supernet, ``export_int8`` a Supernet or StaticNet); torchvision models
+   have none, so they get no QAT variant (:data:`REFERENCE_QAT`).
 4. Every exported model (INT8 and FP32) is timed in **one** interleaved
-   :func:`spaceevo.latency.api.measure_onnx` call, then the comparison: at equal measured INT8
-   latency, searched space vs MobileNetV3 space (mean top-1 difference over the budgets, MBv3 curve
-   interpolated at the searched points' latencies) and the speed ratio at equal accuracy.
+   :func:`spaceevo.latency.api.measure_onnx` call. Every INT8 model predicts every image of the
+   test split (``--test-data``, default the full 10,000-image Fashion-MNIST test set of Debian's
+   ``dataset-fashion-mnist``; training stays on the embedded subset).
+5. Comparisons on the same test images, each a mean gain in points with a paired bootstrap 95 %
+   interval over test images and seeds (:func:`spaceevo.stats.paired_bootstrap`): the searched
+   space against the MobileNetV3 space at equal measured INT8 latency (the reference's Pareto
+   front of the same seed interpolated per image), and the deployed subnet of the searched space at
+   each budget against every stock model at most as slow.
 
-Everything lives under ``--run-root/<preset>/`` (one folder per training and extraction, skipped or
-resumed when done). ``--jobs N`` runs the independent jobs (each space's training + extraction, each
-torchvision model) in N worker processes of ``--threads`` threads each; the final measurement runs
-alone, after all of them. Writes ``docs/results/spaces.json``, ``docs/results/spaces_pareto.png`` and the
-section between the ``spaces`` markers of ``docs/RESULTS.md`` (``--no-write`` only prints).
+Everything lives under ``--run-root/<preset>/`` (``seed<N>/`` per seed; one folder per training and
+extraction, skipped or resumed when done). ``--jobs N`` runs the independent jobs in N worker
+processes of ``--threads`` threads each; the measurement runs alone, after all of them. Writes
+``docs/results/spaces.json``, ``docs/results/spaces_pareto.png`` and the section between the
+``spaces`` markers of ``docs/RESULTS.md`` (``--no-write`` only prints).
 
-    nice -n 19 python scripts/bench_spaces.py --preset smoke          # minutes: checks the pipeline
-    nice -n 19 python scripts/bench_spaces.py --preset default --jobs 2   # the evidence (hours on 2 cores)
+    nice -n 19 python scripts/bench_spaces.py --preset smoke --seeds 0 1 --test-data embedded  # minutes
+    nice -n 19 python scripts/bench_spaces.py --preset default --jobs 2   # the evidence (a day on 2 cores)
 """
 
 from __future__ import annotations
@@ -37,18 +46,18 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import math
 import multiprocessing
 import shlex
 import sys
 import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import onnx
 import torch
 import torchvision
 from torch import nn
@@ -56,23 +65,36 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import spaceevo  # noqa: E402
 from results_doc import markers, write_section  # noqa: E402
+from spaceevo.deploy.evaluate import EVAL_BATCH  # noqa: E402
+from spaceevo.errors import SpaceEvoError, UsageError  # noqa: E402
 from spaceevo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from spaceevo.latency.api import load_predictor, measure_onnx  # noqa: E402
 from spaceevo.latency.fingerprint import device_fingerprint  # noqa: E402
 from spaceevo.plot import PALETTE, Figure, Series, write_png  # noqa: E402
 from spaceevo.space import CandidateSpace, Hyperspace, load_hyperspace  # noqa: E402
+from spaceevo.stats import RESAMPLES, paired_bootstrap  # noqa: E402
 from spaceevo.train.config import TrainConfig  # noqa: E402
+from spaceevo.train.data import FASHION_MNIST_DEBIAN_DIR, load_data  # noqa: E402
 
 SECTION = markers("spaces")
 HYPERSPACE = "tiny"
 MBV3_SPACE = "tiny-2222-0000"
-TORCHVISION_MODELS = ("mobilenet_v3_small", "resnet18")
-TORCHVISION_RESOLUTION = 28  # the data's native size; the middle of tiny's resolutions (24, 28, 32)
-TARGET_POINTS = 1.0  # the issue's bar: >= 1.0 point top-1 at equal latency ...
-TARGET_SPEEDUP = 1.3  # ... or >= 1.3x faster at equal accuracy
-PLOT_CLIP = 4.0  # fixed points slower than 4x the slowest space point are left out of the PNG (listed)
+REFERENCE_MODELS = ("mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5", "shufflenet_v2_x0_5", "resnet18", "efficientnet_b0")
+REFERENCE_RESOLUTION = 28  # the data's native size; the middle of tiny's resolutions (24, 28, 32)
+TRAIN_DATA = "embedded"  # every model trains on the embedded subset (bounded CPU time)
+FULL_TEST_DATA = f"fashion-mnist:{FASHION_MNIST_DEBIAN_DIR}"
+REFERENCE_BATCH = 1  # stock models predict one image per run: ShuffleNet's exported channel shuffle fixes batch 1
+DEFAULT_SEEDS = (0, 1, 2)
+TARGET_POINTS = 1.0  # the issue's bar: a mean gain >= 1.0 point with its 95 % interval above 0
+PLOT_CLIP = 4.0  # references slower than 4x the slowest space point are left out of the PNG (listed)
 FRACTIONS = (0.125, 0.375, 0.625, 0.875)  # default budgets: these points of the common latency range
+REFERENCE_QAT = (
+    "no QAT variant: spaceevo's LSQ+ QAT puts its quantizers at the QuantPoints of spaceevo networks "
+    "(spaceevo.quant.qat.prepare_qat takes a Supernet, export_int8 a Supernet or StaticNet); a torchvision "
+    "module has no QuantPoints, so prepare_qat/export_int8 refuse it"
+)
 
 
 def log(message: str) -> None:
@@ -89,10 +111,8 @@ def run_search(search_dir: Path, preset: str, seed: int, tables: str | None) -> 
     if reused:
         log(f"search: done already ({result_path})")
     else:
-        from spaceevo.search.pipeline import search_space
-
         log(f"search: spaceevo search --device cpu --space {HYPERSPACE} --preset {preset} --run {search_dir}")
-        search_space(search_dir, HYPERSPACE, preset=preset, seed=seed, device="cpu", tables=tables)
+        spaceevo.search_space(search_dir, HYPERSPACE, preset=preset, seed=seed, device="cpu", tables=tables)
     return {**json.loads(result_path.read_text()), "reused": reused}
 
 
@@ -108,11 +128,15 @@ def homogeneous_scores(search_dir: Path, hyper: Hyperspace, result: dict[str, An
     return {s.encoding: scorer.score(s, seed).qt_score for s in hyper.homogeneous_spaces()}
 
 
+ROLE_NAMES = {"searched": "searched space", "mbv3": "MobileNetV3 space", "best_homogeneous": "best homogeneous space"}
+
+
 def compared_spaces(hyper: Hyperspace, best: str, homogeneous: dict[str, float]) -> tuple[dict[str, CandidateSpace], dict[str, list[str]], list[str]]:
-    """The distinct spaces among (searched, mbv3, best_homogeneous): ``{role: space}``, ``{role: the
-    roles it also plays}`` and a note per duplicate (trained once)."""
-    best_homogeneous = max(homogeneous, key=homogeneous.get)
-    roles = {"searched": best, "mbv3": MBV3_SPACE, "best_homogeneous": best_homogeneous}
+    """The distinct spaces among (searched, mbv3, best_homogeneous when ``homogeneous`` scores exist):
+    ``{role: space}``, ``{role: the roles it also plays}`` and a note per duplicate (trained once)."""
+    roles = {"searched": best, "mbv3": MBV3_SPACE}
+    if homogeneous:
+        roles["best_homogeneous"] = max(homogeneous, key=homogeneous.get)
     spaces: dict[str, CandidateSpace] = {}
     aliases: dict[str, list[str]] = {}
     notes = []
@@ -125,9 +149,6 @@ def compared_spaces(hyper: Hyperspace, best: str, homogeneous: dict[str, float])
         spaces[role] = hyper.candidate_space(encoding)
         aliases[role] = []
     return spaces, aliases, notes
-
-
-ROLE_NAMES = {"searched": "searched space", "mbv3": "MobileNetV3 space", "best_homogeneous": "best homogeneous space"}
 
 
 def predicted_range(space: CandidateSpace, threads: int, tables: str | None) -> tuple[float, float]:
@@ -150,15 +171,43 @@ def default_budgets(ranges: dict[str, tuple[float, float]]) -> list[float]:
     return [float(f"{low + f * (high - low):.3g}") for f in FRACTIONS]
 
 
+# ---- test-set predictions -----------------------------------------------------------------------
+
+
+@lru_cache(maxsize=2)
+def load_test_split(test_data: str):
+    """The test split of ``test_data`` (read once per process); the full Fashion-MNIST test set
+    needs Debian's package."""
+    if test_data == FULL_TEST_DATA and not FASHION_MNIST_DEBIAN_DIR.is_dir():
+        raise UsageError(
+            f"--test-data {FULL_TEST_DATA} (the full 10,000-image Fashion-MNIST test set, the default) needs Debian's "
+            f"package dataset-fashion-mnist, which installs {FASHION_MNIST_DEBIAN_DIR}: apt-get install dataset-fashion-mnist "
+            "(or --test-data embedded: the 2,000 test images of the embedded subset, or fashion-mnist:DIR)"
+        )
+    return load_data(test_data, REFERENCE_RESOLUTION).test
+
+
+def predictions(onnx_path: str | Path, test_data: str, threads: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """The class an INT8 model predicts for each test image (ONNX Runtime, the model's own input
+    resolution, ``batch_size`` images per run), cached beside the model per test set and model content."""
+    from spaceevo.deploy.evaluate import ort_predictions
+
+    blob = Path(onnx_path).read_bytes()
+    split = load_test_split(test_data)
+    key = hashlib.sha256(blob + test_data.encode()).hexdigest()[:16]
+    cache = Path(onnx_path).with_name(f"{Path(onnx_path).stem}.predictions_{key}.npy")
+    if cache.exists():
+        return np.load(cache)
+    model = onnx.load_from_string(blob)
+    resolution = model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    predicted = ort_predictions(model, split, int(resolution), threads, name=str(onnx_path), batch_size=batch_size)
+    with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npy", delete=False) as handle:
+        np.save(handle, predicted)
+    Path(handle.name).replace(cache)
+    return predicted
+
+
 # ---- supernets and extraction ---------------------------------------------------------------------
-
-
-def train_space(space: CandidateSpace, run_dir: Path, preset: str, seed: int, threads: int) -> dict[str, Any]:
-    from spaceevo.train.loop import train_supernet
-
-    log(f"train {space.encoding}: {run_dir} (preset {preset})")
-    result = train_supernet(space, run_dir, preset=preset, seed=seed, resume=True, threads=threads)
-    return result.summary()
 
 
 def extract_space(
@@ -166,19 +215,17 @@ def extract_space(
 ) -> dict[str, Any]:
     """Extraction at ``budgets`` (those below the space's smallest subnet are skipped and noted);
     cached in ``RUN/bench_extract.json`` for the same budgets, search size and seed."""
-    from spaceevo.extraction.api import extract_subnets
-
     cache = run_dir / "bench_extract.json"
     key = {"budgets_ms": list(budgets), "preset": preset, "seed": seed}
     if cache.exists():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
-            log(f"extract {run_dir.name}: done already ({cache})")
+            log(f"extract {run_dir}: done already ({cache})")
             return stored
     feasible = [b for b in budgets if b >= low_ms]
     skipped = [b for b in budgets if b < low_ms]
-    log(f"extract {run_dir.name}: budgets {' '.join(f'{b:g}' for b in feasible)} ms")
-    found = extract_subnets(run_dir, feasible, preset=preset, seed=seed, verify=True, device="cpu", threads=threads, tables=tables)
+    log(f"extract {run_dir}: budgets {' '.join(f'{b:g}' for b in feasible)} ms")
+    found = spaceevo.extract(run_dir, feasible, preset=preset, seed=seed, verify=True, device="cpu", threads=threads, tables=tables)
     data = {
         "key": key,
         "skipped_budgets_ms": skipped,
@@ -190,26 +237,33 @@ def extract_space(
 
 
 def space_job(
-    encoding: str, run_dir: Path, budgets: Sequence[float], low_ms: float, preset: str, seed: int, threads: int, tables: str | None,
+    encoding: str, run_dir: Path, budgets: Sequence[float], low_ms: float, preset: str, seed: int, threads: int,
+    tables: str | None, test_data: str,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
-    """One space's training then extraction (runs in a worker process under ``--jobs``):
-    ``(train summary, extraction, {step: seconds})``."""
+    """One space's training, extraction and test predictions for one seed (a worker process under
+    ``--jobs``): ``(train summary, extraction, {step: seconds})``."""
     torch.set_num_threads(threads)
     space = load_hyperspace(HYPERSPACE).candidate_space(encoding)
     t = time.perf_counter()
-    train = train_space(space, run_dir, preset, seed, threads)
-    timings = {f"train_{encoding}_s": time.perf_counter() - t}
+    log(f"train {encoding} seed {seed}: {run_dir} (preset {preset})")
+    train = spaceevo.train_supernet(space, run_dir, data=TRAIN_DATA, preset=preset, seed=seed, resume=True, threads=threads).summary()
+    timings = {f"seed{seed}_train_{encoding}_s": time.perf_counter() - t}
     t = time.perf_counter()
     extracted = extract_space(run_dir, budgets, low_ms, preset, seed, threads, tables)
-    timings[f"extract_{encoding}_s"] = time.perf_counter() - t
+    timings[f"seed{seed}_extract_{encoding}_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for r in extracted["results"]:
+        predictions(r["onnx_int8"], test_data, threads)
+    timings[f"seed{seed}_predict_{encoding}_s"] = time.perf_counter() - t
     return train, extracted, timings
 
 
-def torchvision_job(name: str, run_dir: Path, preset: str, seed: int, threads: int) -> tuple[dict[str, Any], dict[str, float]]:
-    """One torchvision fixed point (runs in a worker process under ``--jobs``): ``(result, {step: seconds})``."""
+def reference_job(name: str, run_dir: Path, preset: str, seed: int, threads: int, test_data: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """One stock reference for one seed (a worker process under ``--jobs``): ``(result, {step: seconds})``."""
     t = time.perf_counter()
-    result = train_torchvision(name, run_dir, preset, seed, threads)
-    return result, {f"torchvision_{name}_s": time.perf_counter() - t}
+    result = train_reference(name, run_dir, preset, seed, threads)
+    predictions(result["onnx_int8"], test_data, threads, REFERENCE_BATCH)
+    return result, {f"seed{seed}_{name}_s": time.perf_counter() - t}
 
 
 class InlineExecutor:
@@ -234,47 +288,87 @@ def executor(jobs: int) -> InlineExecutor | ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
-# ---- torchvision fixed points ------------------------------------------------------------------------
+# ---- stock references ------------------------------------------------------------------------
 
+_TOTAL_STRIDE_8 = "total stride 8 like tiny (28 px -> 4x4 final feature map; unchanged, 32 would leave 1x1)"
 ADAPTATIONS = {
     "mobilenet_v3_small": (
         "first conv 3x3 now 1 input channel and stride 1 (was 3 channels, stride 2); the first "
-        "inverted-residual block's depthwise conv stride 1 (was 2); 10 classes. Total stride 8 like "
-        "tiny (28 px -> 4x4 final feature map; unchanged it would be 1x1 after 4 of 5 downsamplings)"
+        f"inverted-residual block's depthwise conv stride 1 (was 2); 10 classes; {_TOTAL_STRIDE_8}"
+    ),
+    "mobilenet_v3_large": (
+        "first conv 3x3 now 1 input channel and stride 1 (was 3 channels, stride 2); the first stride-2 "
+        f"inverted-residual block (features[2]) has its depthwise conv at stride 1; 10 classes; {_TOTAL_STRIDE_8}"
+    ),
+    "mnasnet0_5": (
+        "first conv 3x3 now 1 input channel and stride 1 (was 3 channels, stride 2); the first block of the "
+        f"first stride-2 stack (layers[8]) has its depthwise conv at stride 1; 10 classes; {_TOTAL_STRIDE_8}. "
+        "BatchNorm momentum 0.1, PyTorch's default (torchvision's 0.0003, TensorFlow's 0.9997, would leave the running "
+        "statistics about half converged after this training's 2,520 steps). Its global pool is x.mean([2, 3]) (ONNX "
+        "ReduceMean without keepdims), which stays FP32 in the INT8 graph"
+    ),
+    "shufflenet_v2_x0_5": (
+        "first conv 3x3 now 1 input channel and stride 1 (was 3 channels, stride 2); max-pool removed; "
+        f"10 classes; {_TOTAL_STRIDE_8}. Channel shuffle exports as Reshape/Transpose (plus Shape/Gather from "
+        "its x.size() calls) and its global pool as ReduceMean, which stay FP32 in the INT8 graph"
     ),
     "resnet18": (
         "first conv 3x3, 1 input channel, stride 1 (was 7x7, 3 channels, stride 2); max-pool removed; "
-        "10 classes. Total stride 8 like tiny (28 px -> 4x4 final feature map)"
+        f"10 classes; {_TOTAL_STRIDE_8}"
+    ),
+    "efficientnet_b0": (
+        "first conv 3x3 now 1 input channel and stride 1 (was 3 channels, stride 2); the first block of the "
+        f"first stride-2 stage (features[2]) has its depthwise conv at stride 1; 10 classes; {_TOTAL_STRIDE_8}. "
+        "Stochastic depth (0.2) and dropout train as in torchvision and are the identity in the exported model; "
+        "SiLU exports as Sigmoid x Mul, quantized as such"
     ),
 }
 
 
+def _depthwise_stride_1(block: nn.Module) -> None:
+    """Set the (first) depthwise conv of ``block``, at stride 2, to stride 1."""
+    depthwise = next(m for m in block.modules() if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels)
+    assert depthwise.stride == (2, 2), depthwise
+    depthwise.stride = (1, 1)
+
+
+def _stem(old: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out")
+    return conv
+
+
 def adapt_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """torchvision ``name`` (random init) for small grayscale images; see :data:`ADAPTATIONS`."""
+    if name not in ADAPTATIONS:
+        raise UsageError(f"no adaptation for reference {name!r}; allowed: {', '.join(REFERENCE_MODELS)}")
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
-    if name == "mobilenet_v3_small":
-        stem = model.features[0][0]
-        model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
-        depthwise = model.features[1].block[0][0]
-        assert depthwise.groups == depthwise.in_channels and depthwise.stride == (2, 2)
-        depthwise.stride = (1, 1)
-    elif name == "resnet18":
-        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if name in ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"):
+        model.features[0][0] = _stem(model.features[0][0], in_channels)
+        _depthwise_stride_1(model.features[1] if name == "mobilenet_v3_small" else model.features[2][0] if name == "efficientnet_b0" else model.features[2])
+    elif name == "mnasnet0_5":
+        model.layers[0] = _stem(model.layers[0], in_channels)
+        _depthwise_stride_1(model.layers[8][0])
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.momentum = 0.1
+    elif name == "shufflenet_v2_x0_5":
+        model.conv1[0] = _stem(model.conv1[0], in_channels)
         model.maxpool = nn.Identity()
-    else:
-        raise ValueError(f"no adaptation for {name}")
+    elif name == "resnet18":
+        model.conv1 = _stem(model.conv1, in_channels)
+        model.maxpool = nn.Identity()
     return model
 
 
-def train_torchvision(name: str, run_dir: Path, preset: str, seed: int, threads: int) -> dict[str, Any]:
-    """Train, export FP32, PTQ to INT8 and evaluate one fixed point in ``run_dir`` (trained by the
-    training engine as a :class:`~spaceevo.train.static.StaticTask`, resumable per epoch; skipped when ``result.json`` exists). Same data, batch size, epochs (FP32 + QAT epochs of
-    the preset, in one phase), SGD, peak LR, warm-up, weight decay and label smoothing as the supernets."""
+def train_reference(name: str, run_dir: Path, preset: str, seed: int, threads: int) -> dict[str, Any]:
+    """Train, export FP32, PTQ to INT8 and evaluate one stock reference in ``run_dir`` (trained by the
+    training engine as a :class:`~spaceevo.train.static.StaticTask`, resumable per epoch; skipped when
+    ``result.json`` exists). Same data, batch size, epochs (FP32 + QAT epochs of the preset, in one
+    phase), SGD, peak LR, warm-up, weight decay and label smoothing as the supernets."""
     from spaceevo.deploy.evaluate import ort_top1
     from spaceevo.quant.export import export_fp32, quantize_ptq
     from spaceevo.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-    from spaceevo.train.data import load_data, make_loader
+    from spaceevo.train.data import make_loader
     from spaceevo.train.engine import Engine, EngineConfig, Phase
     from spaceevo.train.loop import EVAL_SEED, HELDOUT_SEED
     from spaceevo.train.optim import make_optimizer
@@ -283,13 +377,13 @@ def train_torchvision(name: str, run_dir: Path, preset: str, seed: int, threads:
 
     done = run_dir / "result.json"
     if done.exists():
-        log(f"torchvision {name}: done already ({done})")
+        log(f"reference {name} seed {seed}: done already ({done})")
         return json.loads(done.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.set_num_threads(threads)
     config = TrainConfig.preset(preset, seed=seed)
-    datasets = load_data("embedded", TORCHVISION_RESOLUTION, seed=HELDOUT_SEED)
+    datasets = load_data(TRAIN_DATA, REFERENCE_RESOLUTION, seed=HELDOUT_SEED)
     torch.manual_seed(config.seed)
     model = adapt_torchvision(name, datasets.num_classes, datasets.in_channels)
     train_format = memory_format(config, torch.device("cpu"))
@@ -302,11 +396,11 @@ def train_torchvision(name: str, run_dir: Path, preset: str, seed: int, threads:
     checkpoint_path = run_dir / "checkpoint.pt"
 
     def report(record: dict[str, Any]) -> None:
-        log(f"torchvision {name}: epoch {record['epoch']}/{epochs} loss {record['loss']:.3f} ({record['train_s']} s)")
+        log(f"reference {name} seed {seed}: epoch {record['epoch']}/{epochs} loss {record['loss']:.3f} ({record['train_s']} s)")
 
     engine = Engine(task, EngineConfig(
         phases=(Phase("fp32", epochs, steps, optimizer, warmup_steps=round(config.warmup_epochs * steps)),),
-        name=f"torchvision {name}",
+        name=f"reference {name}",
         checkpoint=checkpoint_path,
         checkpoint_format=CHECKPOINT_FORMAT,
         meta={"torchvision": name, "config": config.to_dict()},
@@ -316,11 +410,11 @@ def train_torchvision(name: str, run_dir: Path, preset: str, seed: int, threads:
     state = None
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
-        log(f"torchvision {name}: resuming after epoch {state.get('epoch')}")
+        log(f"reference {name} seed {seed}: resuming after epoch {state.get('epoch')}")
     history = list(engine.run(state).history)
-    model = task.model
-    model = model.to(memory_format=torch.contiguous_format).eval()
-    shape = (1, datasets.in_channels, TORCHVISION_RESOLUTION, TORCHVISION_RESOLUTION)
+    train_s = time.perf_counter() - started
+    model = task.model.to(memory_format=torch.contiguous_format).eval()
+    shape = (1, datasets.in_channels, REFERENCE_RESOLUTION, REFERENCE_RESOLUTION)
     fp32 = export_fp32(model, shape)
     calibration = []
     for images, _ in make_loader(datasets.heldout, 1, True, seed=EVAL_SEED, workers=0, distributed=False):
@@ -332,22 +426,24 @@ def train_torchvision(name: str, run_dir: Path, preset: str, seed: int, threads:
     atomic_write_bytes(run_dir / "fp32.onnx", fp32.SerializeToString())
     atomic_write_bytes(run_dir / "int8.onnx", int8.SerializeToString())
     result = {
-        "model": f"torchvision {name}",
+        "model": name,
+        "seed": seed,
         "adaptation": ADAPTATIONS[name],
-        "resolution": TORCHVISION_RESOLUTION,
+        "resolution": REFERENCE_RESOLUTION,
         "epochs": epochs,
         "steps_per_epoch": steps,
-        "int8_method": f"ONNX Runtime PTQ (quantize_static QDQ U8S8 per-channel, {len(calibration)} held-out calibration images)",
+        "int8_method": "ptq",
+        "ptq": f"ONNX Runtime quantize_static QDQ U8S8 per-channel, {len(calibration)} held-out calibration images",
+        "qat": REFERENCE_QAT,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "test_ort_fp32_top1": round(ort_top1(fp32, datasets.test, TORCHVISION_RESOLUTION, threads), 2),
-        "test_ort_int8_top1": round(ort_top1(int8, datasets.test, TORCHVISION_RESOLUTION, threads), 2),
+        "heldout_ort_int8_top1": round(ort_top1(int8, datasets.heldout, REFERENCE_RESOLUTION, threads, batch_size=REFERENCE_BATCH), 2),
         "onnx_fp32": str(run_dir / "fp32.onnx"),
         "onnx_int8": str(run_dir / "int8.onnx"),
         "history": history,
+        "train_s": round(train_s, 1),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(done, result)
-    log(f"torchvision {name}: ORT test top-1 FP32 {result['test_ort_fp32_top1']} INT8 {result['test_ort_int8_top1']}")
     return result
 
 
@@ -367,123 +463,139 @@ def measure_all(paths: Sequence[str], threads: int, tables: str | None) -> tuple
 
 
 # ---- comparison ----------------------------------------------------------------------------------------
+#
+# A point is a dict with "int8_ms" (measured), "top1" (%) and "correct" (bool per test image). Per
+# seed, a comparison yields one row of per-image differences in points; the rows of all seeds go to
+# the paired bootstrap.
 
 
 def front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Pareto front (latency up, top-1 up) of (ms, top-1) points, sorted by latency."""
-    kept = []
-    for ms, top1 in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not kept or top1 > kept[-1][1]:
-            kept.append((ms, top1))
+    return [points[i] for i in front_indices(points)]
+
+
+def front_indices(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the Pareto front (latency up, top-1 up) of (ms, top-1) points, by latency."""
+    kept: list[int] = []
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1])):
+        if not kept or points[i][1] > points[kept[-1]][1]:
+            kept.append(i)
     return kept
 
 
-def top1_at(curve: Sequence[tuple[float, float]], ms: float) -> tuple[float | None, str]:
-    """Top-1 of a Pareto front at latency ``ms``: linear between its points, its best point beyond its
-    slowest one (the most accurate point at most that slow), None below its fastest one."""
-    if ms < curve[0][0]:
-        return None, "faster than every point of the reference curve"
-    if ms >= curve[-1][0]:
-        return curve[-1][1], ("held at the reference's slowest point" if ms > curve[-1][0] else "exact")
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+def curve_weights(points: Sequence[tuple[float, float]], ms: float) -> dict[int, float] | None:
+    """The reference curve at latency ``ms`` as weights on ``points``: the Pareto front, linear between
+    its points, held at its best point beyond its slowest one; None below its fastest one. Top-1 (or
+    per-image correctness) of the curve = the weighted sum of the points'."""
+    curve = front_indices(points)
+    if not curve or ms < points[curve[0]][0]:
+        return None
+    if ms >= points[curve[-1]][0]:
+        return {curve[-1]: 1.0}
+    for i, j in zip(curve, curve[1:]):
+        x0, x1 = points[i][0], points[j][0]
         if x0 <= ms <= x1:
-            return y0 + (y1 - y0) * (ms - x0) / (x1 - x0), "interpolated"
+            w = (ms - x0) / (x1 - x0)
+            return {i: 1.0 - w, j: w}
     raise AssertionError
 
 
-def ms_at(curve: Sequence[tuple[float, float]], top1: float) -> tuple[float | None, str]:
-    """Latency at which a Pareto front first reaches ``top1`` (linear between its points); None when
-    it never does; its fastest point when that one already does (an upper bound)."""
-    if top1 > curve[-1][1]:
-        return None, "the reference never reaches this top-1"
-    if top1 <= curve[0][1]:
-        return curve[0][0], "the reference's fastest point already reaches it (upper bound)"
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if y0 <= top1 <= y1:
-            return x0 + (x1 - x0) * (top1 - y0) / (y1 - y0), "interpolated"
-    raise AssertionError
+def _interval(rows: dict[int, np.ndarray], resamples: int) -> dict[str, Any]:
+    """Mean gain and bootstrap interval of per-seed per-image differences ``{seed: row}``."""
+    seeds = sorted(rows)
+    result = paired_bootstrap(np.stack([rows[s] for s in seeds]), resamples=resamples)
+    return {"mean_gain_points": round(result.mean, 3), "ci95": [round(result.low, 3), round(result.high, 3)], "seeds": seeds}
 
 
-def compare(
-    points: Sequence[dict], reference: Sequence[dict], name: str, ref_name: str, test_images: int | None = None
+def _verdict(entry: dict[str, Any]) -> bool:
+    return entry["mean_gain_points"] is not None and entry["mean_gain_points"] >= TARGET_POINTS and entry["ci95"][0] > 0
+
+
+def compare_spaces(
+    points: dict[int, list[dict]], reference: dict[int, list[dict]], name: str, ref_name: str, resamples: int = RESAMPLES,
 ) -> dict[str, Any]:
-    """``name``'s points against ``ref_name``'s curve at equal measured INT8 latency and equal top-1.
+    """``name``'s points against ``ref_name``'s curve of the same seed at equal measured INT8 latency:
+    per seed, the mean over its comparable points of (point - reference curve) per image."""
+    rows, table, budgets = {}, [], set()
+    for seed in sorted(set(points) & set(reference)):
+        ref_points = reference[seed]
+        xy = [(p["int8_ms"], p["top1"]) for p in ref_points]
+        diffs = []
+        for p in points[seed]:
+            weights = curve_weights(xy, p["int8_ms"])
+            row = {"seed": seed, "budget_ms": p["budget_ms"], "int8_ms": p["int8_ms"], "top1": p["top1"], "reference_top1_at_same_ms": None}
+            if weights is not None:
+                curve_correct = sum(w * ref_points[i]["correct"] for i, w in weights.items())
+                diffs.append(100.0 * (p["correct"] - curve_correct))
+                row["reference_top1_at_same_ms"] = round(sum(w * ref_points[i]["top1"] for i, w in weights.items()), 2)
+                budgets.add(p["budget_ms"])
+            row["difference"] = None if weights is None else round(p["top1"] - row["reference_top1_at_same_ms"], 2)
+            table.append(row)
+        if diffs:
+            rows[seed] = np.mean(diffs, axis=0)
+    entry: dict[str, Any] = {"kind": "space", "space": name, "reference": ref_name, "mean_gain_points": None, "ci95": None,
+                             "budgets_ms": sorted(budgets), "seeds": [], "rows": table}
+    if rows:
+        entry.update(_interval(rows, resamples))
+    entry["meets_issue_target"] = _verdict(entry)
+    return entry
 
-    With ``test_images`` (the size of the test split) the mean top-1 difference gets a binomial
-    standard error that treats the two models' test errors as independent. Both are scored on the
-    same images, which correlates their errors, so the true error is smaller: this is an upper bound.
-    """
-    curve = front([(p["int8_ms"], p["top1"]) for p in reference])
-    rows, diffs, ratios = [], [], []
-    for p in points if curve else []:
-        ref_top1, how = top1_at(curve, p["int8_ms"])
-        ref_ms, how_ms = ms_at(curve, p["top1"])
-        row = {
-            "budget_ms": p["budget_ms"], "int8_ms": p["int8_ms"], "top1": p["top1"],
-            "reference_top1_at_same_ms": None if ref_top1 is None else round(ref_top1, 2), "how": how,
-            "top1_difference": None if ref_top1 is None else round(p["top1"] - ref_top1, 2),
-            "reference_ms_at_same_top1": None if ref_ms is None else round(ref_ms, 4), "how_ms": how_ms,
-            "speed_ratio": None if ref_ms is None else round(ref_ms / p["int8_ms"], 3),
-        }
-        rows.append(row)
-        if row["top1_difference"] is not None:
-            diffs.append(row["top1_difference"])
-        if row["speed_ratio"] is not None and how_ms == "interpolated":
-            ratios.append(row["speed_ratio"])
-    mean_diff = round(float(np.mean(diffs)), 2) if diffs else None
-    standard_error = None
-    if diffs and test_images:
-        compared = [row["top1"] / 100 for row in rows if row["top1_difference"] is not None]
-        variance = sum(2 * p * (1 - p) / test_images for p in compared) * 100**2
-        standard_error = round(math.sqrt(variance) / len(compared), 2)
-    mean_ratio = round(float(np.exp(np.mean(np.log(ratios)))), 3) if ratios else None
-    meets = (mean_diff is not None and mean_diff >= TARGET_POINTS) or (mean_ratio is not None and mean_ratio >= TARGET_SPEEDUP)
-    return {
-        "space": name, "reference": ref_name, "rows": rows,
-        "mean_top1_difference": mean_diff, "compared_points": len(diffs), "standard_error_points": standard_error,
-        "geomean_speed_ratio_at_equal_top1": mean_ratio, "speed_ratio_points": len(ratios),
-        "meets_issue_target": bool(meets),
-        "target": f">= {TARGET_POINTS} point mean top-1 at equal measured INT8 latency, or >= {TARGET_SPEEDUP}x faster at equal top-1",
+
+def compare_reference(
+    deployed: dict[int, list[dict]], reference: dict[int, dict], name: str, ref_name: str, resamples: int = RESAMPLES,
+) -> dict[str, Any]:
+    """The deployed subnets of ``name`` at each budget against a stock model, at the budgets whose
+    subnet (same seed) is at least as slow as the model: per seed, the mean over those budgets of
+    (subnet - model) per image; also each budget alone (``per_budget``). A model slower than every
+    deployed subnet is set against the slowest one instead (``kind`` "reference_slower")."""
+    seeds = sorted(set(deployed) & set(reference))
+    by_budget: dict[float, dict[int, np.ndarray]] = {}
+    for seed in seeds:
+        ref = reference[seed]
+        for p in deployed[seed]:
+            if p["int8_ms"] >= ref["int8_ms"]:
+                by_budget.setdefault(p["budget_ms"], {})[seed] = 100.0 * (p["correct"].astype(float) - ref["correct"])
+    kind = "at_most_as_slow"
+    if not by_budget:
+        kind = "reference_slower"
+        for seed in seeds:
+            slowest = max(deployed[seed], key=lambda p: p["int8_ms"])
+            by_budget.setdefault(slowest["budget_ms"], {})[seed] = 100.0 * (slowest["correct"].astype(float) - reference[seed]["correct"])
+    rows: dict[int, list[np.ndarray]] = {}
+    for budget in sorted(by_budget):
+        for seed, row in by_budget[budget].items():
+            rows.setdefault(seed, []).append(row)
+    entry: dict[str, Any] = {
+        "kind": kind, "space": name, "reference": ref_name, "mean_gain_points": None, "ci95": None,
+        "budgets_ms": sorted(by_budget), "seeds": [],
+        "reference_int8_ms": round(float(np.mean([reference[s]["int8_ms"] for s in seeds])), 4) if seeds else None,
+        "per_budget": [{"budget_ms": b, **_interval(by_budget[b], resamples)} for b in sorted(by_budget)],
     }
+    if rows:
+        entry.update(_interval({s: np.mean(r, axis=0) for s, r in rows.items()}, resamples))
+    entry["meets_issue_target"] = _verdict(entry) and kind == "at_most_as_slow"
+    return entry
 
 
 def comparison_text(c: dict[str, Any]) -> str:
-    if c["compared_points"] == 0:
-        return (f"{c['space']} vs {c['reference']}: no point of {c['space']} lies at a latency the reference reaches; "
-                "no comparison at equal latency.")
-    diff = c["mean_top1_difference"]
-    text = (f"{c['space']} vs {c['reference']}: mean INT8 top-1 difference at equal measured INT8 latency "
-            f"{diff:+.2f} points over {c['compared_points']} budget(s)")
-    se = c.get("standard_error_points")
-    if se:
-        text += f" (standard error at most {se:.2f} points, so {diff / se:+.1f} standard errors)"
-    if c["geomean_speed_ratio_at_equal_top1"] is not None:
-        text += (f"; speed ratio at equal top-1 {c['geomean_speed_ratio_at_equal_top1']:.2f}x "
-                 f"(geometric mean over {c['speed_ratio_points']} interpolated point(s))")
+    if c["mean_gain_points"] is None:
+        return f"{c['space']} vs {c['reference']}: no point lies at a latency the reference reaches; no comparison at equal latency."
+    lo, hi = c["ci95"]
+    seeds = f"{len(c['seeds'])} seed(s)"
+    budgets = ", ".join(f"{b:g}" for b in c["budgets_ms"])
+    if c["kind"] == "space":
+        head = f"{c['space']} vs {c['reference']} at equal measured INT8 latency (budgets {budgets} ms, {seeds})"
+    elif c["kind"] == "at_most_as_slow":
+        head = (f"deployed subnet of {c['space']} vs {c['reference']} ({c['reference_int8_ms']:.3g} ms) at the budgets whose "
+                f"subnet is at least as slow ({budgets} ms, {seeds})")
     else:
-        text += "; no speed ratio at equal top-1 (no point inside the reference's top-1 range)"
+        head = (f"deployed subnet of {c['space']} vs {c['reference']} ({c['reference_int8_ms']:.3g} ms), slower than every "
+                f"deployed subnet: the slowest one (budget {budgets} ms, {seeds}) at lower latency")
+    text = f"{head}: mean gain {c['mean_gain_points']:+.2f} points, 95 % interval [{lo:+.2f}, {hi:+.2f}]"
+    if c["kind"] == "reference_slower":
+        return text + " (not an equal-latency comparison: outside the issue's bar)."
     verdict = "MEETS" if c["meets_issue_target"] else "does NOT meet"
-    text += f". This {verdict} the issue's target ({c['target']})"
-    if c["meets_issue_target"] and se and diff < 2 * se:
-        text += ", but the accuracy difference is within two standard errors: one seed of this run alone does not establish it"
-    return text + "."
-
-
-def fixed_point_lines(report: dict[str, Any]) -> list[str]:
-    """Each torchvision fixed point against the most accurate subnet of any space that is at most as slow."""
-    lines = []
-    for f in report["fixed_points"]:
-        faster = [(p["top1"], p["int8_ms"], e["space"]) for e in report["spaces"] for p in e["points"] if p["int8_ms"] <= f["int8_ms"]]
-        head = f"{f['model']} (INT8 by PTQ, {f['int8_ms']:.3f} ms, {f['test_ort_int8_top1']:.2f} %)"
-        if not faster:
-            lines.append(f"{head}: no space subnet is as fast.")
-            continue
-        top1, ms, space = max(faster)
-        lines.append(
-            f"{head}: {f['test_ort_int8_top1'] - top1:+.2f} points against the most accurate space subnet at most as slow "
-            f"({space}, {ms:.3f} ms, {top1:.2f} %)."
-        )
-    return lines
+    return text + f". This {verdict} the bar (gain >= {TARGET_POINTS:g} point with the interval above 0)."
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -493,82 +605,118 @@ def fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
+def _ci(c: dict[str, Any]) -> str:
+    return "-" if c.get("ci95") is None else f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+
+
+def comparison_table(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "| model | reference | kind | budgets ms | seeds | mean gain (points) | 95 % interval | bar met |",
+        "|---|---|---|---|---|---:|---:|---|",
+    ]
+    kinds = {"space": "equal latency", "at_most_as_slow": "reference at most as slow", "reference_slower": "reference slower than every subnet"}
+    for c in report["comparisons"]:
+        lines.append(
+            f"| {c['space']} | {c['reference']} | {kinds[c['kind']]} | {', '.join(f'{b:g}' for b in c['budgets_ms']) or '-'} | "
+            f"{' '.join(map(str, c['seeds'])) or '-'} | {fmt(c['mean_gain_points'], '+.2f')} | {_ci(c)} | "
+            f"{'n/a' if c['kind'] == 'reference_slower' else 'yes' if c['meets_issue_target'] else 'no'} |"
+        )
+    return lines + [""]
+
+
+def per_budget_table(report: dict[str, Any]) -> list[str]:
+    """Per budget: the deployed subnet's gain over each stock model at most as slow."""
+    refs = [c for c in report["comparisons"] if c["kind"] == "at_most_as_slow"]
+    if not refs:
+        return []
+    budgets = report["latency_budgets_ms"]
+    lines = ["Per budget, deployed subnet minus each stock model at most as slow (points, mean [95 % interval]; "
+             "- where the model is slower than that budget's subnet):", "",
+             "| reference | INT8 ms | " + " | ".join(f"{b:g} ms" for b in budgets) + " |",
+             "|---|---:|" + "---:|" * len(budgets)]
+    for c in refs:
+        cells = {row["budget_ms"]: f"{row['mean_gain_points']:+.2f} {_ci(row)}" for row in c["per_budget"]}
+        lines.append(f"| {c['reference']} | {c['reference_int8_ms']:.3f} | " + " | ".join(cells.get(b, "-") for b in budgets) + " |")
+    return lines + [""]
+
+
 def tables_markdown(report: dict[str, Any]) -> list[str]:
     lines = []
     for entry in report["spaces"]:
         lines += [
-            f"**{entry['label']}** `{entry['space']}` (Q-T score {fmt(entry.get('qt_score'), '.4g')}; supernet held-out "
-            f"top-1 after training: max {fmt(entry['train'].get('heldout_top1_max'))}, min {fmt(entry['train'].get('heldout_top1_min'))})",
+            f"**{entry['label']}** `{entry['space']}` (Q-T score {fmt(entry.get('qt_score'), '.4g')})",
             "",
-            "| budget ms | subnet | predicted INT8 ms | measured INT8 ms | spread | measured FP32 ms | held-out top-1 (fake-quant) | ORT INT8 test top-1 |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| seed | budget ms | subnet | predicted INT8 ms | measured INT8 ms | spread | measured FP32 ms | held-out top-1 (fake-quant) | ORT INT8 test top-1 |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for p in entry["points"]:
-            lines.append(
-                f"| {p['budget_ms']:g} | `{p['subnet']}` | {fmt(p['predicted_int8_ms'], '.3f')} | {fmt(p['int8_ms'], '.3f')} | "
-                f"{fmt(p['int8_spread'], '.1%')} | {fmt(p['fp32_ms'], '.3f')} | {fmt(p['heldout_int8_top1'])} | {fmt(p['top1'])} |"
-            )
-        for b in entry.get("skipped_budgets_ms") or []:
-            lines.append(f"| {b:g} | (skipped: {entry['skipped_note']}) | | | | | | |")
-        notes = [p["note"] for p in entry["points"] if p.get("note")]
+        for seed, run in entry["seeds"].items():
+            for p in run["points"]:
+                lines.append(
+                    f"| {seed} | {p['budget_ms']:g} | `{p['subnet']}` | {fmt(p['predicted_int8_ms'], '.3f')} | {fmt(p['int8_ms'], '.3f')} | "
+                    f"{fmt(p['int8_spread'], '.1%')} | {fmt(p['fp32_ms'], '.3f')} | {fmt(p['heldout_int8_top1'])} | {fmt(p['top1'])} |"
+                )
+            for b in run.get("skipped_budgets_ms") or []:
+                lines.append(f"| {seed} | {b:g} | (skipped: {run['skipped_note']}) | | | | | | |")
+        notes = sorted({p["note"] for run in entry["seeds"].values() for p in run["points"] if p.get("note")})
         lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
-    if report["fixed_points"]:
+    if report["references"]:
         lines += [
-            "**Fixed points** (torchvision, adapted to 1x28x28; INT8 by ONNX Runtime post-training quantization, **not QAT**)",
+            "**Stock references** (torchvision, adapted to 1x28x28, trained alone with the same data, epochs and recipe; "
+            "INT8 by ONNX Runtime post-training quantization; per seed)",
             "",
-            "| model | params M | measured INT8 ms | spread | measured FP32 ms | INT8 speed-up | ORT FP32 test top-1 | ORT INT8 test top-1 |",
+            "| model | seed | params M | measured INT8 ms | spread | measured FP32 ms | held-out INT8 top-1 | ORT INT8 test top-1 |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for f in report["fixed_points"]:
+        for r in report["references"]:
             lines.append(
-                f"| {f['model']} | {f['params_m']:.2f} | {fmt(f['int8_ms'], '.3f')} | {fmt(f['int8_spread'], '.1%')} | "
-                f"{fmt(f['fp32_ms'], '.3f')} | {fmt(f['int8_speedup'], '.2f')}x | {fmt(f['test_ort_fp32_top1'])} | {fmt(f['test_ort_int8_top1'])} |"
+                f"| {r['model']} | {r['seed']} | {r['params_m']:.2f} | {fmt(r['int8_ms'], '.3f')} | {fmt(r['int8_spread'], '.1%')} | "
+                f"{fmt(r['fp32_ms'], '.3f')} | {fmt(r['heldout_ort_int8_top1'])} | {fmt(r['top1'])} |"
             )
         lines.append("")
-        for f in report["fixed_points"]:
-            lines.append(f"- {f['model']}: {f['adaptation']}.")
+        for name in dict.fromkeys(r["model"] for r in report["references"]):
+            lines.append(f"- {name}: {ADAPTATIONS[name]}.")
         lines.append("")
     return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
     smoke = report["preset"] == "smoke"
-    title = "## Searched space vs MobileNetV3 space vs torchvision, INT8 on this device"
+    title = "## Searched space vs MobileNetV3 space vs stock models, INT8 on this device, 95 % intervals"
     lines = [SECTION[0], title + (f" - SMOKE-PRESET RUN (`--preset {report['preset']}`), NOT EVIDENCE" if smoke else ""), ""]
     if smoke:
         lines += [
-            "> **This is a `--preset smoke` run: a few training steps per space, a tiny search. It shows that the "
-            "pipeline runs end to end; its accuracies are near chance and its comparison means nothing. "
-            "Run `--preset default` for evidence.**",
+            "> **This is a `--preset smoke` run: a few training steps per model. It shows that the pipeline runs end to "
+            "end; its accuracies are near chance and its comparisons mean nothing. Run `--preset default` for evidence.**",
             "",
         ]
+    search = report["search"]
     lines += [
         f"Device: `{report['device']['describe']}`. Date: {report['date']}. Wall time: {report['wall_s'] / 60:.1f} min "
         f"(this invocation; finished steps are skipped). Preset: `{report['preset']}` (training: {report['train_recipe']}; "
-        f"same recipe and epochs for every space and model). Seed {report['seed']}.",
+        f"same data, recipe and epochs for every space and model). Seeds: {' '.join(map(str, report['seeds']))}. "
+        f"Test set: {report['test_set']}.",
         "",
-        "Step times (s; a step finished by an earlier invocation is skipped and counts ~0): "
-        + ", ".join(f"{k.removesuffix('_s')} {v:g}" for k, v in report["timings_s"].items())
-        + (" - the search was reused from an earlier invocation." if report["search"].get("reused") else "."),
-        "",
-        f"Search: `{report['search']['best_space']}` found by `spaceevo search --device cpu` (Q-T score "
-        f"{report['search']['qt_score']:.4g}, latency constraints {', '.join(f'{c:g}' for c in report['search']['latency_constraints_ms'])} ms). "
-        f"Latency budgets: {', '.join(f'{b:g}' for b in report['latency_budgets_ms'])} ms ({report['budgets_how']}).",
+        (f"Search: `{search['best_space']}` found by `spaceevo search --device cpu` (Q-T score {search['qt_score']:.4g}, latency "
+         f"constraints {', '.join(f'{c:g}' for c in search['latency_constraints_ms'])} ms)." if search.get("qt_score") is not None
+         else f"Searched space `{search['best_space']}` given with --searched-space (no search ran).")
+        + f" Latency budgets: {', '.join(f'{b:g}' for b in report['latency_budgets_ms'])} ms ({report['budgets_how']}).",
         "",
     ]
     lines += [f"- {n}" for n in report["notes"]] + ([""] if report["notes"] else [])
-    lines += ["### Comparison", ""]
+    lines += ["### Comparisons", ""] + comparison_table(report) + per_budget_table(report)
     lines += [f"- {c['text']}" for c in report["comparisons"]]
-    lines += [f"- {line}" for line in fixed_point_lines(report)]
     lines += [
         "",
-        "Method: every exported model (INT8 and FP32) timed in one interleaved measurement (medians of 15 rounds on "
-        f"the {report['latency_scale']} scale; spread = interquartile range / median). Top-1 = ONNX Runtime INT8 on the "
-        "test split (2,000 images: one image is 0.05 points, the binomial standard error near 85% is about 0.8 points). "
-        "The reference curve is the Pareto front of the reference's points (measured INT8 ms, top-1), linear between "
-        "points and held at its best point beyond its slowest one; points faster than the reference's fastest are not compared. "
-        "Speed ratio = latency at which the reference curve reaches the point's top-1 / the point's latency "
-        "(only points inside the reference's top-1 range).",
+        f"Method: top-1 = ONNX Runtime INT8 on the test set ({report['test_images']:,} images). Every comparison is a "
+        "mean gain in points with a paired percentile bootstrap 95 % interval "
+        f"({report['resamples']:,} replicates, `spaceevo.stats.paired_bootstrap`): both models are scored on the same "
+        "images; each replicate draws the test images and, independently, the seeds with replacement, so the interval "
+        "holds the test-set and the training-seed variation. Spaces: per seed, the reference space's Pareto front "
+        "(measured INT8 ms, top-1) of the same seed, linear between its points (per image: the weighted mean of the two "
+        "neighbours' correctness) and held at its best point beyond its slowest one; points faster than its fastest are "
+        "not compared. Stock models: per seed, the deployed subnet of each budget whose measured INT8 latency is at "
+        "least that of the stock model. Latency: every exported model (INT8 and FP32) timed in one interleaved "
+        f"measurement (medians of 15 rounds on the {report['latency_scale']} scale; spread = interquartile range / median).",
         "",
         "![INT8 top-1 vs measured INT8 latency](results/spaces_pareto.png)",
         "",
@@ -580,12 +728,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "### Caveats",
         "",
-        "- torchvision fixed points are INT8 by **post-training quantization** (ONNX Runtime `quantize_static`), not QAT: "
-        "spaceevo's LSQ+ QAT acts on spaceevo networks (QuantPoints). Their INT8 top-1 can be lower than QAT would give; their latency is unaffected.",
-        "- torchvision models train as plain supervised nets (one phase, FP32+QAT epochs of the preset, the same SGD, "
+        f"- Stock references are INT8 by **post-training quantization** only: {REFERENCE_QAT}. PTQ lost at most "
+        "0.2 points against FP32 on spaceevo's own subnets (see Export and evaluation).",
+        "- Stock references train as plain supervised nets (one phase, FP32+QAT epochs of the preset, the same SGD, "
         "peak LR, warm-up, weight decay, label smoothing, batch size, data and augmentation); supernet subnets are trained "
         "by the sandwich rule with in-place distillation and LSQ+ QAT, then BN-recalibrated.",
-        "- One seed, one machine shared with other jobs; latency on the latency table's reference scale.",
+        f"- Training on the embedded subset (9,000 images); {len(report['seeds'])} seed(s), one machine shared with "
+        "other jobs; latency on the latency table's reference scale. The search ran once (first seed).",
         "",
         "Reproduce:",
         "",
@@ -600,19 +749,21 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_plot(path: Path, report: dict[str, Any]) -> list[str]:
-    """The Pareto PNG; returns the fixed points left out of it."""
+    """The Pareto PNG (every seed's points); returns the references left out of it."""
     series, left_out = [], []
-    slowest = max((p["int8_ms"] for e in report["spaces"] for p in e["points"]), default=0.0)
+    slowest = max((p["int8_ms"] for e in report["spaces"] for run in e["seeds"].values() for p in run["points"]), default=0.0)
     for index, entry in enumerate(report["spaces"]):
-        points = [(p["int8_ms"], p["top1"]) for p in entry["points"]]
-        series.append(Series(f"{entry['label']} {entry['space']}", points, PALETTE[index % len(PALETTE)], radius=4.0, line=True))
-    for offset, f in enumerate(report["fixed_points"]):
-        if slowest and f["int8_ms"] > PLOT_CLIP * slowest:
-            left_out.append(f"{f['model']} ({f['int8_ms']:.3g} ms, top-1 {f['test_ort_int8_top1']:.2f})")
+        points = [(p["int8_ms"], p["top1"]) for run in entry["seeds"].values() for p in run["points"]]
+        series.append(Series(f"{entry['label']} {entry['space']}", points, PALETTE[index % len(PALETTE)], radius=4.0))
+    names = list(dict.fromkeys(r["model"] for r in report["references"]))
+    for offset, name in enumerate(names):
+        points = [(r["int8_ms"], r["top1"]) for r in report["references"] if r["model"] == name]
+        if slowest and min(ms for ms, _ in points) > PLOT_CLIP * slowest:
+            left_out.append(f"{name} ({np.mean([ms for ms, _ in points]):.3g} ms, top-1 {np.mean([t for _, t in points]):.2f})")
             continue
         color = PALETTE[(len(report["spaces"]) + offset) % len(PALETTE)]
-        series.append(Series(f"{f['model']} (PTQ)", [(f["int8_ms"], f["test_ort_int8_top1"])], color, radius=6.0, outline=True))
-    title = "ORT INT8 test top-1 vs measured INT8 latency" + (" (SMOKE preset: not evidence)" if report["preset"] == "smoke" else "")
+        series.append(Series(f"{name} (PTQ)", points, color, radius=6.0, outline=True))
+    title = "ORT INT8 test top-1 vs measured INT8 latency, every seed" + (" (SMOKE preset: not evidence)" if report["preset"] == "smoke" else "")
     write_png(path, Figure(series, "measured INT8 latency (ms, 1 thread)", "ONNX Runtime INT8 test top-1 (%)", title,
                            vlines=report["latency_budgets_ms"]))
     return left_out
@@ -621,12 +772,21 @@ def write_plot(path: Path, report: dict[str, Any]) -> list[str]:
 # ---- main -------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", choices=["smoke", "default"],
                         help="size of search, training (same for every space and model) and extraction (default: default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of search, training and extraction (default: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                        help="training and extraction seeds; every model is trained once per seed (default: 0 1 2)")
+    parser.add_argument("--searched-space", default=None, metavar="ENCODING",
+                        help="compare this candidate space of tiny instead of searching (no best homogeneous space then)")
+    parser.add_argument("--references", nargs="*", default=list(REFERENCE_MODELS), choices=REFERENCE_MODELS, metavar="MODEL",
+                        help=f"stock models to train and compare (default: all of {', '.join(REFERENCE_MODELS)}; none: leave them out)")
+    parser.add_argument("--test-data", default=FULL_TEST_DATA,
+                        help=f"data set whose test split scores every model (default: {FULL_TEST_DATA}, the full 10,000 images; "
+                             "embedded: the subset's 2,000)")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap replicates (default: {RESAMPLES})")
     parser.add_argument("--run-root", type=Path, default=Path("runs/bench_spaces"),
                         help="run folders go to RUN_ROOT/<preset>/ (default: runs/bench_spaces)")
     parser.add_argument("--latency-budgets", type=float, nargs="+", default=None, metavar="MS",
@@ -635,16 +795,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes for the independent trainings and extractions (default: 1, in this process)")
     parser.add_argument("--tables", default=None, help="latency table root (default: ./latency_tables)")
-    parser.add_argument("--no-torchvision", action="store_true", help="leave out the torchvision fixed points")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs",
+                        help="where results/spaces.json, results/spaces_pareto.png and RESULTS.md are written (default: docs/)")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write the results")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
+    for name in ("threads", "jobs", "resamples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}")
+    args.seeds = sorted(args.seeds)
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except SpaceEvoError as error:
+        print(f"bench_spaces: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
+    test = load_test_split(args.test_data)  # fails first when the test set is missing
+    labels = np.asarray(test.targets)
     root = args.run_root / args.preset
     root.mkdir(parents=True, exist_ok=True)
     fingerprint = device_fingerprint("cpu", args.threads)
@@ -652,11 +829,16 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     timings: dict[str, float] = {}
 
-    # (a) the search
+    # (a) the search, or the space given
     t = time.perf_counter()
-    search_dir = root / "search"
-    search = run_search(search_dir, args.preset, args.seed, args.tables)
-    homogeneous = homogeneous_scores(search_dir, hyper, search)
+    if args.searched_space:
+        search = {"best_space": hyper.candidate_space(args.searched_space).encoding, "given": True}
+        homogeneous: dict[str, float] = {}
+        notes.append("no search ran (--searched-space): no best homogeneous space")
+    else:
+        search_dir = root / "search"
+        search = run_search(search_dir, args.preset, args.seeds[0], args.tables)
+        homogeneous = homogeneous_scores(search_dir, hyper, search)
     spaces, aliases, duplicate_notes = compared_spaces(hyper, search["best_space"], homogeneous)
     notes += duplicate_notes
     timings["search_s"] = time.perf_counter() - t
@@ -671,105 +853,122 @@ def main(argv: list[str] | None = None) -> int:
                + ", ".join(f"{spaces[r].encoding} {lo:.3g}-{hi:.3g} ms" for r, (lo, hi) in ranges.items()))
     log(f"latency budgets: {' '.join(f'{b:g}' for b in budgets)} ms")
 
-    # (b) training and extraction, space by space, and (c) the torchvision fixed points: independent jobs
-    names = [] if args.no_torchvision else list(TORCHVISION_MODELS)
-    log(f"{len(spaces) + len(names)} jobs on {args.jobs} worker(s) of {args.threads} thread(s)")
+    # (b) training, extraction and the references, per seed: independent jobs
+    jobs = len(args.seeds) * (len(spaces) + len(args.references))
+    log(f"{jobs} jobs on {args.jobs} worker(s) of {args.threads} thread(s)")
     with executor(args.jobs) as pool:
         space_futures = {
-            role: pool.submit(space_job, space.encoding, root / f"train_{space.encoding}", budgets, ranges[role][0],
-                              args.preset, args.seed, args.threads, args.tables)
-            for role, space in spaces.items()
+            (role, seed): pool.submit(space_job, space.encoding, root / f"seed{seed}" / f"train_{space.encoding}", budgets,
+                                      ranges[role][0], args.preset, seed, args.threads, args.tables, args.test_data)
+            for seed in args.seeds for role, space in spaces.items()
         }
-        fixed_futures = [pool.submit(torchvision_job, name, root / f"torchvision_{name}", args.preset, args.seed, args.threads)
-                         for name in names]
-        entries = []
-        for role, future in space_futures.items():
+        reference_futures = [
+            pool.submit(reference_job, name, root / f"seed{seed}" / f"reference_{name}", args.preset, seed, args.threads, args.test_data)
+            for seed in args.seeds for name in args.references
+        ]
+        runs: dict[str, dict[int, dict[str, Any]]] = {role: {} for role in spaces}
+        for (role, seed), future in space_futures.items():
             train, extracted, job_timings = future.result()
             timings.update(job_timings)
-            space = spaces[role]
-            labels = [ROLE_NAMES[r] for r in [role, *aliases[role]]]
-            entries.append({
-                "role": role, "label": " = ".join(labels), "space": space.encoding,
-                "qt_score": search["qt_score"] if space.encoding == search["best_space"] else homogeneous.get(space.encoding),
-                "predicted_range_ms": list(ranges[role]), "run_dir": str(root / f"train_{space.encoding}"), "train": train,
-                "extract": extracted, "skipped_budgets_ms": extracted.get("skipped_budgets_ms"), "skipped_note": extracted.get("skipped_note"),
-            })
-        fixed = []
-        for future in fixed_futures:
+            runs[role][seed] = {"train": train, "extract": extracted, "skipped_budgets_ms": extracted.get("skipped_budgets_ms"),
+                                "skipped_note": extracted.get("skipped_note")}
+        references = []
+        for future in reference_futures:
             result, job_timings = future.result()
             timings.update(job_timings)
-            fixed.append(result)
+            references.append(result)
 
-    # (d) one interleaved measurement of everything
-    paths = [p for e in entries for r in e["extract"]["results"] for p in (r["onnx_int8"], r["onnx_fp32"])]
-    paths += [p for f in fixed for p in (f["onnx_int8"], f["onnx_fp32"])]
+    # (c) one interleaved measurement of everything, then the test predictions
+    paths = [p for role in runs.values() for run_ in role.values() for r in run_["extract"]["results"] for p in (r["onnx_int8"], r["onnx_fp32"])]
+    paths += [p for r in references for p in (r["onnx_int8"], r["onnx_fp32"])]
     t = time.perf_counter()
     stats, scale = measure_all(paths, args.threads, args.tables)
     timings["measure_s"] = time.perf_counter() - t
-    for entry in entries:
-        entry["points"] = []
-        for r in entry["extract"]["results"]:
-            int8, fp32 = stats[r["onnx_int8"]], stats[r["onnx_fp32"]]
-            entry["points"].append({
-                "budget_ms": r["budget_ms"], "subnet": r["subnet"], "predicted_int8_ms": r["predicted_int8_ms"],
-                "int8_ms": round(int8.ms, 4), "int8_raw_ms": round(int8.raw_median_ms, 4), "int8_spread": round(int8.spread, 4),
-                "fp32_ms": round(fp32.ms, 4), "heldout_int8_top1": r["heldout_int8_top1"], "top1": r["test_ort_int8_top1"],
-                "extract_measured_int8_ms": r["measured_int8_ms"], "over_budget_in_extract": r["over_budget"], "note": r.get("note"),
-                "onnx_int8": r["onnx_int8"],
-            })
-    for f in fixed:
-        int8, fp32 = stats[f["onnx_int8"]], stats[f["onnx_fp32"]]
-        f.update(int8_ms=round(int8.ms, 4), int8_raw_ms=round(int8.raw_median_ms, 4), int8_spread=round(int8.spread, 4),
-                 fp32_ms=round(fp32.ms, 4), int8_speedup=round(fp32.ms / int8.ms, 3))
+    correct: dict[str, np.ndarray] = {}
+    reference_paths = {r["onnx_int8"] for r in references}
 
-    # (e) the comparison
-    from spaceevo.train.data import load_data
-    from spaceevo.train.loop import HELDOUT_SEED
+    def correct_of(path: str) -> np.ndarray:
+        if path not in correct:
+            correct[path] = predictions(path, args.test_data, args.threads, REFERENCE_BATCH if path in reference_paths else EVAL_BATCH) == labels
+        return correct[path]
 
-    test_images = len(load_data("embedded", TORCHVISION_RESOLUTION, seed=HELDOUT_SEED).test)
-    by_role = {e["role"]: e for e in entries}
+    entries = []
+    for role, space in spaces.items():
+        for seed, run_ in runs[role].items():
+            run_["points"] = []
+            for r in run_["extract"]["results"]:
+                int8, fp32 = stats[r["onnx_int8"]], stats[r["onnx_fp32"]]
+                run_["points"].append({
+                    "budget_ms": r["budget_ms"], "subnet": r["subnet"], "predicted_int8_ms": r["predicted_int8_ms"],
+                    "int8_ms": round(int8.ms, 4), "int8_raw_ms": round(int8.raw_median_ms, 4), "int8_spread": round(int8.spread, 4),
+                    "fp32_ms": round(fp32.ms, 4), "heldout_int8_top1": r["heldout_int8_top1"],
+                    "top1": round(100.0 * float(correct_of(r["onnx_int8"]).mean()), 2),
+                    "note": r.get("note"), "onnx_int8": r["onnx_int8"],
+                })
+        entries.append({
+            "role": role, "label": " = ".join(ROLE_NAMES[r] for r in [role, *aliases[role]]), "space": space.encoding,
+            "qt_score": search.get("qt_score") if space.encoding == search["best_space"] else homogeneous.get(space.encoding),
+            "predicted_range_ms": list(ranges[role]), "seeds": {str(s): runs[role][s] for s in sorted(runs[role])},
+        })
+    for r in references:
+        int8, fp32 = stats[r["onnx_int8"]], stats[r["onnx_fp32"]]
+        r.update(int8_ms=round(int8.ms, 4), int8_raw_ms=round(int8.raw_median_ms, 4), int8_spread=round(int8.spread, 4),
+                 fp32_ms=round(fp32.ms, 4), top1=round(100.0 * float(correct_of(r["onnx_int8"]).mean()), 2))
+
+    # (d) the comparisons
+    t = time.perf_counter()
+
+    def with_correct(points: list[dict]) -> list[dict]:
+        return [{**p, "correct": correct_of(p["onnx_int8"])} for p in points]
+
+    by_role = {e["role"]: {int(s): with_correct(run_["points"]) for s, run_ in e["seeds"].items()} for e in entries}
+    names = {e["role"]: f"{ROLE_NAMES[e['role']]} {e['space']}" for e in entries}
     comparisons = []
-    pairs = [("searched", "mbv3"), ("best_homogeneous", "mbv3"), ("searched", "best_homogeneous")]
-    for a, b in pairs:
+    for a, b in [("searched", "mbv3"), ("best_homogeneous", "mbv3"), ("searched", "best_homogeneous")]:
         if a in by_role and b in by_role:
-            c = compare(by_role[a]["points"], by_role[b]["points"], f"{ROLE_NAMES[a]} {by_role[a]['space']}",
-                        f"{ROLE_NAMES[b]} {by_role[b]['space']}", test_images=test_images)
-            c["text"] = comparison_text(c)
-            comparisons.append(c)
-    if "searched" in by_role and "mbv3" not in by_role:
-        comparisons.append({"text": f"the searched space is the MobileNetV3 space {MBV3_SPACE}: nothing to compare", "meets_issue_target": False})
+            comparisons.append(compare_spaces(by_role[a], by_role[b], names[a], names[b], args.resamples))
+    if "mbv3" not in by_role:
+        notes.append(f"the searched space is the MobileNetV3 space {MBV3_SPACE}: nothing to compare")
+    for name in args.references:
+        per_seed = {r["seed"]: {**r, "correct": correct_of(r["onnx_int8"])} for r in references if r["model"] == name}
+        comparisons.append(compare_reference(by_role["searched"], per_seed, names["searched"], f"torchvision {name}", args.resamples))
+    for c in comparisons:
+        c["text"] = comparison_text(c)
+    timings["bootstrap_s"] = time.perf_counter() - t
     if args.preset == "smoke":
         notes.insert(0, "SMOKE preset: the numbers check the pipeline only and are not evidence for or against the method")
 
-    command = "nice -n 19 python scripts/bench_spaces.py" + (" " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:])) if (argv or sys.argv[1:]) else "")
+    given = argv if argv is not None else sys.argv[1:]
     report = {
-        "preset": args.preset, "seed": args.seed, "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": command, "run_root": str(root),
+        "preset": args.preset, "seeds": args.seeds, "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": "nice -n 19 python scripts/bench_spaces.py" + ("".join(" " + shlex.quote(a) for a in given)),
+        "run_root": str(root), "test_data": args.test_data, "test_images": int(len(labels)),
+        "test_set": f"`{args.test_data}`, {len(labels):,} images" + (" (the full Fashion-MNIST test set)" if len(labels) == 10_000 else ""),
+        "resamples": args.resamples,
         "device": {**fingerprint.to_dict(), "describe": fingerprint.describe()},
         "train_recipe": TrainConfig.preset(args.preset).summary(),
-        "search": {k: search[k] for k in ("best_space", "qt_score", "latency_constraints_ms", "evaluated", "reused") if k in search},
+        "search": {k: search[k] for k in ("best_space", "qt_score", "latency_constraints_ms", "evaluated", "reused", "given") if k in search},
         "homogeneous_qt_scores": homogeneous,
         "latency_budgets_ms": budgets, "budgets_how": how, "latency_scale": scale,
-        "spaces": entries, "fixed_points": fixed, "comparisons": comparisons, "notes": notes,
+        "spaces": entries, "references": references, "comparisons": comparisons, "notes": notes,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     report["wall_s"] = round(time.perf_counter() - started, 1)
 
     print()
-    print("\n".join(tables_markdown(report)))
-    print("Comparison:")
+    print("\n".join(comparison_table(report) + per_budget_table(report)))
     for c in comparisons:
         print(f"  {c['text']}")
-    for line in fixed_point_lines(report):
-        print(f"  {line}")
     for n in notes:
         print(f"  note: {n}")
     print(f"wall time {report['wall_s'] / 60:.1f} min; timings {json.dumps(report['timings_s'])}")
     if not args.no_write:
-        report["plot_left_out"] = write_plot(ROOT / "docs" / "results" / "spaces_pareto.png", report)
-        atomic_write_json(ROOT / "docs" / "results" / "spaces.json", report)
-        write_section(ROOT / "docs" / "RESULTS.md", name="spaces", section=markdown(report))
-        log("wrote docs/results/spaces.json, docs/results/spaces_pareto.png, docs/RESULTS.md (spaces section)")
+        results = args.output / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        report["plot_left_out"] = write_plot(results / "spaces_pareto.png", report)
+        atomic_write_json(results / "spaces.json", report)
+        write_section(args.output / "RESULTS.md", name="spaces", section=markdown(report))
+        log(f"wrote {results / 'spaces.json'}, {results / 'spaces_pareto.png'}, {args.output / 'RESULTS.md'} (spaces section)")
     return 0
 
 

@@ -44,27 +44,37 @@ EVAL_BATCH = 256
 
 
 def ort_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
-             name: str = "the model") -> float:
-    """Top-1 (%) of an ONNX classifier in ONNX Runtime on ``split`` at ``resolution``.
+             name: str = "the model", batch_size: int = EVAL_BATCH) -> float:
+    """Top-1 (%) of an ONNX classifier in ONNX Runtime on ``split`` at ``resolution`` (see
+    :func:`ort_predictions`)."""
+    predicted = ort_predictions(model, split, resolution, threads, name, batch_size)
+    return 100.0 * float((predicted == split.targets).mean())
 
-    Runs a dynamic-batch copy of the model in batches (graph optimisation ALL, the same kernels as
-    at batch 1); ``threads`` defaults to torch's intra-op thread count. A model ONNX Runtime cannot
+
+def ort_predictions(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
+                    name: str = "the model", batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """The class ONNX Runtime predicts for every image of ``split`` at ``resolution``, in split order
+    (int64): per-image results, for paired comparisons of models on the same images.
+
+    Runs a dynamic-batch copy of the model in batches of ``batch_size`` (graph optimisation ALL, the
+    same kernels as at batch 1); ``batch_size=1`` runs the fixed-shape model itself, for graphs that
+    bake the batch into a shape (a Reshape to a constant ``[1, ...]``, as torchvision's ShuffleNet
+    channel shuffle exports). ``threads`` defaults to torch's intra-op thread count. A model ONNX Runtime cannot
     load or run, or whose output is not one row of class scores per image, is an
-    :class:`ArtifactError` naming ``name``.
+    :class:`ArtifactError` naming ``name``; an empty split is an :class:`ArtifactError` too.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # PTQ graphs keep unused constants; ORT warns about each
     try:
-        session = ort.InferenceSession(
-            with_dynamic_batch(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        runnable = model if batch_size == 1 else with_dynamic_batch(model)
+        session = ort.InferenceSession(runnable.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
         raise ArtifactError(f"ONNX Runtime cannot load {name}: {_first_line(error)}") from None
     input_name = session.get_inputs()[0].name
-    correct = total = 0
-    for x, y in make_loader(split.with_resolution(resolution), EVAL_BATCH, False, workers=0, distributed=False):
+    predicted = []
+    for x, _ in make_loader(split.with_resolution(resolution), batch_size, False, workers=0, distributed=False):
         try:
             logits = session.run(None, {input_name: x.numpy().astype(np.float32)})[0]
         except Exception as error:
@@ -74,11 +84,10 @@ def ort_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads
                 f"{name} is not an image classifier: for a batch of {x.shape[0]} images it outputs shape "
                 f"{list(logits.shape)}, expected [N, classes] = [{x.shape[0]}, classes]"
             )
-        correct += int((logits.argmax(axis=1) == y.numpy()).sum())
-        total += int(y.shape[0])
-    if total == 0:
+        predicted.append(logits.argmax(axis=1).astype(np.int64))
+    if not predicted:
         raise ArtifactError("the evaluation split is empty")
-    return 100.0 * correct / total
+    return np.concatenate(predicted)
 
 
 def _first_line(error: BaseException) -> str:
