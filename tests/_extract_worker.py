@@ -36,12 +36,11 @@ def install() -> None:
     import spaceevo.latency.api as latency_api
     from spaceevo.deploy.evaluate import ExportReport
     from spaceevo.latency.measure import LatencyStats
-    import spaceevo.extraction.storage as storage
+    import spaceevo.storage as storage
     from spaceevo.extraction.fitness import HeldoutFitness
 
     _fake_latency.install()
-    storage.HEARTBEAT_INTERVAL_S = 1  # a killed worker's trial is retried after SPACEEVO_TEST_GRACE seconds
-    storage.GRACE_PERIOD_S = int(os.environ.get("SPACEEVO_TEST_GRACE", storage.GRACE_PERIOD_S))
+    storage.GRACE_S = int(os.environ.get("SPACEEVO_TEST_GRACE", storage.GRACE_S))  # a killed worker's trial is retried after it
     delay = float(os.environ.get("SPACEEVO_TEST_DELAY", "0"))
 
     def fitness(self: HeldoutFitness, subnet) -> float:

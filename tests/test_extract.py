@@ -32,7 +32,7 @@ from spaceevo.extraction.front import (
 from spaceevo.extraction.genome import Genome, crossover, mutate, random_subnet
 from spaceevo.extraction.predictor import AccuracyPredictor, cross_validate, features, spearman
 from spaceevo.extraction.results import BudgetResult
-from spaceevo.extraction.storage import open_storage
+from spaceevo.storage import open_storage
 from spaceevo.extraction.verify import _fallback, verify_results
 from spaceevo.latency.api import load_predictor
 from spaceevo.latency.measure import LatencyStats
@@ -233,16 +233,16 @@ def test_killed_search_resumes_without_reevaluating(tmp_path, predict_ms) -> Non
         return fitness(subnet)
 
     with pytest.raises(KeyboardInterrupt):
-        front_search(open_storage(url), predict_ms, dies_at_11).run(progress=False)
+        front_search(open_storage(url, heartbeat=True), predict_ms, dies_at_11).run(progress=False)
     resumed_fitness = target_fitness(space)
-    search = front_search(open_storage(url), predict_ms, resumed_fitness)
+    search = front_search(open_storage(url, heartbeat=True), predict_ms, resumed_fitness)
     search.run(progress=False)
     assert not set(fitness.calls[:11]) & set(resumed_fitness.calls)
     assert len(evaluated(search.study.get_trials())) == 40 == 11 + len(resumed_fitness.calls)
     states = [t.state for t in search.study.get_trials()]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 40
     again = target_fitness(space)
-    front_search(open_storage(url), predict_ms, again).run(progress=False)
+    front_search(open_storage(url, heartbeat=True), predict_ms, again).run(progress=False)
     assert again.calls == []  # complete: nothing to do
 
 

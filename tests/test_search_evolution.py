@@ -26,7 +26,8 @@ import yaml
 import spaceevo
 from spaceevo.cli import main
 from spaceevo.errors import RunMismatchError, UsageError
-from spaceevo.search import evolution, storage
+from spaceevo import storage
+from spaceevo.search import evolution
 from spaceevo.search.api import score_spaces, search_block_lut
 from spaceevo.search.evolution import (
     EvolutionSizes,

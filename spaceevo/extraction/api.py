@@ -50,7 +50,7 @@ from spaceevo.extraction.front import (
 from spaceevo.extraction.plot import Point, write_pareto_png
 from spaceevo.extraction.predictor import PredictorQuality, cross_validate
 from spaceevo.extraction.results import BudgetResult, ExtractResult
-from spaceevo.extraction.storage import default_url, open_storage
+from spaceevo.storage import open_storage
 from spaceevo.extraction.verify import verify_results
 from spaceevo.io import atomic_write_json, atomic_write_text, writable_folder
 from spaceevo.search.budgets import (
@@ -172,8 +172,8 @@ def open_extraction(
     config = front_config(preset, trials)
     run = open_run(run_dir)
     writable_folder(run.run.path / "extract", "the extraction's artifacts")
-    url = storage or default_url(run.run.path / "extract")
-    opened = open_storage(url)
+    url = storage or f"sqlite:///{(run.run.path / 'extract' / 'study.db').resolve()}"
+    opened = open_storage(url, heartbeat=True)
     predictor = load_predictor(run.space, device, threads, tables)
     memo: dict[str, float] = {}
 

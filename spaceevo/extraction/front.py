@@ -6,7 +6,7 @@ latency (minimised). Every evaluated subnet is a COMPLETE trial whose parameters
 ``predicted_int8_ms``. ``study.optimize`` runs it; workers and crashes are Optuna's business: any
 number of processes may run the same search on one storage URL, ``MaxTrialsCallback`` stops them
 when the study holds :attr:`FrontConfig.trials` complete trials, and the storage's heartbeat fails
-and retries the trial of a killed worker (:mod:`spaceevo.extraction.storage`).
+and retries the trial of a killed worker (:mod:`spaceevo.storage`).
 
 The sampler (:class:`FrontSampler`) is model-based. The first trials are the smallest and the
 largest subnet (so every budget the space can meet has an answer) and random subnets spread over

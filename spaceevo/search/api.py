@@ -309,7 +309,7 @@ def _worker_main(
 def _exit_with_parent(poll_s: float = 0.5) -> None:
     """End this process as soon as its parent is gone (a thread polls the parent's id): an orphaned
     helper would otherwise search on alone. Its running trial is failed by the heartbeat check of
-    the next worker on the study (:mod:`spaceevo.search.storage`)."""
+    the next worker on the study (:mod:`spaceevo.storage`)."""
     parent = os.getppid()
 
     def watch() -> None:

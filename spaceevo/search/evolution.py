@@ -13,7 +13,7 @@ attributes are ``worker`` (host:pid) and ``score``: ``{"qt_score",
 the only state: each trial's genome is proposed from the finished trials in the order they finished,
 so a killed search resumes where it stopped and several workers (processes or machines) share one.
 
-Workers and crashes are Optuna's business (:mod:`spaceevo.search.storage`): ``study.optimize`` keeps a
+Workers and crashes are Optuna's business (:mod:`spaceevo.storage`): ``study.optimize`` keeps a
 heartbeat per running trial and fails trials whose heartbeat stopped (a killed worker's), queueing
 their genome again; ``MaxTrialsCallback(T, states=(COMPLETE,))`` stops every worker once T spaces are
 complete. The sampler treats the genomes of RUNNING, WAITING and COMPLETE trials as taken, so a worker
@@ -42,9 +42,9 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from spaceevo.errors import UsageError
-from spaceevo.search import storage as storage_module
+from spaceevo import storage as storage_module
 from spaceevo.search.qt_score import SpaceScore, constraint_score
-from spaceevo.search.storage import STORAGE_FORMS, fail_stale_trials, open_storage, storage_url
+from spaceevo.storage import STORAGE_FORMS, fail_stale_trials, open_storage, storage_url
 from spaceevo.space import CandidateSpace, Hyperspace
 
 STUDY_NAME = "spaceevo-space-search"
@@ -84,7 +84,7 @@ def evolution_sizes(name: str, hyperspace: Hyperspace) -> EvolutionSizes:
     return EvolutionSizes(population, max(1, min(preset.tournament, population)), total)
 
 
-# ---- storage (spaceevo.search.storage; these names stay importable from here) --------------------
+# ---- storage (spaceevo.storage; these names stay importable from here) --------------------
 
 
 def open_study(
@@ -94,7 +94,7 @@ def open_study(
     storage: optuna.storages.BaseStorage | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
-    """:func:`spaceevo.search.storage.open_study`, by default the space search's study."""
+    """:func:`spaceevo.storage.open_study`, by default the space search's study."""
     return storage_module.open_study(url, config, study_name, storage, sampler)
 
 
@@ -415,34 +415,6 @@ def _waiting_for(running: Sequence[FrozenTrial]) -> str:
         f"waiting for {len(running)} trial(s) of other workers: trial {oldest.number} ({worker}) running "
         f"{age:.0f} s, failed if its heartbeat stops for {storage_module.GRACE_S} s"
     )
-
-
-# ---- legacy claim protocol: used only by subnet_search.py, which the extraction package replaces;
-# ---- delete this section when that merge lands ----------------------------------------------------
-
-CLAIMS = (TrialState.RUNNING, TrialState.COMPLETE)
-
-
-def ask_as_worker(study: optuna.Study, **user_attrs: Any) -> optuna.Trial:
-    """A new RUNNING trial that carries this process's ``worker`` attribute (and ``user_attrs``) from
-    its creation, in one storage write (subnet_search.py's claim)."""
-    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"worker": worker_id(), **user_attrs})
-    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-    return optuna.Trial(study, trial_id)
-
-
-def is_abandoned(trial: FrozenTrial, stale_after_s: float) -> bool:
-    """A RUNNING trial whose worker process is gone (same host) or that has run too long."""
-    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    started = trial.datetime_start or datetime.now()
-    return (datetime.now() - started).total_seconds() > stale_after_s
 
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""Optuna storage of a search: which URLs are accepted, how they are opened, and the heartbeat that
-fails a killed worker's trial.
+"""Optuna storage of the space search and of the extraction: which URLs are accepted, how they are
+opened, and the heartbeat that fails a killed worker's trial.
 
 Any Optuna RDB URL (``sqlite:///…``, ``postgresql://…``, ``mysql://…``) or a journal file
 (``journal:PATH``). SQLite gets a write-ahead log so that several processes on one host share it.
