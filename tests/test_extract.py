@@ -376,6 +376,39 @@ def test_answer_over_budget_is_reported_with_the_next_feasible_candidate(run_dir
     assert r.fallback.heldout_int8_top1 == round(max(cheaper), 2)
 
 
+def test_a_subnet_answering_several_budgets_is_exported_and_measured_once(run_dir, monkeypatch, latency_tables) -> None:
+    import spaceevo.deploy.evaluate as evaluate_module
+    import spaceevo.latency.api as latency_api
+
+    extraction = open_extraction(run_dir, preset=TINY_SEARCH, tables=latency_tables, show_progress=False)
+    best = max(extraction.evaluated(), key=lambda e: e.heldout_top1)
+    results = [BudgetResult(budget, best.subnet, best.predicted_int8_ms, best.heldout_top1, 5) for budget in (5.0, 6.0)]
+    exported, timed = [], []
+
+    def fake_export(run, subnet, output, **_):
+        exported.append(str(subnet))
+        paths = (str(output) + "_fp32.onnx", str(output) + "_int8.onnx")
+        for path, data in zip(paths, (b"fp32", b"int8")):
+            Path(path).write_bytes(data)
+        return ExportReport(SPACE, str(subnet), "qat", *paths, 0.0, 0.0, "fp32 phase")
+
+    def fake_measure(models, *_):
+        timed.extend(models)
+        return [LatencyStats(0.1 * (i + 1), 0.0, (0.1,) * 5) for i in range(len(models))], "latency table"
+
+    monkeypatch.setattr(evaluate_module, "export_subnet", fake_export)
+    monkeypatch.setattr(evaluate_module, "ort_top1", lambda *_: 50.0)
+    monkeypatch.setattr(evaluate_module.onnx, "load_from_string", lambda data: data)
+    monkeypatch.setattr(latency_api, "measure_onnx", fake_measure)
+    verify_results(extraction, results, "cpu", 1, latency_tables, show_progress=False)
+    assert exported == [best.subnet] and timed == [b"fp32", b"int8"]
+    first, second = results
+    assert second.onnx_int8.endswith("budget_6ms_int8.onnx") and Path(second.onnx_int8).read_bytes() == b"int8"
+    assert Path(second.onnx_fp32).read_bytes() == b"fp32"
+    for key in ("measured_int8_ms", "measured_fp32_ms", "measured_int8_spread", "test_ort_int8_top1"):
+        assert getattr(second, key) == getattr(first, key) is not None
+
+
 def test_fallback_is_never_the_answer_whose_rounded_latency_is_above_its_own() -> None:
     """An answer predicted 0.301353 ms is reported as 0.3014 ms: measured over budget, it used to be
     its own fallback (below 0.3014), verified three more times as budget_…_fallback_fallback…"""

@@ -208,7 +208,6 @@ class FrontSampler(BaseSampler):
         config, rng = self.config, random.Random(f"front:{self.seed}:{number}")
         done, seen = evaluated(trials), self._seen(trials)
         if len(done) < config.initial:
-            subnet = random_subnet(self.space, rng)
             for _ in range(200):  # a random size level in the number's stratum: spread over the latency range
                 subnet = random_subnet(self.space, rng, ((number % config.initial) + rng.random()) / config.initial)
                 if subnet.encode() not in seen:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from tqdm import tqdm
 
 from spaceevo.extraction.results import BudgetResult
-from spaceevo.io import atomic_write_json, exclusive_lock
+from spaceevo.io import atomic_write_bytes, atomic_write_json, exclusive_lock
 
 if TYPE_CHECKING:
     from spaceevo.extraction.api import Extraction
@@ -144,6 +144,18 @@ def _fallback(extraction: Extraction, over: BudgetResult) -> BudgetResult | None
     )
 
 
+def _share(source: BudgetResult, result: BudgetResult, output: Path) -> None:
+    """Give ``result`` (another budget answered by the same subnet) copies of ``source``'s exported
+    files under its own name and ``source``'s test top-1: the same subnet is exported and measured once."""
+    from spaceevo.deploy.evaluate import output_paths
+
+    fp32_path, int8_path = output_paths(output)
+    for source_path, path in ((source.onnx_fp32, fp32_path), (source.onnx_int8, int8_path)):
+        atomic_write_bytes(path, Path(source_path).read_bytes())
+    result.onnx_fp32, result.onnx_int8 = str(fp32_path), str(int8_path)
+    result.test_ort_int8_top1 = source.test_ort_int8_top1
+
+
 def _verify(
     extraction: Extraction, pending: Sequence[tuple[BudgetResult, str]], device: str, threads: int,
     tables: str | Path | None, show_progress: bool, record: VerifiedRecord,
@@ -170,8 +182,14 @@ def _verify(
         test = extraction.fitness.datasets.test
         bar = tqdm(total=2 * len(todo) + 1, desc="verify", unit="step", file=sys.stderr, disable=not show_progress, leave=False)
         models: list[bytes] = []
+        first: dict[str, BudgetResult] = {}  # one export, test top-1 and timing per distinct subnet
         try:
             for result, stem in todo:
+                if result.subnet in first:
+                    _share(first[result.subnet], result, extraction.directory / stem)
+                    bar.update(2)
+                    continue
+                first[result.subnet] = result
                 bar.set_postfix_str(f"export {result.budget_ms:g} ms", refresh=True)
                 report = export_subnet(run.run.path, result.subnet, extraction.directory / stem, device=device, threads=threads, show_progress=False)
                 result.onnx_fp32, result.onnx_int8 = report.onnx_fp32, report.onnx_int8
@@ -187,8 +205,9 @@ def _verify(
             bar.update(1)
         finally:
             bar.close()
-        for index, (result, stem) in enumerate(todo):
-            fp32, int8 = stats[2 * index], stats[2 * index + 1]
+        measured = {subnet: (stats[2 * i], stats[2 * i + 1]) for i, subnet in enumerate(first)}
+        for result, stem in todo:
+            fp32, int8 = measured[result.subnet]
             result.measured_fp32_ms, result.measured_int8_ms = round(fp32.ms, 4), round(int8.ms, 4)
             result.measured_int8_spread = round(int8.spread, 4)
             record.add(stem, result, scale)
