@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from spaceevo import __version__
 from spaceevo.errors import SpaceEvoError, UsageError
+from spaceevo.interrupts import recorded_interrupts
 
 SPACE_HELP = ("hyperspace name or YAML path (tiny, search_spaces/tiny.yaml) or candidate-space encoding (tiny-1111-0000; "
               "of a YAML of your own: my.yaml:my-1111-0000)")
@@ -510,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
-        handler(args)
+        with recorded_interrupts():
+            handler(args)
     except SpaceEvoError as error:
         print(f"spaceevo: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -475,9 +475,27 @@ def test_two_worker_processes_share_a_search(lut_dir, tmp_path, backend):
     assert len(spaces) - len(set(spaces)) <= 3  # a duplicate needs two proposals in the same milliseconds (docs/search.md)
     results = [json.loads((tmp_path / n / "search" / "result.json").read_text()) for n in ("w1", "w2")]
     assert results[0]["best_space"] == results[1]["best_space"] and results[0]["evaluated"] == results[1]["evaluated"]
-    assert results[0]["evaluated"] == len(set(spaces))  # each space counted once
+    first = [space_of(t) for t in sorted(trials, key=lambda t: (t.datetime_complete, t.number))[:48]]
+    assert results[0]["evaluated"] == len(set(first))  # the first T to finish, each space counted once
     states = {t.state for t in optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(url)).get_trials()}
     assert states == {optuna.trial.TrialState.COMPLETE}
+
+
+def test_a_trial_finished_after_the_total_is_not_part_of_the_result(lut_dir, tmp_path):
+    """Two workers agree on the result even when one of them creates a trial just after the other
+    stopped waiting: the result is the first T trials to finish."""
+    done = search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, preset="smoke", samples=500, progress=False)
+    study = optuna.load_study(study_name="spaceevo-space-search", storage=open_storage(done.storage))
+    taken = {space_of(t) for t in study.get_trials()}
+    late = next(s for s in (TINY.random_candidate_space(random.Random(i)) for i in range(1000)) if s.encoding not in taken)
+    template = study.get_trials()[0]
+    study.add_trial(optuna.trial.create_trial(
+        params=evolution.space_params(late), distributions=template.distributions, value=1e9,
+        user_attrs={**template.user_attrs, "worker": "late"},
+    ))
+    again = search_block_lut(lut_dir, "tiny", CONSTRAINTS, tmp_path, preset="smoke", samples=500, progress=False)
+    assert again.evaluated_here == 0 and again.evaluated == done.evaluated == 48
+    assert again.best_space == done.best_space != late.encoding
 
 
 def test_resumed_search_with_other_settings_is_refused(lut_dir, tmp_path):

@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from spaceevo.errors import UsageError
+from spaceevo.interrupts import raise_if_interrupted
 from spaceevo.extraction.genome import Genome, crossover, mutate, random_subnet
 from spaceevo.extraction.predictor import AccuracyPredictor
 from spaceevo.space import CandidateSpace, Subnet
@@ -255,6 +256,7 @@ class FrontSearch:
         self.smallest, self.largest = low_high
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        raise_if_interrupted()
         params = {name: trial.suggest_categorical(name, d.choices) for name, d in self.genome.distributions.items()}
         subnet = self.genome.subnet(params)
         encoding, ms = subnet.encode(), round(self.predict_ms(subnet), 6)

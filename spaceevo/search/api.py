@@ -23,6 +23,7 @@ import yaml
 
 from spaceevo import __version__
 from spaceevo.errors import SpaceEvoError, UsageError
+from spaceevo.interrupts import recorded_interrupts
 from spaceevo.io import atomic_write_json, atomic_write_text, check_writable
 from spaceevo.search.evolution import (
     STUDY_NAME,
@@ -297,11 +298,12 @@ def _worker_main(
     _exit_with_parent()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        hyper = load_hyperspace(hyperspace)
-        lut = load_block_lut(block_lut_dir, hyper)
-        config = _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed)
-        study = open_search_study(url, config, hyper, evolution_sizes(preset, hyper), seed)
-        _evolve(study, lut, constraints, seed, fixed_stage_ms, samples, progress=False)
+        with recorded_interrupts():
+            hyper = load_hyperspace(hyperspace)
+            lut = load_block_lut(block_lut_dir, hyper)
+            config = _search_config(hyper, lut, constraints, fixed_stage_ms, samples, seed)
+            study = open_search_study(url, config, hyper, evolution_sizes(preset, hyper), seed)
+            _evolve(study, lut, constraints, seed, fixed_stage_ms, samples, progress=False)
     except KeyboardInterrupt:
         sys.exit(130)
 

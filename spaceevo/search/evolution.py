@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from spaceevo.errors import UsageError
 from spaceevo import storage as storage_module
+from spaceevo.interrupts import raise_if_interrupted
 from spaceevo.search.qt_score import SpaceScore, constraint_score
 from spaceevo.storage import STORAGE_FORMS, fail_stale_trials, open_storage, storage_url
 from spaceevo.space import CandidateSpace, Hyperspace
@@ -324,8 +325,8 @@ def run_evolution(
 ) -> EvolutionResult:
     """Run (or resume, or join) the aging evolution of ``study`` (:func:`open_search_study`) until T
     spaces are complete, then wait for the trials other workers are still running (at most one
-    evaluation, or the heartbeat's grace period for a dead worker's trial), so that every worker
-    returns the same finished study. An exception of ``evaluate`` fails its trial and is raised."""
+    evaluation, or the heartbeat's grace period for a dead worker's trial). The result is the first T
+    trials to finish, the same for every worker. An exception of ``evaluate`` fails its trial and is raised."""
     sampler = study.sampler
     if not isinstance(sampler, AgingEvolutionSampler):
         raise TypeError("run_evolution needs a study opened by open_search_study (an AgingEvolutionSampler)")
@@ -336,6 +337,7 @@ def run_evolution(
 
     def objective(trial: optuna.Trial) -> float:
         nonlocal evaluated_here, exhausted
+        raise_if_interrupted()
         current[:] = [trial._trial_id]
         retried = params_space(hyperspace, trial.params)  # a WAITING retry holds its genome already
         if retried is None and not trial.relative_params:
@@ -358,6 +360,7 @@ def run_evolution(
     bar = tqdm(total=sizes.total, desc="space search", unit="space", disable=not progress)
 
     def show(_study: optuna.Study, trial: FrozenTrial) -> None:
+        raise_if_interrupted()
         complete = sampler.complete_seen + (trial.state == TrialState.COMPLETE)  # as of this trial's proposal
         bar.update(max(0, min(complete, sizes.total) - bar.n))
 
@@ -379,8 +382,10 @@ def run_evolution(
         _wait_for_others(study, bar, poll_s)
     finally:
         bar.close()
-    scores: dict[str, SpaceScore] = {}  # each space once (a duplicate across workers has the same score)
-    for trial in finished_in_order(study.get_trials(deepcopy=False)):
+    # The first T trials to finish: every worker returns the same search even if another worker's trial
+    # was created just after this one stopped waiting. Each space once (a duplicate has the same score).
+    scores: dict[str, SpaceScore] = {}
+    for trial in finished_in_order(study.get_trials(deepcopy=False))[: sizes.total]:
         score = trial_score(hyperspace, trial)
         scores.setdefault(score.space, score)
     return EvolutionResult(list(scores.values()), evaluated_here)

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from spaceevo.errors import ArtifactError, RunMismatchError, TrainingDivergedError
+from spaceevo.interrupts import raise_if_interrupted
 from spaceevo.train import distributed as ddp
 from spaceevo.train.allocator import keep_freed_memory
 from spaceevo.train.checkpoint import save_state, write_log
@@ -468,6 +469,7 @@ class Engine:
         started = time.perf_counter()
         with bar:
             for index, batch in enumerate(itertools.islice(task.batches(epoch), phase.steps), 1):
+                raise_if_interrupted()
                 if self.world > 1:
                     ddp.broadcast_state(task.model, buffers_only=True)
                 output = step(batch, epoch)
