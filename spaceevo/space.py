@@ -5,8 +5,10 @@ types and several width windows. A *candidate space* picks one block type and on
 searchable stage (``tiny-1111-0000``). A *subnet* picks depth, and per block kernel, width and expand
 ratio, plus the input resolution (``d1#2#..._k3#..._w16#..._e0#..._r32``).
 
-This module imports nothing else of spaceevo's but :mod:`spaceevo.errors`: everything else is built
-on the concrete :class:`BlockSpec` lists that :meth:`CandidateSpace.resolve` returns.
+This module imports nothing else of spaceevo's but :mod:`spaceevo.errors` and the torch-free block
+declarations of :mod:`spaceevo.blocks`: everything else is built on the concrete :class:`BlockSpec`
+lists that :meth:`CandidateSpace.resolve` returns. A block type of a hyperspace is a named variant of
+a registered block kind (:data:`spaceevo.blocks.BLOCK_KINDS`) with options.
 """
 
 from __future__ import annotations
@@ -16,44 +18,44 @@ import json
 import math
 import random
 from importlib import resources
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
+from spaceevo.blocks import (
+    ACTIVATIONS,
+    BLOCK_KINDS,
+    OPTION_KEYS,
+    BlockSpec,
+    BlockVariant,
+    conv_output_size,
+    format_number,
+    make_divisible,
+)
 from spaceevo.errors import ConfigError, EncodingError, UsageError
 
+__all__ = [
+    "Architecture",
+    "BlockChoice",
+    "BlockSpec",
+    "BlockTypeSpec",
+    "CandidateSpace",
+    "HeadSpec",
+    "Hyperspace",
+    "StageChoices",
+    "StageSpec",
+    "Subnet",
+    "conv_output_size",
+    "format_number",
+    "load_hyperspace",
+    "load_space",
+    "make_divisible",
+    "parse_subnet",
+]
+
 SEARCH_SPACES_DIR = Path(str(resources.files("spaceevo.search_spaces")))
-
-#: Block type names, their default activation and whether they carry a squeeze-and-excitation gate.
-#: ``expand`` says what the expand ratio multiplies: the block's input width (inverted residuals),
-#: its output width (ResNet bottlenecks), or nothing (MobileNetV1, ``e0``).
-BLOCK_TYPES: dict[str, dict[str, Any]] = {
-    "conv": {"activation": "relu", "se": False, "expand": "none"},
-    "mbv1_dual": {"activation": "relu", "se": False, "expand": "none"},
-    "mbv2": {"activation": "relu6", "se": False, "expand": "input"},
-    "mbv3_se": {"activation": "hswish", "se": True, "expand": "input"},
-    "resnet": {"activation": "relu", "se": False, "expand": "output"},
-    "resnet_se": {"activation": "relu", "se": True, "expand": "output"},
-    "fused_mbconv": {"activation": "swish", "se": False, "expand": "input"},
-}
-ACTIVATIONS = ("relu", "relu6", "hswish", "swish", "none")
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """Round ``value`` to the nearest multiple of ``divisor`` without losing more than 10%."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * value:
-        rounded += divisor
-    return rounded
-
-
-def format_number(value: float) -> str:
-    """Print a ratio the way the published encodings do (``4.0``, ``0.5``, ``0`` for none)."""
-    if value == 0:
-        return "0"
-    return repr(float(value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,15 +64,25 @@ def format_number(value: float) -> str:
 
 @dataclass(frozen=True)
 class BlockTypeSpec:
-    """One block type a searchable stage may use, with its elastic options."""
+    """One block type of a hyperspace: a named variant of a block kind, with its elastic choices."""
 
     name: str
     digit: int
     kernels: tuple[int, ...]
     expand_ratios: tuple[float, ...]
-    activation: str
-    se: bool
-    expand_of: str  # "input", "output" or "none"
+    variant: BlockVariant
+
+    @property
+    def activation(self) -> str:
+        return self.variant.activation
+
+    @property
+    def se(self) -> bool:
+        return self.variant.se
+
+    @property
+    def expand_of(self) -> str:
+        return self.variant.expand_of
 
 
 @dataclass(frozen=True)
@@ -224,44 +236,6 @@ class Subnet:
 
 
 @dataclass(frozen=True)
-class BlockSpec:
-    """One concrete block of a static network: everything needed to build, export or time it."""
-
-    block_type: str
-    in_channels: int
-    out_channels: int
-    kernel: int
-    expand: float
-    stride: int
-    activation: str
-    se: bool
-    expand_of: str
-    input_size: int  # spatial size (H = W) of the block's input
-    shortcut: str  # "none", "identity" or "projection"
-
-    @property
-    def mid_channels(self) -> int:
-        """Width of the expanded (hidden) feature map; 0 for blocks without expansion."""
-        if self.expand_of == "input":
-            return make_divisible(self.in_channels * self.expand)
-        if self.expand_of == "output":
-            return make_divisible(self.out_channels * self.expand)
-        return 0
-
-    @property
-    def output_size(self) -> int:
-        return conv_output_size(self.input_size, self.stride)
-
-    @property
-    def key(self) -> str:
-        """Stable identity of the block's computation, the latency-table key."""
-        return (
-            f"{self.block_type}:i{self.in_channels}:o{self.out_channels}:k{self.kernel}"
-            f":e{format_number(self.expand)}:s{self.stride}:h{self.input_size}:{self.shortcut}"
-        )
-
-
-@dataclass(frozen=True)
 class Architecture:
     """A subnet resolved against its candidate space: the list of concrete blocks and the head."""
 
@@ -287,11 +261,6 @@ class Architecture:
     @property
     def final_size(self) -> int:
         return self.stages[-1][-1].output_size
-
-
-def conv_output_size(size: int, stride: int) -> int:
-    """Spatial size after a 'same'-padded conv (odd kernel) with this stride."""
-    return (size - 1) // stride + 1
 
 
 @dataclass(frozen=True)
@@ -476,20 +445,9 @@ class CandidateSpace:
         for stage, blocks in zip(self.stages, subnet.stages):
             specs = []
             for position, choice in enumerate(blocks):
-                stride = stage.stride if position == 0 else 1
-                shortcut = shortcut_kind(stage.block_type, position, in_channels, choice.width, stride)
-                spec = BlockSpec(
-                    block_type=stage.block_type.name,
-                    in_channels=in_channels,
-                    out_channels=choice.width,
-                    kernel=choice.kernel,
-                    expand=choice.expand,
-                    stride=stride,
-                    activation=stage.block_type.activation,
-                    se=stage.block_type.se,
-                    expand_of=stage.block_type.expand_of,
-                    input_size=size,
-                    shortcut=shortcut,
+                spec = stage.block_type.variant.spec(
+                    in_channels, choice.width, choice.kernel, choice.expand,
+                    stage.stride if position == 0 else 1, size, position,
                 )
                 specs.append(spec)
                 in_channels = choice.width
@@ -503,19 +461,6 @@ class CandidateSpace:
             in_channels=self.hyperspace.in_channels,
             num_classes=self.hyperspace.num_classes,
         )
-
-
-def shortcut_kind(block: BlockTypeSpec, position: int, in_channels: int, out_channels: int, stride: int) -> str:
-    """Residual rule: none for plain convs and for the first inverted-residual block of a stage;
-    ResNet blocks always have one (projected where shapes differ); later blocks add their input,
-    through a 1x1 projection when the width changes inside the stage."""
-    if block.name == "conv":
-        return "none"
-    if position == 0 and not block.name.startswith("resnet"):
-        return "none"
-    if stride == 1 and in_channels == out_channels:
-        return "identity"
-    return "projection"
 
 
 def parse_subnet(text: str, space: CandidateSpace | None = None) -> Subnet:
@@ -629,9 +574,13 @@ NO_EXPANSION = _Rule(lambda v: v == 0, "[0]")
 CLASSES = _Rule(lambda v: v >= 2, "an integer at least 2")
 
 
-def _expand_rule(block_name: str) -> _Rule:
+def _expand_rule(variant: BlockVariant) -> _Rule:
     """Expand ratios a block type allows: none for blocks without expansion, positive for the rest."""
-    return NO_EXPANSION if BLOCK_TYPES[block_name]["expand"] == "none" else EXPAND_RATIOS
+    return NO_EXPANSION if variant.expand_of == "none" else EXPAND_RATIOS
+
+
+#: Kernels a K3 variant allows: its depthwise k x k conv is (k - 1) / 2 stacked 3x3 convs.
+K3_KERNELS = _Rule(lambda v: v >= 3 and v % 2 == 1, "odd integers at least 3 (3, 5, 7, ...) for a dw_k3 block")
 
 
 class _Fields:
@@ -729,6 +678,54 @@ def resolve_hyperspace_path(name_or_path: str | Path) -> Path:
     return path
 
 
+#: Keys of a block type (besides ``digit`` and ``kind``): its elastic choices and variant options.
+_VARIANT_KEYS = ("kernels", "expand_ratios", *OPTION_KEYS)
+
+
+def _variant(fields: _Fields, kind_name: str, base: BlockVariant | None = None) -> BlockVariant:
+    """The variant of ``kind_name`` (or ``base``) with the option keys present in ``fields``."""
+    kind = BLOCK_KINDS[kind_name] if base is None else base.kind
+    options = {}
+    for key, allowed in kind.allowed().items():
+        if key in fields.data:
+            value_type = bool if isinstance(allowed[0], bool) else str
+            options[key] = fields.get(key, value_type, choices=allowed)
+    start = kind.defaults if base is None else base.options
+    return kind.variant(**{**asdict(start), **options})
+
+
+def _check_choices(
+    fields: _Fields, what: str, variant: BlockVariant, kernels: tuple | None, expands: tuple | None
+) -> None:
+    """Raise naming the key unless the kernels and expand ratios given fit ``variant``."""
+    rules = [("kernels", kernels, K3_KERNELS)] if variant.options.dw_k3 else []
+    for key, values, rule in rules + [("expand_ratios", expands, _expand_rule(variant))]:
+        for value in values or ():
+            if not rule.allows(value):
+                raise fields.error(key, f"{value!r} is not allowed for {what}; allowed: {rule.allowed}")
+
+
+def _block_type(
+    fields: _Fields, name: str, digit: int, variant: BlockVariant, declared: BlockTypeSpec | None
+) -> BlockTypeSpec:
+    """A block type from the ``kernels`` and ``expand_ratios`` in ``fields`` (else ``declared``'s)."""
+    kernels = fields.get_list("kernels", int, None, rule=ODD_KERNELS) or (declared.kernels if declared else None)
+    if kernels is None:
+        raise fields.error(None, f"'{name}' needs 'kernels' (the block type is not declared under block_types)")
+    expands = fields.get_list("expand_ratios", float, None) or (declared.expand_ratios if declared else None)
+    if expands is None and variant.expand_of != "none":
+        raise fields.error(None, f"'{name}' needs 'expand_ratios'")
+    expands = expands or (0.0,)
+    _check_choices(fields, f"block type '{name}'", variant, kernels, expands)
+    return BlockTypeSpec(name=name, digit=digit, kernels=kernels, expand_ratios=expands, variant=variant)
+
+
+def _fixed_block(fields: _Fields, name: str, declared: BlockTypeSpec | None) -> BlockTypeSpec:
+    """The block of a fixed stage: a declared block type or a kind, with the stage's option keys."""
+    variant = _variant(fields, name, declared.variant if declared else None)
+    return _block_type(fields, name, -1, variant, declared)
+
+
 def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hyperspace:
     top = _Fields(path, lines, data, ())
     top.check_keys(["name", "description", "input", "num_classes", "block_types", "stages", "head"])
@@ -748,29 +745,23 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
     blocks_fields = top.child("block_types")
     digits_seen: dict[int, str] = {}
     for block_name in raw_blocks:
-        if block_name not in BLOCK_TYPES:
-            raise blocks_fields.error(
-                block_name, f"unknown block type '{block_name}'; allowed: {', '.join(BLOCK_TYPES)}"
-            )
         bf = blocks_fields.child(block_name)
-        bf.check_keys(["digit", "kernels", "expand_ratios", "activation"])
-        defaults = BLOCK_TYPES[block_name]
+        bf.check_keys(["digit", "kind", *_VARIANT_KEYS])
+        if "kind" in bf.data:
+            kind_name = bf.get("kind", str, choices=list(BLOCK_KINDS))
+        elif block_name in BLOCK_KINDS:
+            kind_name = block_name
+        else:
+            raise blocks_fields.error(
+                block_name,
+                f"unknown block type '{block_name}'; allowed: {', '.join(BLOCK_KINDS)} "
+                f"(or any name with 'kind: <one of these>')",
+            )
         digit = bf.get("digit", int)
         if digit in digits_seen or not 0 <= digit <= 9:
             raise bf.error("digit", f"digit {digit} must be 0-9 and unique (also used by {digits_seen.get(digit)})")
         digits_seen[digit] = block_name
-        kernels = bf.get_list("kernels", int, rule=ODD_KERNELS)
-        expands = bf.get_list("expand_ratios", float, (0.0,), rule=_expand_rule(block_name))
-        activation = bf.get("activation", str, defaults["activation"], choices=ACTIVATIONS)
-        block_types[block_name] = BlockTypeSpec(
-            name=block_name,
-            digit=digit,
-            kernels=kernels,
-            expand_ratios=expands,
-            activation=activation,
-            se=defaults["se"],
-            expand_of=defaults["expand"],
-        )
+        block_types[block_name] = _block_type(bf, block_name, digit, _variant(bf, kind_name), None)
 
     raw_stages = top.get("stages", list)
     stages = []
@@ -778,13 +769,11 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
         sf = _Fields(path, lines, raw_stages[index], ("stages", index))
         if not isinstance(raw_stages[index], dict):
             raise sf.error(None, "each stage must be a mapping")
-        sf.check_keys(["name", "block_types", "block", "widths", "window", "depths", "stride", "kernels", "expand_ratios"])
+        searchable = "block" not in sf.data
+        stage_keys = ["name", "block_types", "block", "widths", "window", "depths", "stride"]
+        sf.check_keys(stage_keys + ["kernels", "expand_ratios"] + (list(OPTION_KEYS) if not searchable else []))
         stage_name = sf.get("name", str, f"stage{index}")
-        if "block" in sf.data:
-            fixed_block = sf.get("block", str, choices=list(BLOCK_TYPES))
-            names: tuple[str, ...] = (fixed_block,)
-            searchable = False
-        else:
+        if searchable:
             names = tuple(sf.get_list("block_types", str))
             for n in names:
                 if n not in block_types:
@@ -793,7 +782,9 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
                         f"unknown block type '{n}'; allowed: {', '.join(block_types)} "
                         f"(declared under block_types)",
                     )
-            searchable = True
+        else:
+            allowed = list(BLOCK_KINDS) + [n for n in block_types if n not in BLOCK_KINDS]
+            names = (sf.get("block", str, choices=allowed),)
         widths = sf.get_list("widths", int, rule=AT_LEAST_1)
         if list(widths) != sorted(set(widths)):
             raise sf.error("widths", "widths must be strictly increasing")
@@ -804,28 +795,12 @@ def _parse_hyperspace(path: Path, data: dict, lines: dict[tuple, int]) -> Hypers
         stride = sf.get("stride", int, choices=[1, 2])
         kernels = sf.get_list("kernels", int, None, rule=ODD_KERNELS)
         expands = sf.get_list("expand_ratios", float, None)
-        for n in names if expands is not None else ():
-            rule = _expand_rule(n)
-            for e in expands:
-                if not rule.allows(e):
-                    raise sf.error("expand_ratios", f"{e!r} is not allowed for block type '{n}'; allowed: {rule.allowed}")
         fixed = None
-        if not searchable:
-            defaults = BLOCK_TYPES[names[0]]
-            declared = block_types.get(names[0])
-            if kernels is None and declared is None:
-                raise sf.error(None, f"fixed stage of '{names[0]}' needs 'kernels' (the block type is not declared under block_types)")
-            if defaults["expand"] != "none" and expands is None and declared is None:
-                raise sf.error(None, f"fixed stage of '{names[0]}' needs 'expand_ratios'")
-            fixed = BlockTypeSpec(
-                name=names[0],
-                digit=-1,
-                kernels=kernels or declared.kernels,
-                expand_ratios=expands or (declared.expand_ratios if declared else (0.0,)),
-                activation=declared.activation if declared else defaults["activation"],
-                se=defaults["se"],
-                expand_of=defaults["expand"],
-            )
+        if searchable:
+            for n in names:
+                _check_choices(sf, f"block type '{n}'", block_types[n].variant, kernels, expands)
+        else:
+            fixed = _fixed_block(sf, names[0], block_types.get(names[0]))
         stages.append(
             StageSpec(
                 name=stage_name,

@@ -22,26 +22,24 @@ from spaceevo.quant.export import (
     rewrite_reduce_mean_to_global_pool,
     strip_io_quantization,
 )
-from spaceevo.space import BLOCK_TYPES, BlockSpec, load_space
+from spaceevo.blocks import BLOCK_KINDS
+from spaceevo.space import BlockSpec, load_space
 
 SIZE = 8  # spatial size of block inputs: small keeps export, quantization and ORT fast
 
 
 def make_spec(block_type: str, cin: int, cout: int, stride: int, shortcut: str, kernel: int = 3,
               expand: float | None = None, size: int = SIZE) -> BlockSpec:
-    info = BLOCK_TYPES[block_type]
+    variant = BLOCK_KINDS[block_type].variant()
     if expand is None:
-        expand = {"none": 0.0, "input": 3.0, "output": 1.0}[info["expand"]]
+        expand = {"none": 0.0, "input": 3.0, "output": 1.0}[variant.expand_of]
     return BlockSpec(
-        block_type=block_type,
+        variant=variant,
         in_channels=cin,
         out_channels=cout,
         kernel=kernel,
         expand=expand,
         stride=stride,
-        activation=info["activation"],
-        se=info["se"],
-        expand_of=info["expand"],
         input_size=size,
         shortcut=shortcut,
     )
@@ -72,7 +70,7 @@ def spec_id(spec: BlockSpec) -> str:
 
 
 def test_specs_cover_every_block_type_and_shortcut():
-    assert {s.block_type for s in SPECS} == set(BLOCK_TYPES)
+    assert {s.block_type for s in SPECS} == set(BLOCK_KINDS)
     assert {s.shortcut for s in SPECS} == {"none", "identity", "projection"}
     assert any(s.stride == 2 for s in SPECS)
 
@@ -146,7 +144,7 @@ def test_block_exports_and_quantizes(spec: BlockSpec, tmp_path: Path):
     assert_no_float_conv(optimized_ops(int8, tmp_path))
 
 
-@pytest.mark.parametrize("block_type", sorted(BLOCK_TYPES))
+@pytest.mark.parametrize("block_type", sorted(BLOCK_KINDS))
 def test_fresh_batchnorm_blocks_still_quantize_every_conv(block_type: str, tmp_path: Path):
     """Freshly initialised BatchNorms have equal (zero) biases, which the TorchScript exporter shares
     through Identity nodes; unless they are inlined, the quantizer leaves those convs in float."""

@@ -249,7 +249,7 @@ def test_published_vnni_space_string_from_reference():
 # Round trips
 
 
-@pytest.mark.parametrize("name", ["onnxw", "tiny", "mobilenetv3"])
+@pytest.mark.parametrize("name", ["onnxw", "tiny", "mobilenetv3", "mobilew"])
 def test_random_round_trips(name):
     h = hyperspace(name)
     for seed in range(60):
@@ -851,7 +851,7 @@ def test_unknown_hyperspace_name_lists_available():
     for name in S.available_hyperspaces():
         assert name in message
     assert info.value.exit_code == 2
-    with pytest.raises(UsageError, match="available: mobilenetv3, onnxw, tiny"):
+    with pytest.raises(UsageError, match="available: mobilenetv3, mobilew, onnxw, tiny"):
         S.load_space("nosuchspace-11-00")
 
 

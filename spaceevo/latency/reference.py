@@ -8,28 +8,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from spaceevo.blocks import block_kind
 from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.measure import StableMeter, Timer
 from spaceevo.latency.segments import Segment, segment_model
-from spaceevo.space import BlockSpec
 
 REFERENCE_SEGMENT = Segment(
     in_channels=32,
     input_size=16,
     first=False,
-    block=BlockSpec(
-        block_type="mbv2",
-        in_channels=32,
-        out_channels=32,
-        kernel=3,
-        expand=4.0,
-        stride=1,
-        activation="relu6",
-        se=False,
-        expand_of="input",
-        input_size=16,
-        shortcut="identity",
-    ),
+    block=block_kind("mbv2").variant().spec(32, 32, 3, 4.0, 1, 16, position=1),
 )
 
 

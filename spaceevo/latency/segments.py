@@ -21,14 +21,7 @@ from torch import nn
 
 from spaceevo.nn.static import Block, Head
 from spaceevo.quant.export import export_fp32, quantize_ptq, strip_io_quantization
-from spaceevo.space import (
-    Architecture,
-    BlockSpec,
-    HeadSpec,
-    Hyperspace,
-    conv_output_size,
-    shortcut_kind,
-)
+from spaceevo.space import Architecture, BlockSpec, HeadSpec, Hyperspace, conv_output_size
 
 
 @dataclass(frozen=True)
@@ -120,19 +113,7 @@ def required_segments(hyperspace: Hyperspace) -> list[Segment]:
                 for (cin, cout, stride, in_size, first_in_stage), kernel, expand in itertools.product(
                     list(first_pairs) + sorted(later_pairs), kernels, expands
                 ):
-                    spec = BlockSpec(
-                        block_type=block_type.name,
-                        in_channels=cin,
-                        out_channels=cout,
-                        kernel=kernel,
-                        expand=expand,
-                        stride=stride,
-                        activation=block_type.activation,
-                        se=block_type.se,
-                        expand_of=block_type.expand_of,
-                        input_size=in_size,
-                        shortcut=shortcut_kind(block_type, 0 if first_in_stage else 1, cin, cout, stride),
-                    )
+                    spec = block_type.variant.spec(cin, cout, kernel, expand, stride, in_size, 0 if first_in_stage else 1)
                     segment = Segment(
                         in_channels=cin, input_size=in_size, first=is_first_stage and first_in_stage, block=spec
                     )

@@ -1,16 +1,17 @@
 """Analytical cost of blocks and networks: conv layers, MACs, parameters, activation sizes.
 
-Computed from the :class:`~spaceevo.space.BlockSpec` alone (no module is built), so latency
-models and block LUTs can evaluate thousands of configurations cheaply. The layer list mirrors
-:func:`spaceevo.nn.static._body_layers`; tests check parameter counts against the built modules.
+Computed from the :class:`~spaceevo.blocks.BlockSpec` alone (no module is built), so latency
+models and block LUTs can evaluate thousands of configurations cheaply. The layers are the variant's
+declared ones (:meth:`spaceevo.blocks.BlockVariant.layers`), as the static network builds them;
+tests check parameter counts against the built modules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spaceevo.nn.static import se_channels
-from spaceevo.space import BlockSpec, HeadSpec, conv_output_size
+from spaceevo.blocks import BlockSpec, conv_output_size, se_channels, stacked_convs
+from spaceevo.space import HeadSpec
 
 
 @dataclass(frozen=True)
@@ -47,44 +48,28 @@ class ConvLayer:
 
 
 def block_layers(spec: BlockSpec) -> list[ConvLayer]:
-    """The convolutions of a block (body, SE gate, projection shortcut) in execution order."""
-    cin, cout, k, s, mid, h = (
-        spec.in_channels,
-        spec.out_channels,
-        spec.kernel,
-        spec.stride,
-        spec.mid_channels,
-        spec.input_size,
-    )
-    out = conv_output_size(h, s)
-    kind = spec.block_type
-    layers: list[ConvLayer]
-    if kind == "conv":
-        layers = [ConvLayer(cin, cout, k, s, 1, h)]
-    elif kind == "mbv1_dual":
-        layers = [
-            ConvLayer(cin, cin, k, s, cin, h),
-            ConvLayer(cin, cout, 1, 1, 1, out),
-            ConvLayer(cout, cout, k, 1, cout, out),
-            ConvLayer(cout, cout, 1, 1, 1, out),
-        ]
-    elif kind in ("mbv2", "mbv3_se"):
-        layers = [ConvLayer(cin, mid, 1, 1, 1, h), ConvLayer(mid, mid, k, s, mid, h)]
-        if spec.se:
-            squeeze = se_channels(mid)
-            layers += [ConvLayer(mid, squeeze, 1, 1, 1, 1), ConvLayer(squeeze, mid, 1, 1, 1, 1)]
-        layers.append(ConvLayer(mid, cout, 1, 1, 1, out))
-    elif kind in ("resnet", "resnet_se"):
-        layers = [ConvLayer(cin, mid, 1, 1, 1, h), ConvLayer(mid, mid, k, s, 1, h), ConvLayer(mid, cout, 1, 1, 1, out)]
-        if spec.se:
-            squeeze = se_channels(cout)
-            layers += [ConvLayer(cout, squeeze, 1, 1, 1, 1), ConvLayer(squeeze, cout, 1, 1, 1, 1)]
-    elif kind == "fused_mbconv":
-        layers = [ConvLayer(cin, mid, k, s, 1, h), ConvLayer(mid, cout, 1, 1, 1, out)]
-    else:
-        raise ValueError(f"unknown block type {kind!r}")
+    """The convolutions of a block (body, SE gates, projection shortcut) in execution order, from
+    its variant's declared layers: a stacked depthwise layer is its 3x3 convs, an SE gate its two
+    1x1 convs on the pooled map."""
+    widths = spec.widths()
+    size, layers = spec.input_size, []
+    for layer in spec.variant.layers():
+        cin, cout = widths[layer.cin], widths[layer.cout]
+        if layer.se:
+            squeeze = se_channels(cin)
+            layers += [ConvLayer(cin, squeeze, 1, 1, 1, 1), ConvLayer(squeeze, cin, 1, 1, 1, 1)]
+            continue
+        stride = spec.stride if layer.strided else 1
+        groups = cin if layer.depthwise else 1
+        if layer.stacked:
+            for index in range(stacked_convs(spec.kernel)):
+                layers.append(ConvLayer(cin, cout, 3, stride if index == 0 else 1, groups, size))
+                size = conv_output_size(size, stride if index == 0 else 1)
+            continue
+        layers.append(ConvLayer(cin, cout, spec.kernel if layer.spatial else 1, stride, groups, size))
+        size = conv_output_size(size, stride)
     if spec.shortcut == "projection":
-        layers.append(ConvLayer(cin, cout, 1, s, 1, h))
+        layers.append(ConvLayer(spec.in_channels, spec.out_channels, 1, spec.stride, 1, spec.input_size))
     return layers
 
 

@@ -15,7 +15,6 @@ point is allocated for the largest output width and quantizes the active slice.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -24,8 +23,9 @@ from torch import nn
 
 from spaceevo.nn.depthwise import conv2d
 from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint, conv_batchnorm
-from spaceevo.nn.static import Block, ConvBN, Head, SqueezeExcite, mix_activation, post_add_activation, se_channels
-from spaceevo.space import BlockSpec, BlockTypeSpec, HeadSpec, StageChoices, shortcut_kind
+from spaceevo.blocks import BlockSpec, Layer, se_channels, stacked_convs
+from spaceevo.nn.static import Block, ConvBN, DepthwiseStack, Head, SqueezeExcite, mix_activation
+from spaceevo.space import HeadSpec, StageChoices
 
 
 def _copy(target: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -237,59 +237,44 @@ class ElasticSqueezeExcite(nn.Module):
 # Blocks
 
 
-@dataclass(frozen=True)
-class _Layer:
-    """One layer of a block's body: which widths (``in``/``mid``/``out``) it maps, whether it uses
-    the block's kernel (else 1x1), strides, is depthwise, is activated, or is the SE gate."""
+class ElasticDepthwiseStack(nn.Module):
+    """The elastic twin of :class:`DepthwiseStack`: ``stacked_convs(max_kernel)`` elastic 3x3
+    depthwise convs, of which a kernel ``k`` runs the first ``stacked_convs(k)``."""
 
-    cin: str
-    cout: str
-    spatial: bool = False
-    strided: bool = False
-    depthwise: bool = False
-    act: bool = False
-    se: bool = False
+    def __init__(self, max_channels: int, max_kernel: int, stride: int, act: str):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            ElasticConvBN(max_channels, max_channels, 3, stride if i == 0 else 1, depthwise=True)
+            for i in range(stacked_convs(max_kernel))
+        )
+        self.act = Activation(act)
 
+    def forward(self, x: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
+        for conv in self.convs[: stacked_convs(kernel)]:
+            x = conv(x, out_channels, 3)
+        return self.act(x)
 
-def _body_plan(block_type: str, se: bool) -> list[_Layer]:
-    """The body of each block type, layer by layer, in the order of ``static._body_layers``."""
-    if block_type == "conv":
-        return [_Layer("in", "out", spatial=True, strided=True, act=True)]
-    if block_type == "mbv1_dual":
-        return [
-            _Layer("in", "in", spatial=True, strided=True, depthwise=True, act=True),
-            _Layer("in", "out", act=True),
-            _Layer("out", "out", spatial=True, depthwise=True, act=True),
-            _Layer("out", "out", act=True),
-        ]
-    if block_type in ("mbv2", "mbv3_se"):
-        layers = [
-            _Layer("in", "mid", act=True),
-            _Layer("mid", "mid", spatial=True, strided=True, depthwise=True, act=True),
-        ]
-        if se:
-            layers.append(_Layer("mid", "mid", se=True))
-        return layers + [_Layer("mid", "out")]
-    if block_type in ("resnet", "resnet_se"):
-        layers = [
-            _Layer("in", "mid", act=True),
-            _Layer("mid", "mid", spatial=True, strided=True, act=True),
-            _Layer("mid", "out"),
-        ]
-        if se:
-            layers.append(_Layer("out", "out", se=True))
-        return layers
-    if block_type == "fused_mbconv":
-        return [_Layer("in", "mid", spatial=True, strided=True, act=True), _Layer("mid", "out")]
-    raise ValueError(f"unknown block type {block_type!r}")
+    def to_static(self, in_channels: int, out_channels: int, kernel: int) -> DepthwiseStack:
+        """The :class:`DepthwiseStack` of ``kernel`` on ``in_channels``, weights copied."""
+        weight = self.convs[0].conv.weight
+        static = DepthwiseStack(in_channels, kernel, self.convs[0].conv.stride, self.act.name)
+        static.to(device=weight.device, dtype=weight.dtype)
+        for conv, source in zip(static.convs, self.convs):
+            conv.load_state_dict(source.to_static(in_channels, in_channels, 3).state_dict())
+        return static
 
 
-def _mid_channels(block: BlockTypeSpec, in_channels: int, out_channels: int, expand: float) -> int:
-    """Hidden width of a block with these widths, by :attr:`BlockSpec.mid_channels` itself."""
-    spec = BlockSpec(
-        block.name, in_channels, out_channels, 1, expand, 1, block.activation, block.se, block.expand_of, 1, "none"
-    )
-    return spec.mid_channels
+def _elastic_layer(layer: Layer, widths: dict[str, list[int]], max_kernel: int, stride: int, act: str) -> nn.Module:
+    """The elastic module of one declared layer, allocated for the largest of ``widths`` per role."""
+    cin, cout = max(widths[layer.cin]), max(widths[layer.cout])
+    if layer.se:
+        return ElasticSqueezeExcite(cin, max(se_channels(c) for c in widths[layer.cin]))
+    kernel = max_kernel if layer.spatial else 1
+    stride = stride if layer.strided else 1
+    act = act if layer.act else "none"
+    if layer.stacked:
+        return ElasticDepthwiseStack(cin, kernel, stride, act)
+    return ElasticConvBN(cin, cout, kernel, stride, depthwise=layer.depthwise, act=act)
 
 
 class ElasticBlock(nn.Module):
@@ -304,16 +289,16 @@ class ElasticBlock(nn.Module):
 
     def __init__(self, choices: StageChoices, position: int, in_widths: Sequence[int]):
         super().__init__()
-        block = choices.block_type
-        self.block_type = block.name
+        variant = choices.block_type.variant
+        self.block_type = variant.tag
         self.stride = choices.stride if position == 0 else 1
-        self.plan = _body_plan(block.name, block.se)
+        self.plan = variant.layers()
         widths = {
             "in": sorted(set(in_widths)),
             "out": sorted(set(choices.widths)),
             "mid": sorted(
                 {
-                    _mid_channels(block, cin, cout, e)
+                    variant.mid_channels(cin, cout, e)
                     for cin in in_widths
                     for cout in choices.widths
                     for e in choices.expand_ratios
@@ -321,30 +306,14 @@ class ElasticBlock(nn.Module):
             ),
         }
         max_kernel = max(choices.kernels)
-        layers: list[nn.Module] = []
-        for layer in self.plan:
-            if layer.se:
-                squeeze = max(se_channels(c) for c in widths[layer.cin])
-                layers.append(ElasticSqueezeExcite(max(widths[layer.cin]), squeeze))
-            else:
-                layers.append(
-                    ElasticConvBN(
-                        max(widths[layer.cin]),
-                        max(widths[layer.cout]),
-                        max_kernel if layer.spatial else 1,
-                        self.stride if layer.strided else 1,
-                        depthwise=layer.depthwise,
-                        act=block.activation if layer.act else "none",
-                    )
-                )
-        self.body = nn.ModuleList(layers)
-        shortcuts = {
-            shortcut_kind(block, position, cin, cout, self.stride) for cin in in_widths for cout in choices.widths
-        }
+        self.body = nn.ModuleList(
+            _elastic_layer(layer, widths, max_kernel, self.stride, variant.activation) for layer in self.plan
+        )
+        shortcuts = {variant.shortcut(position, cin, cout, self.stride) for cin in in_widths for cout in choices.widths}
         self.shortcut = (
             ElasticConvBN(max(in_widths), max(choices.widths), 1, self.stride) if "projection" in shortcuts else None
         )
-        self.post_act = post_add_activation(block.name, block.activation) if shortcuts != {"none"} else None
+        self.post_act = Activation(variant.post_add_activation) if shortcuts != {"none"} else None
 
     def _check(self, spec: BlockSpec) -> None:
         if spec.block_type != self.block_type or spec.stride != self.stride:
@@ -354,12 +323,9 @@ class ElasticBlock(nn.Module):
         if spec.shortcut == "projection" and self.shortcut is None:
             raise ValueError(f"elastic {self.block_type} block has no projection shortcut for {spec.key}")
 
-    def _dims(self, spec: BlockSpec) -> dict[str, int]:
-        return {"in": spec.in_channels, "mid": spec.mid_channels, "out": spec.out_channels}
-
     def forward(self, x: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
         self._check(spec)
-        dims = self._dims(spec)
+        dims = spec.widths()
         out = x
         for layer, module in zip(self.plan, self.body):
             out = module(out) if layer.se else module(out, dims[layer.cout], spec.kernel if layer.spatial else 1)
@@ -372,7 +338,7 @@ class ElasticBlock(nn.Module):
     def to_static(self, spec: BlockSpec) -> Block:
         """The static :class:`Block` of ``spec`` with this block's active weight slices copied in."""
         self._check(spec)
-        dims = self._dims(spec)
+        dims = spec.widths()
         weight = next(self.parameters())
         static = Block(spec).to(device=weight.device, dtype=weight.dtype)
         for index, (layer, module) in enumerate(zip(self.plan, self.body)):

@@ -5,7 +5,8 @@ These are what gets exported and deployed. Every conv with BatchNorm is a :class
 sees the usual Conv→(Relu|Clip) patterns. The :class:`~spaceevo.nn.layers.QuantPoint` s mark the
 tensors ONNX Runtime keeps in INT8 and sit under the same names as in the elastic supernet
 (:mod:`spaceevo.quant.qat` documents the placement). Module names (``stages.<stage>.<block>``) are
-the name scopes the latency engine uses to attribute ONNX nodes.
+the name scopes the latency engine uses to attribute ONNX nodes. A block's layers follow its
+variant's declaration (:meth:`spaceevo.blocks.BlockVariant.layers`), in order.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spaceevo.blocks import BlockSpec, Layer, se_channels, stacked_convs
 from spaceevo.nn.layers import Activation, QuantizableConv2d, QuantizableLinear, QuantPoint, conv_batchnorm
-from spaceevo.space import Architecture, BlockSpec, HeadSpec, make_divisible
+from spaceevo.space import Architecture, HeadSpec
 
 
 class ConvBN(nn.Module):
@@ -58,15 +60,34 @@ class SqueezeExcite(nn.Module):
         return self.out_quant(x * scale)
 
 
-def se_channels(channels: int) -> int:
-    """Squeeze width of an SE gate on ``channels`` (a quarter, rounded to a multiple of 8)."""
-    return make_divisible(channels / 4)
+class DepthwiseStack(nn.Module):
+    """A k x k depthwise conv realised as ``stacked_convs(k)`` 3x3 depthwise convs (K3 variants,
+    faster than large kernels on some engines): conv + BN each, the first strided, the activation
+    after the last only, so the stack stays one linear k x k filter before it."""
+
+    def __init__(self, channels: int, kernel: int, stride: int, act: str):
+        super().__init__()
+        self.convs = nn.Sequential(
+            *(ConvBN(channels, channels, 3, stride if i == 0 else 1, groups=channels) for i in range(stacked_convs(kernel)))
+        )
+        self.act = Activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.convs(x))
 
 
-def post_add_activation(block_type: str, activation: str) -> Activation:
-    """What follows a residual add: the ResNet blocks' activation, nothing for inverted residuals;
-    either way with the quantization point of the sum."""
-    return Activation(activation if block_type.startswith("resnet") else "none")
+def build_layer(layer: Layer, spec: BlockSpec) -> nn.Module:
+    """The static module of one declared layer of ``spec``'s block."""
+    widths = spec.widths()
+    cin, cout = widths[layer.cin], widths[layer.cout]
+    if layer.se:
+        return SqueezeExcite(cin, se_channels(cin))
+    kernel = spec.kernel if layer.spatial else 1
+    stride = spec.stride if layer.strided else 1
+    act = spec.activation if layer.act else "none"
+    if layer.stacked:
+        return DepthwiseStack(cin, kernel, stride, act)
+    return ConvBN(cin, cout, kernel, stride, groups=cin if layer.depthwise else 1, act=act)
 
 
 class Block(nn.Module):
@@ -76,62 +97,19 @@ class Block(nn.Module):
     def __init__(self, spec: BlockSpec):
         super().__init__()
         self.spec = spec
-        self.body = nn.Sequential(*_body_layers(spec))
+        self.body = nn.Sequential(*(build_layer(layer, spec) for layer in spec.variant.layers()))
         if spec.shortcut == "projection":
             self.shortcut = ConvBN(spec.in_channels, spec.out_channels, 1, spec.stride)
         else:
             self.shortcut = None
         self.has_residual = spec.shortcut != "none"
-        self.post_act = post_add_activation(spec.block_type, spec.activation) if self.has_residual else None
+        self.post_act = Activation(spec.variant.post_add_activation) if self.has_residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
         if self.has_residual:
             out = self.post_act(out + (self.shortcut(x) if self.shortcut is not None else x))
         return out
-
-
-def _body_layers(spec: BlockSpec) -> list[nn.Module]:
-    """The main path of each block type; the layer order is the elastic blocks' order too."""
-    cin, cout, k, s, act, mid = (
-        spec.in_channels,
-        spec.out_channels,
-        spec.kernel,
-        spec.stride,
-        spec.activation,
-        spec.mid_channels,
-    )
-    kind = spec.block_type
-    if kind == "conv":
-        return [ConvBN(cin, cout, k, s, act=act)]
-    if kind == "mbv1_dual":
-        return [
-            ConvBN(cin, cin, k, s, groups=cin, act=act),
-            ConvBN(cin, cout, 1, act=act),
-            ConvBN(cout, cout, k, 1, groups=cout, act=act),
-            ConvBN(cout, cout, 1, act=act),
-        ]
-    if kind in ("mbv2", "mbv3_se"):
-        layers: list[nn.Module] = [
-            ConvBN(cin, mid, 1, act=act),
-            ConvBN(mid, mid, k, s, groups=mid, act=act),
-        ]
-        if spec.se:
-            layers.append(SqueezeExcite(mid, se_channels(mid)))
-        layers.append(ConvBN(mid, cout, 1))
-        return layers
-    if kind in ("resnet", "resnet_se"):
-        layers = [
-            ConvBN(cin, mid, 1, act=act),
-            ConvBN(mid, mid, k, s, act=act),
-            ConvBN(mid, cout, 1),
-        ]
-        if spec.se:
-            layers.append(SqueezeExcite(cout, se_channels(cout)))
-        return layers
-    if kind == "fused_mbconv":
-        return [ConvBN(cin, mid, k, s, act=act), ConvBN(mid, cout, 1)]
-    raise ValueError(f"unknown block type {kind!r}")
 
 
 class Head(nn.Module):

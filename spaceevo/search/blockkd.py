@@ -60,7 +60,6 @@ from spaceevo.space import (
     Hyperspace,
     StageChoices,
     conv_output_size,
-    shortcut_kind,
 )
 from spaceevo.train.bn import batchnorms
 from spaceevo.train.data import ImageSplit, make_loader, resize_batch
@@ -175,19 +174,7 @@ class KDJob:
         specs, cin, size = [], sub.in_channels, self.input_size(resolution)
         for position, choice in enumerate(sub.blocks):
             stride = choices.stride if position == 0 else 1
-            spec = BlockSpec(
-                block_type=block.name,
-                in_channels=cin,
-                out_channels=choice.width,
-                kernel=choice.kernel,
-                expand=choice.expand,
-                stride=stride,
-                activation=block.activation,
-                se=block.se,
-                expand_of=block.expand_of,
-                input_size=size,
-                shortcut=shortcut_kind(block, position, cin, choice.width, stride),
-            )
+            spec = block.variant.spec(cin, choice.width, choice.kernel, choice.expand, stride, size, position)
             specs.append(spec)
             cin, size = choice.width, spec.output_size
         return tuple(specs)

@@ -76,7 +76,7 @@ from spaceevo.search.blockkd import (
 )
 from spaceevo.search.lut import LutRow, lut_filename, write_lut_csv
 from spaceevo.search.teacher import TEACHER_FILE, TeacherConfig, load_teacher, teacher_config, train_teacher
-from spaceevo.space import BlockSpec, Hyperspace, conv_output_size, load_hyperspace, shortcut_kind
+from spaceevo.space import BlockSpec, Hyperspace, conv_output_size, load_hyperspace
 from spaceevo.train.bn import batchnorms
 from spaceevo.train.loop import load_space_data
 from spaceevo.train.checkpoint import versions
@@ -140,11 +140,8 @@ def fixed_stage_latency_ms(hyperspace: Hyperspace, predictor: LatencyPredictor) 
             for position in range(max(stage.depths)):
                 stride = stage.stride if position == 0 else 1
                 width = max(stage.widths)
-                spec = BlockSpec(
-                    block_type=block.name, in_channels=channels, out_channels=width, kernel=max(block.kernels),
-                    expand=max(block.expand_ratios), stride=stride, activation=block.activation, se=block.se,
-                    expand_of=block.expand_of, input_size=size,
-                    shortcut=shortcut_kind(block, position, channels, width, stride),
+                spec = block.variant.spec(
+                    channels, width, max(block.kernels), max(block.expand_ratios), stride, size, position
                 )
                 total += block_share_ms(predictor, spec, first)
                 size, channels, first = spec.output_size, width, False

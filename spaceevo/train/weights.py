@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from spaceevo.nn.elastic import ElasticConv2d, ElasticConvBN
-from spaceevo.space import shortcut_kind
 
 
 @torch.no_grad()
@@ -44,6 +43,6 @@ def residual_blocks(supernet: nn.Module) -> list[nn.Module]:
         for position, block in enumerate(stage):
             # whether a shortcut exists depends on the block type and position, not on the widths
             width = choices.widths[0]
-            if shortcut_kind(choices.block_type, position, width, width, block.stride) != "none":
+            if choices.block_type.variant.shortcut(position, width, width, block.stride) != "none":
                 blocks.append(block)
     return blocks
