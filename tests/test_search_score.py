@@ -134,6 +134,37 @@ def test_score_command_on_a_published_onnxw_lut_folder(capsys, tmp_path):
     assert any(s["feasible_fraction"][1] > 0 for s in scores)
 
 
+def test_published_mobilew_rows_map_to_the_hyperspace_resolutions():
+    """mobilew's stage inputs are resolution / 2, 4, 8, 16, 16, 32: the published rows at 160, 192
+    and 224 land there, and every stage-2..6 file of block type 0 covers all three."""
+    mobilew = load_hyperspace("mobilew")
+    sizes = stage_input_sizes(mobilew)
+    assert [sizes[i][224] for i in range(6)] == [112, 56, 28, 14, 14, 7]
+    lut = load_block_lut(PUBLISHED / "mobilew", mobilew, [mobilew.candidate_space("mobilew-000000-000000")])
+    counts = {key: dict(zip(mobilew.resolutions, table.counts.tolist())) for key, table in lut.tables.items()}
+    assert all(c[160] and c[192] and c[224] for key, c in counts.items() if key[0] > 1)
+    assert counts[(1, 0, 0)] == {160: 0, 176: 0, 192: 0, 208: 0, 224: 3}
+
+
+def test_score_command_on_a_published_mobilew_lut_folder(capsys, tmp_path):
+    """As for onnxw: published mobilew rows (TFLite on a Pixel 4) of every stage1 block type, the K3
+    types and FusedMBConv-SE included, and stages 2-6 of block type 0, scored with the published
+    constraints 15 and 20 ms (tests/data/published_lut_sample/README.md)."""
+    folder = tmp_path / "mobilew_lut"
+    shutil.copytree(PUBLISHED / "mobilew", folder)
+    spaces = [f"mobilew-{block}00000-000000" for block in range(7)]
+    code, out, err = run_cli(
+        capsys, "score", "--block-lut", str(folder), "--hyperspace", "mobilew", "--latency-constraints", "15", "20",
+        "--spaces", *spaces, "--samples", "2000", "--json",
+    )
+    assert code == 0, err
+    scores = json.loads(out)["scores"]
+    assert [s["space"] for s in scores] == spaces
+    assert all(np.isfinite(s["qt_score"]) and s["qt_score"] > 0 for s in scores)
+    assert all(s["feasible_fraction"][0] <= s["feasible_fraction"][1] for s in scores)
+    assert any(s["feasible_fraction"][0] > 0 for s in scores)
+
+
 def test_score_auto_constraints_spread_over_the_given_spaces_of_a_partial_lut_folder(capsys, tmp_path):
     """The published sample holds only the files of the given spaces: 'auto' used to pool a random
     sample of the hyperspace's spaces, found none loaded and failed with 'no candidate space has all
