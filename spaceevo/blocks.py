@@ -227,18 +227,6 @@ class BlockSpec:
         return self.variant.tag
 
     @property
-    def activation(self) -> str:
-        return self.variant.activation
-
-    @property
-    def se(self) -> bool:
-        return self.variant.se
-
-    @property
-    def expand_of(self) -> str:
-        return self.variant.expand_of
-
-    @property
     def mid_channels(self) -> int:
         return self.variant.mid_channels(self.in_channels, self.out_channels, self.expand)
 

@@ -24,36 +24,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-from spaceevo.blocks import (
-    ACTIVATIONS,
-    BLOCK_KINDS,
-    OPTION_KEYS,
-    BlockSpec,
-    BlockVariant,
-    conv_output_size,
-    format_number,
-    make_divisible,
-)
+from spaceevo.blocks import ACTIVATIONS, BLOCK_KINDS, OPTION_KEYS, BlockSpec, BlockVariant, format_number
 from spaceevo.errors import ConfigError, EncodingError, UsageError
-
-__all__ = [
-    "Architecture",
-    "BlockChoice",
-    "BlockSpec",
-    "BlockTypeSpec",
-    "CandidateSpace",
-    "HeadSpec",
-    "Hyperspace",
-    "StageChoices",
-    "StageSpec",
-    "Subnet",
-    "conv_output_size",
-    "format_number",
-    "load_hyperspace",
-    "load_space",
-    "make_divisible",
-    "parse_subnet",
-]
 
 SEARCH_SPACES_DIR = Path(str(resources.files("spaceevo.search_spaces")))
 
@@ -71,18 +43,6 @@ class BlockTypeSpec:
     kernels: tuple[int, ...]
     expand_ratios: tuple[float, ...]
     variant: BlockVariant
-
-    @property
-    def activation(self) -> str:
-        return self.variant.activation
-
-    @property
-    def se(self) -> bool:
-        return self.variant.se
-
-    @property
-    def expand_of(self) -> str:
-        return self.variant.expand_of
 
 
 @dataclass(frozen=True)

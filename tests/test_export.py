@@ -22,8 +22,8 @@ from spaceevo.quant.export import (
     rewrite_reduce_mean_to_global_pool,
     strip_io_quantization,
 )
-from spaceevo.blocks import BLOCK_KINDS
-from spaceevo.space import BlockSpec, load_space
+from spaceevo.blocks import BLOCK_KINDS, BlockSpec
+from spaceevo.space import load_space
 
 SIZE = 8  # spatial size of block inputs: small keeps export, quantization and ORT fast
 

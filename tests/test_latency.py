@@ -34,7 +34,8 @@ from spaceevo.latency.predictor import (
 from spaceevo.latency.segments import Segment, network_segments, required_segments, segment_model
 from spaceevo.latency.table import TABLE_FILE, GROUP_SIZE, LatencyTable, TableEntry, default_tables, measure_segments
 from spaceevo.latency.validate import validate_predictor
-from spaceevo.space import conv_output_size, load_hyperspace, load_space
+from spaceevo.blocks import conv_output_size
+from spaceevo.space import load_hyperspace, load_space
 
 
 def fake_fingerprint(cpu: str = "Test CPU 9000", isa=("avx2",), machine: str = "x86_64", threads: int = 1):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from spaceevo import space as S
+from spaceevo.blocks import BlockSpec, make_divisible
 from spaceevo.errors import ConfigError, EncodingError, SpaceEvoError, UsageError
 
 # Published SpaceEvo search results (microsoft/Moonlit, MIT licence), verbatim: shipped with the tests.
@@ -113,13 +114,13 @@ def test_onnxw_block_types_match_design():
     by_digit = h.block_type_by_digit
     assert {d: b.name for d, b in by_digit.items()} == SIX_BLOCK_TYPES
     assert by_digit[0].kernels == (3, 5) and by_digit[0].expand_ratios == (0.0,)
-    assert by_digit[1].expand_ratios == (4.0, 6.0, 8.0) and by_digit[1].activation == "relu6"
-    assert by_digit[2].se and by_digit[2].activation == "hswish"
+    assert by_digit[1].expand_ratios == (4.0, 6.0, 8.0) and by_digit[1].variant.activation == "relu6"
+    assert by_digit[2].variant.se and by_digit[2].variant.activation == "hswish"
     assert by_digit[3].kernels == (3, 5, 7) and by_digit[3].expand_ratios == (0.5, 1.0, 1.5)
-    assert by_digit[4].se and not by_digit[3].se
-    assert by_digit[5].expand_ratios == (1.0, 2.0, 3.0, 4.0) and by_digit[5].activation == "swish"
-    assert by_digit[3].expand_of == "output" and by_digit[1].expand_of == "input"
-    assert by_digit[0].expand_of == "none"
+    assert by_digit[4].variant.se and not by_digit[3].variant.se
+    assert by_digit[5].expand_ratios == (1.0, 2.0, 3.0, 4.0) and by_digit[5].variant.activation == "swish"
+    assert by_digit[3].variant.expand_of == "output" and by_digit[1].variant.expand_of == "input"
+    assert by_digit[0].variant.expand_of == "none"
 
 
 def test_tiny_hyperspace():
@@ -205,8 +206,8 @@ def test_published_seqnet_a0_resolves():
         "none", "identity", "none", "identity", "none", "identity",
         "none", "identity", "none", "identity", "none", "identity", "none",
     ]
-    assert [b.se for b in blocks] == [False] * 10 + [True] * 3
-    assert [b.activation for b in blocks][:3] == ["relu", "relu", "relu6"]
+    assert [b.variant.se for b in blocks] == [False] * 10 + [True] * 3
+    assert [b.variant.activation for b in blocks][:3] == ["relu", "relu", "relu6"]
     # mbv2 / fused / mbv3 expand their input (16*4, 32*4, 32*1, ...), resnet its output (16*0.5),
     # the stem conv not at all
     assert [b.mid_channels for b in blocks] == [0, 8, 64, 128, 32, 64, 256, 448, 448, 576, 576, 960, 960]
@@ -326,14 +327,14 @@ def test_format_number_and_make_divisible():
     assert S.format_number(4) == "4.0"
     assert S.format_number(0.5) == "0.5"
     assert S.format_number(1.5) == "1.5"
-    assert S.make_divisible(8) == 8
-    assert S.make_divisible(3) == 8
-    assert S.make_divisible(12) == 16
-    assert S.make_divisible(20) == 24
-    assert S.make_divisible(64) == 64
-    assert S.make_divisible(100) == 104
+    assert make_divisible(8) == 8
+    assert make_divisible(3) == 8
+    assert make_divisible(12) == 16
+    assert make_divisible(20) == 24
+    assert make_divisible(64) == 64
+    assert make_divisible(100) == 104
     for v in range(1, 400):
-        r = S.make_divisible(v)
+        r = make_divisible(v)
         assert r % 8 == 0 and r >= 0.9 * v
 
 
@@ -341,7 +342,7 @@ def test_format_number_and_make_divisible():
 # resolve()
 
 
-def _expected_shortcut(spec: S.BlockSpec, position: int) -> str:
+def _expected_shortcut(spec: BlockSpec, position: int) -> str:
     if spec.block_type == "conv":
         return "none"
     if position == 0 and not spec.block_type.startswith("resnet"):
@@ -374,14 +375,13 @@ def test_resolve_invariants_on_random_subnets(name):
                     assert spec.input_size == size
                     assert spec.output_size == (size - 1) // spec.stride + 1
                     assert spec.block_type == stage.block_type.name
-                    assert spec.activation == stage.block_type.activation
-                    assert spec.se == stage.block_type.se
+                    assert spec.variant == stage.block_type.variant
                     assert spec.shortcut == _expected_shortcut(spec, position)
                     seen_shortcuts.add(spec.shortcut)
-                    if spec.expand_of == "input":
-                        assert spec.mid_channels == S.make_divisible(spec.in_channels * spec.expand)
-                    elif spec.expand_of == "output":
-                        assert spec.mid_channels == S.make_divisible(spec.out_channels * spec.expand)
+                    if spec.variant.expand_of == "input":
+                        assert spec.mid_channels == make_divisible(spec.in_channels * spec.expand)
+                    elif spec.variant.expand_of == "output":
+                        assert spec.mid_channels == make_divisible(spec.out_channels * spec.expand)
                     else:
                         assert spec.mid_channels == 0
                     in_channels, size = spec.out_channels, spec.output_size
@@ -404,7 +404,7 @@ def test_resolve_shortcut_rules_explicit():
     assert [b.shortcut for b in s3] == ["projection", "projection"]
     # resnet expands its output: 0.5 * 16 = 8, 1.0 * 64 = 64
     assert s1[0].mid_channels == 8 and s3[0].mid_channels == 64
-    assert s1[1].mid_channels == S.make_divisible(24 * 0.5) == 16
+    assert s1[1].mid_channels == make_divisible(24 * 0.5) == 16
 
     # resnet in a stride-1 stage (stage3): projection when the width changes (32 -> 64) ...
     arch = cs.resolve(cs.subnet("d1#1#1#1#1_k3#3#3#3#3_w16#16#32#64#96_e0#0.5#0.5#0.5#0.5_r24"))

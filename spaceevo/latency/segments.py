@@ -21,7 +21,8 @@ from torch import nn
 
 from spaceevo.nn.static import Block, Head
 from spaceevo.quant.export import export_fp32, quantize_ptq, strip_io_quantization
-from spaceevo.space import Architecture, BlockSpec, HeadSpec, Hyperspace, conv_output_size
+from spaceevo.blocks import BlockSpec, conv_output_size
+from spaceevo.space import Architecture, HeadSpec, Hyperspace
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def build_layer(layer: Layer, spec: BlockSpec) -> nn.Module:
         return SqueezeExcite(cin, se_channels(cin))
     kernel = spec.kernel if layer.spatial else 1
     stride = spec.stride if layer.strided else 1
-    act = spec.activation if layer.act else "none"
+    act = spec.variant.activation if layer.act else "none"
     if layer.stacked:
         return DepthwiseStack(cin, kernel, stride, act)
     return ConvBN(cin, cout, kernel, stride, groups=cin if layer.depthwise else 1, act=act)

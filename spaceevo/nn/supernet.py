@@ -2,7 +2,7 @@
 
 One :class:`Supernet` holds, per stage, as many elastic blocks as the stage's largest depth, each
 allocated at the largest widths, kernel and expand ratio the stage allows. Choosing a subnet
-(:meth:`Supernet.set_active`) resolves it to concrete :class:`~spaceevo.space.BlockSpec` s; the
+(:meth:`Supernet.set_active`) resolves it to concrete :class:`~spaceevo.blocks.BlockSpec` s; the
 forward pass then runs the first ``depth`` blocks of every stage on the active weight slices.
 :meth:`Supernet.extract` turns the active path into a deployable static network.
 """

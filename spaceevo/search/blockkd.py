@@ -53,14 +53,8 @@ from spaceevo.quant.lsq import LsqActivationQuantizer, LsqWeightQuantizer, set_q
 from spaceevo.quant.qat import prepare_qat
 from spaceevo.search.lut import format_stage_config
 from spaceevo.search.teacher import Teacher, teacher_features
-from spaceevo.space import (
-    BlockChoice,
-    BlockSpec,
-    BlockTypeSpec,
-    Hyperspace,
-    StageChoices,
-    conv_output_size,
-)
+from spaceevo.blocks import BlockSpec, conv_output_size
+from spaceevo.space import BlockChoice, BlockTypeSpec, Hyperspace, StageChoices
 from spaceevo.train.bn import batchnorms
 from spaceevo.train.data import ImageSplit, make_loader, resize_batch
 from spaceevo.train.engine import Engine, EngineConfig, Optimization, Phase, StepFn, StepOutput, Task

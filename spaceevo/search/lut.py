@@ -30,7 +30,8 @@ import numpy as np
 
 from spaceevo.errors import ArtifactError
 from spaceevo.io import atomic_write_text
-from spaceevo.space import BlockChoice, CandidateSpace, Hyperspace, conv_output_size, format_number
+from spaceevo.blocks import conv_output_size, format_number
+from spaceevo.space import BlockChoice, CandidateSpace, Hyperspace
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ from spaceevo.search.blockkd import (
 )
 from spaceevo.search.lut import LutRow, lut_filename, write_lut_csv
 from spaceevo.search.teacher import TEACHER_FILE, TeacherConfig, load_teacher, teacher_config, train_teacher
-from spaceevo.space import BlockSpec, Hyperspace, conv_output_size, load_hyperspace
+from spaceevo.blocks import BlockSpec, conv_output_size
+from spaceevo.space import Hyperspace, load_hyperspace
 from spaceevo.train.bn import batchnorms
 from spaceevo.train.loop import load_space_data
 from spaceevo.train.checkpoint import versions

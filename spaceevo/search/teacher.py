@@ -7,7 +7,7 @@ built from torchvision's ResNet pieces (:class:`torchvision.models.resnet.BasicB
 block, and torchvision's ResNet initialisation) with the stem adapted to small single-channel images:
 a 3x3 stride-1 input conv without max pooling, then one layer of BasicBlocks per hyperspace stage,
 the first with that stage's stride ('same' padding, so sizes follow
-:func:`~spaceevo.space.conv_output_size` exactly as the student's), each as wide as the stage's
+:func:`~spaceevo.blocks.conv_output_size` exactly as the student's), each as wide as the stage's
 widest choice times ``width_multiplier``. No pretrained weights: :func:`train_teacher` trains it on the
 data (label-smoothed cross-entropy, a random hyperspace resolution per batch, SGD with warm-up and
 cosine decay; the training engine, :mod:`spaceevo.train.engine`) and keeps it in
