@@ -9,6 +9,9 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import yaml
@@ -16,7 +19,7 @@ import yaml
 from _block_figures import network_figures
 from spaceevo.blocks import BLOCK_KINDS, BlockKind, BlockOptions, Layer, block_kind, register_block_kind
 from spaceevo.errors import ConfigError
-from spaceevo.latency.segments import network_segments, required_segments
+from spaceevo.latency.segments import Segment, network_segments, required_segments, segment_model
 from spaceevo.nn import Supernet, build_static
 from spaceevo.nn.cost import block_cost
 from spaceevo.nn.layers import QuantizableConv2d
@@ -229,6 +232,21 @@ def test_every_mobilew_segment_key_is_unique_per_computation():
             assert by_key.setdefault(segment.key, segment.block.variant) == segment.block.variant
     tags = {s.block.block_type for s in segments if s.block is not None}
     assert {"mbv2+residual_always+k3", "mbv3_se+swish+residual_always+k3", "fused_mbconv+se+residual_always"} <= tags
+
+
+@pytest.mark.parametrize("digit, depthwise_3x3", [(5, 3), (6, 3), (4, 0)])
+def test_mobilew_segments_export_as_int8_onnx(digit, depthwise_3x3):
+    """The latency segment of a K3 block (k7: three stacked 3x3 depthwise convs) and of a
+    FusedMBConv-SE block exports, quantizes and runs in ONNX Runtime."""
+    block = load_hyperspace("mobilew").block_type_by_digit[digit]
+    spec = block.variant.spec(16, 24, 7, 3.0, 2, 12, 0)
+    model = onnx.load_from_string(segment_model(Segment(16, 12, first=True, block=spec), reduce_range=True))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in convs]
+    stacked = [a for a in attributes if a.get("group", 1) > 1 and list(a["kernel_shape"]) == [3, 3]]
+    assert len(stacked) == depthwise_3x3
+    (out,) = ort.InferenceSession(model.SerializeToString()).run(None, {"input": np.zeros((1, 16, 12, 12), np.float32)})
+    assert out.shape == (1, 24, 6, 6) and out.dtype == np.uint8
 
 
 # ---- YAML errors ----------------------------------------------------------------------------------
