@@ -612,7 +612,7 @@ class _Fields:
 
 
 def load_hyperspace(name_or_path: str | Path) -> Hyperspace:
-    """Load a hyperspace by name (``tiny``, ``onnxw``, ``mobilenetv3``) or YAML path and validate it."""
+    """Load a hyperspace by name (``tiny``, ``onnxw``, ``mobilew``, ``mobilenetv3``) or YAML path and validate it."""
     path = resolve_hyperspace_path(name_or_path)
     data, lines = _load_yaml(path)
     return _parse_hyperspace(path, data, lines)
