@@ -153,8 +153,8 @@ def test_evaluate_with_a_subnet_of_another_space_names_the_field(run_dir, capsys
     assert code == 2 and "Traceback" not in err
 
 
-def test_ort_predictions_are_per_image_and_agree_with_torch_and_top1() -> None:
-    from spaceevo.deploy.evaluate import ort_predictions, ort_top1
+def test_engine_predictions_are_per_image_and_agree_with_torch_and_top1() -> None:
+    from spaceevo.deploy.evaluate import engine_predictions, engine_top1
     from spaceevo.quant.export import export_fp32
     from spaceevo.train.data import load_data
 
@@ -162,8 +162,8 @@ def test_ort_predictions_are_per_image_and_agree_with_torch_and_top1() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10)).eval()
     test = load_data("embedded", 28).test
     proto = export_fp32(model, (1, 1, 28, 28))
-    predicted = ort_predictions(proto, test, 28, threads=1)
+    predicted = engine_predictions(proto, test, 28, threads=1)
     assert predicted.shape == (len(test),) and predicted.dtype.kind == "i"
     first = torch.stack([test[i][0] for i in range(8)])
     assert predicted[:8].tolist() == model(first).argmax(1).tolist()
-    assert ort_top1(proto, test, 28, threads=1) == pytest.approx(100 * (predicted == test.targets).mean())
+    assert engine_top1(proto, test, 28, threads=1) == pytest.approx(100 * (predicted == test.targets).mean())

@@ -43,8 +43,8 @@ def micro(tmp_path):
 
 def fake_fingerprint() -> DeviceFingerprint:
     return DeviceFingerprint(
-        cpu_model="Test CPU 9000", isa=("avx2",), machine="x86_64", ort_version="1.32.0",
-        provider="CPUExecutionProvider", threads=1,
+        cpu_model="Test CPU 9000", isa=("avx2",), machine="x86_64", engine="cpu",
+        engine_version="1.32.0", threads=1,
     )
 
 

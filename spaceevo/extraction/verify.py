@@ -164,7 +164,7 @@ def _verify(
     returns the latency scale and how many were verified here."""
     import onnx
 
-    from spaceevo.deploy.evaluate import export_subnet, ort_top1
+    from spaceevo.deploy.evaluate import engine_top1, export_subnet
     from spaceevo.latency.api import measure_onnx
 
     scale = ""
@@ -198,7 +198,7 @@ def _verify(
                 bar.update(1)
                 bar.set_postfix_str(f"test top-1 {result.budget_ms:g} ms", refresh=True)
                 resolution = run.space.subnet(result.subnet).resolution
-                result.test_ort_int8_top1 = round(ort_top1(onnx.load_from_string(int8), test, resolution, threads), 2)
+                result.test_ort_int8_top1 = round(engine_top1(onnx.load_from_string(int8), test, resolution, threads), 2)
                 bar.update(1)
             bar.set_postfix_str("latency", refresh=True)
             stats, scale = measure_onnx(models, device, threads, tables)

@@ -20,7 +20,7 @@ runs whatever is missing, each step resumable, and returns ``RUN/search/lut/``:
 4. ``RUN/search/lut_record.json``: what produced the LUTs (hyperspace digest, device, teacher,
    preset) and the fixed-stage latency per resolution (:func:`fixed_stage_latency_ms`).
 
-``device`` is the latency target (ONNX Runtime's execution provider, as ``--device``); training runs
+``device`` is the latency target (the inference engine, as ``--device``); training runs
 on ``torch_device`` (default: CUDA when available, else the CPU). With ``shard=(i, n)`` only jobs
 ``j % n == i`` and their LUT files are built, so ``n`` processes or machines sharing the run
 directory split the work; for several machines train the teacher once first (or pass the same
