@@ -261,9 +261,12 @@ def _extract(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(data, indent=2))
         return
+    from spaceevo.latency.engines import ORT_DEVICE
+
     for r in result.results:
         measured = "" if r.measured_int8_ms is None else (
             f"  measured {r.measured_int8_ms:.4g} ms (fp32 {r.measured_fp32_ms:.4g})  test ORT INT8 {r.test_ort_int8_top1:.2f}%"
+            + ("" if args.device == ORT_DEVICE else f", {args.device} INT8 {r.test_device_int8_top1:.2f}%")
         )
         print(f"{r.budget_ms:g} ms: {r.subnet}  predicted {r.predicted_int8_ms:.4g} ms  held-out {r.heldout_int8_top1:.2f}%{measured}")
         for path in (r.onnx_int8, r.onnx_fp32):

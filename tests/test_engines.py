@@ -14,7 +14,7 @@ import pytest
 
 from spaceevo.cli import build_parser, main
 from spaceevo.errors import ArtifactError, DeviceMismatchError, UsageError
-from spaceevo.latency.engines import ENGINES, engine_names, get_engine, timer
+from spaceevo.latency.engines import ENGINES, get_engine, timer
 from spaceevo.latency.fingerprint import DeviceFingerprint, device_fingerprint
 from spaceevo.latency.reference import REFERENCE_SEGMENT
 from spaceevo.latency.segments import segment_model
@@ -40,7 +40,7 @@ def no_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_registry_names_every_engine_and_refuses_others() -> None:
-    assert engine_names()[:2] == ["cpu", "openvino"]
+    assert list(ENGINES)[:2] == ["cpu", "openvino"]
     for name, engine in ENGINES.items():
         assert engine.name == name and get_engine(name) is engine
         assert engine.tag and engine.label and engine.target and engine.package
@@ -103,6 +103,20 @@ def test_an_openvino_table_is_never_used_for_cpu(tmp_path) -> None:
         LatencyTable.open(tmp_path, cpu)
     assert LatencyTable.open(tmp_path, ov).ms("x") == 1.0
     assert json.loads(table.path.read_text().splitlines()[0])["format"] == FORMAT
+
+
+def test_extraction_fronts_of_engines_are_separate_studies() -> None:
+    from types import SimpleNamespace
+
+    from spaceevo.extraction.api import study_name
+
+    fitness = SimpleNamespace(key=lambda: {"space": "tiny-1111-0000", "run": "/runs/tiny", "epoch": 3})
+    cpu, ov = fingerprint(), fingerprint("openvino", "2026.4.1")
+    cpu_name, cpu_key = study_name(fitness, 0, cpu.engine, cpu.slug)
+    ov_name, ov_key = study_name(fitness, 0, ov.engine, ov.slug)
+    assert cpu_name != ov_name and ov_key["device"] == ov.slug
+    assert "device" not in cpu_key  # ONNX Runtime fronts keep the study names they had before engines
+    assert study_name(fitness, 0, ov.engine, fingerprint("openvino", "2027.0.0").slug)[0] != ov_name
 
 
 # ---- a missing optional engine -------------------------------------------------------------------

@@ -34,15 +34,13 @@ from spaceevo.deploy.models import (
 from spaceevo.deploy.trained import TrainedRun, open_run
 from spaceevo.errors import ArtifactError, UsageError
 from spaceevo.io import atomic_write_bytes, writable_folder
-from spaceevo.latency.engines import get_engine
+from spaceevo.latency.engines import ORT_DEVICE, get_engine
 from spaceevo.nn import Supernet
 from spaceevo.space import Subnet
 from spaceevo.train.data import DataSpec, ImageSplit, make_loader
 from spaceevo.train.evaluate import evaluate
 
 EVAL_BATCH = 256
-ORT_DEVICE = "cpu"
-"""The engine of the ``ort_*`` figures (ONNX Runtime's CPU execution provider)."""
 
 
 def engine_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spaceevo.errors import UsageError
+from spaceevo.latency.engines import ENGINES, ORT_DEVICE, get_engine
 
 ISA_FLAGS = {
     "avx2": "avx2",
@@ -27,7 +28,7 @@ ISA_FLAGS = {
     "asimddp": "neon_dotprod",
     "i8mm": "neon_i8mm",
 }
-LEGACY_ENGINE = "cpu"
+LEGACY_ENGINE = ORT_DEVICE
 """Tables made before engines existed were all ONNX Runtime's CPU execution provider; their headers
 name ``ort_version`` and ``provider`` instead of the engine (:meth:`DeviceFingerprint.from_dict`)."""
 LEGACY_PROVIDER = "CPUExecutionProvider"
@@ -70,8 +71,6 @@ class DeviceFingerprint:
     def slug(self) -> str:
         """Folder name: readable prefix (CPU, ISA, engine tag and version, threads) plus a hash of
         every field."""
-        from spaceevo.latency.engines import ENGINES
-
         cpu = re.sub(r"[^a-z0-9]+", "-", self.cpu_model.lower()).strip("-")[:32] or "cpu"
         isa = "-".join(self.isa) or "noisa"
         tag = ENGINES[self.engine].tag if self.engine in ENGINES else re.sub(r"[^a-z0-9]+", "-", self.engine.lower())
@@ -101,8 +100,6 @@ class DeviceFingerprint:
         )
 
     def describe(self) -> str:
-        from spaceevo.latency.engines import ENGINES
-
         engine = (
             ENGINES[self.engine].describe(self.engine_version) if self.engine in ENGINES
             else f"engine {self.engine} {self.engine_version}"
@@ -166,8 +163,6 @@ def _overridden(model: str, isa: tuple[str, ...]) -> tuple[str, tuple[str, ...]]
 def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerprint:
     """Fingerprint of this host for the engine ``device`` names (:mod:`spaceevo.latency.engines`);
     tests and CI can replace its CPU model and ISA flags with ``$SPACEEVO_FINGERPRINT_OVERRIDE``."""
-    from spaceevo.latency.engines import get_engine
-
     engine = get_engine(device)
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")

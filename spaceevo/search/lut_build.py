@@ -272,7 +272,8 @@ def _lut_paths(lut_dir: Path, job: KDJob) -> list[Path]:
 
 
 def _check_lut_record(path: Path, wanted: dict) -> None:
-    """Refuse to add to (or return) LUTs that another hyperspace YAML, preset or seed produced."""
+    """Refuse to add to (or return) LUTs that another hyperspace YAML, preset, seed or device
+    (its latencies) produced."""
     if not path.exists():
         return
     try:
@@ -323,7 +324,11 @@ def build_block_luts(
     jobs = jobs_of_shard(kd_jobs(space), shard)
     started = time.perf_counter()
 
-    _check_lut_record(search_dir / LUT_RECORD, {"hyperspace_digest": space.digest, "preset": preset, "kd_config": asdict(config)})
+    _check_lut_record(
+        search_dir / LUT_RECORD,
+        {"hyperspace_digest": space.digest, "preset": preset, "kd_config": asdict(config),
+         "device": predictor.table.fingerprint.slug},
+    )
     pending = [job for job in jobs if not all(p.exists() for p in _lut_paths(lut_dir, job))]
     teacher_file = Path(teacher_path) if teacher_path is not None else search_dir / TEACHER_FILE
     if pending:

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from spaceevo.latency.fingerprint import DeviceFingerprint
     from spaceevo.latency.measure import Timer
 
+ORT_DEVICE = "cpu"
+"""ONNX Runtime's CPU engine: the default ``--device``, and the engine of every ``ort_*`` figure."""
+DEFAULT_DEVICE = ORT_DEVICE
 Classifier = Callable[[np.ndarray], np.ndarray]
 """A compiled classifier: float32 images ``N x C x R x R`` in, logits ``N x classes`` out."""
 
@@ -70,7 +73,7 @@ class Engine(ABC):
 
     @abstractmethod
     def _version(self) -> str:
-        """The version; raises ImportError when the package is missing."""
+        """The version; ImportError when the package is missing, UsageError when it cannot run here."""
 
     @abstractmethod
     def timer(self, model: onnx.ModelProto | bytes, threads: int) -> Timer:
@@ -98,11 +101,6 @@ def _registry() -> dict[str, Engine]:
 
 ENGINES: dict[str, Engine] = _registry()
 """Every engine by its ``--device`` name; the CLI's ``--device`` choices."""
-DEFAULT_DEVICE = "cpu"
-
-
-def engine_names() -> list[str]:
-    return list(ENGINES)
 
 
 def get_engine(device: str) -> Engine:

@@ -6,17 +6,23 @@ explicit intra-op threads and sequential execution, as ONNX Runtime's performanc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 
-from spaceevo.latency.engines import Classifier, Engine, random_input
+from spaceevo.errors import UsageError
+from spaceevo.latency.engines import ORT_DEVICE, Classifier, Engine, random_input
 from spaceevo.latency.measure import Timer
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 PROVIDER = "CPUExecutionProvider"
 FEED_TYPES = {"tensor(uint8)": np.uint8}
 
 
-def make_session(model: onnx.ModelProto | bytes, threads: int):
+def make_session(model: onnx.ModelProto | bytes, threads: int) -> ort.InferenceSession:
     """An inference session configured as every ONNX Runtime latency figure in spaceevo is measured."""
     import onnxruntime as ort
 
@@ -31,7 +37,7 @@ def make_session(model: onnx.ModelProto | bytes, threads: int):
     return ort.InferenceSession(model, options, providers=[PROVIDER])
 
 
-def random_feed(session, seed: int = 0) -> dict[str, np.ndarray]:
+def random_feed(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
     """Random input of the right shape and dtype (float32 or uint8) for a session."""
     return {
         arg.name: random_input([d if isinstance(d, int) else 1 for d in arg.shape], FEED_TYPES.get(arg.type, np.float32), seed)
@@ -50,7 +56,7 @@ class OrtTimer(Timer):
 
 
 class OnnxRuntimeCpu(Engine):
-    name = "cpu"
+    name = ORT_DEVICE
     tag = "ort"
     label = "ONNX Runtime"
     target = "CPU execution provider"
@@ -59,17 +65,9 @@ class OnnxRuntimeCpu(Engine):
     def _version(self) -> str:
         import onnxruntime as ort
 
-        return ort.__version__
-
-    def version(self) -> str:
-        version = super().version()
-        import onnxruntime as ort
-
         if PROVIDER not in ort.get_available_providers():
-            from spaceevo.errors import UsageError
-
             raise UsageError(f"ONNX Runtime here has no {PROVIDER}; available: {ort.get_available_providers()}")
-        return version
+        return ort.__version__
 
     def timer(self, model: onnx.ModelProto | bytes, threads: int) -> Timer:
         return OrtTimer(model, threads)
