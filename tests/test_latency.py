@@ -529,11 +529,14 @@ head:
 
 
 @pytest.mark.slow
-def test_build_calibrate_and_validate_end_to_end(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "openvino"])
+def test_build_calibrate_and_validate_end_to_end(tmp_path, device):
+    if device == "openvino":
+        pytest.importorskip("openvino")
     path = tmp_path / "micro.yaml"
     path.write_text(MICRO_YAML)
     hyperspace = load_hyperspace(path)
-    fp = device_fingerprint("cpu", 1)
+    fp = device_fingerprint(device, 1)
     root = tmp_path / "tables"
     predictor, report = build_latency_table(hyperspace, fp, root, workers=1, calibration_samples=8, show_progress=False)
     required = required_segments(hyperspace)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from spaceevo.errors import UsageError
 from spaceevo.latency.engines import ENGINES, ORT_DEVICE, get_engine
+from spaceevo.latency.engines.onnxruntime_cpu import PROVIDER as LEGACY_PROVIDER
 
 ISA_FLAGS = {
     "avx2": "avx2",
@@ -31,7 +32,6 @@ ISA_FLAGS = {
 LEGACY_ENGINE = ORT_DEVICE
 """Tables made before engines existed were all ONNX Runtime's CPU execution provider; their headers
 name ``ort_version`` and ``provider`` instead of the engine (:meth:`DeviceFingerprint.from_dict`)."""
-LEGACY_PROVIDER = "CPUExecutionProvider"
 OVERRIDE_ENV = "SPACEEVO_FINGERPRINT_OVERRIDE"
 OVERRIDE_FIELDS = ("cpu_model", "isa")
 
