@@ -173,6 +173,7 @@ def open_extraction(
     """Open the run (an error naming ``spaceevo train`` if it holds no supernet), the storage (default:
     SQLite ``RUN/extract/study.db``), this device's latency predictor and the study."""
     from spaceevo.latency.api import load_predictor
+    from spaceevo.latency.fingerprint import device_fingerprint
 
     config = front_config(preset, trials)
     run = open_run(run_dir)
@@ -190,7 +191,7 @@ def open_extraction(
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported by the exception it raises
     fitness = HeldoutFitness(run, config.heldout_images)
-    fingerprint = predictor.table.fingerprint
+    fingerprint = device_fingerprint(device, threads)
     name, key = study_name(fitness, seed, fingerprint.engine, fingerprint.slug)
     _, (high_ms, _) = space_latency_range(run.space, predict_ms)
     try:
