@@ -190,7 +190,7 @@ def load_test_split(test_data: str):
 def predictions(onnx_path: str | Path, test_data: str, threads: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """The class an INT8 model predicts for each test image (ONNX Runtime, the model's own input
     resolution, ``batch_size`` images per run), cached beside the model per test set and model content."""
-    from spaceevo.deploy.evaluate import ort_predictions
+    from spaceevo.deploy.evaluate import engine_predictions
 
     blob = Path(onnx_path).read_bytes()
     split = load_test_split(test_data)
@@ -200,7 +200,7 @@ def predictions(onnx_path: str | Path, test_data: str, threads: int, batch_size:
         return np.load(cache)
     model = onnx.load_from_string(blob)
     resolution = model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
-    predicted = ort_predictions(model, split, int(resolution), threads, name=str(onnx_path), batch_size=batch_size)
+    predicted = engine_predictions(model, split, int(resolution), threads, name=str(onnx_path), batch_size=batch_size)
     with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npy", delete=False) as handle:
         np.save(handle, predicted)
     Path(handle.name).replace(cache)
@@ -365,7 +365,7 @@ def train_reference(name: str, run_dir: Path, preset: str, seed: int, threads: i
     training engine as a :class:`~spaceevo.train.static.StaticTask`, resumable per epoch; skipped when
     ``result.json`` exists). Same data, batch size, epochs (FP32 + QAT epochs of the preset, in one
     phase), SGD, peak LR, warm-up, weight decay and label smoothing as the supernets."""
-    from spaceevo.deploy.evaluate import ort_top1
+    from spaceevo.deploy.evaluate import engine_top1
     from spaceevo.quant.export import export_fp32, quantize_ptq
     from spaceevo.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
     from spaceevo.train.data import make_loader
@@ -436,7 +436,7 @@ def train_reference(name: str, run_dir: Path, preset: str, seed: int, threads: i
         "ptq": f"ONNX Runtime quantize_static QDQ U8S8 per-channel, {len(calibration)} held-out calibration images",
         "qat": REFERENCE_QAT,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "heldout_ort_int8_top1": round(ort_top1(int8, datasets.heldout, REFERENCE_RESOLUTION, threads, batch_size=REFERENCE_BATCH), 2),
+        "heldout_ort_int8_top1": round(engine_top1(int8, datasets.heldout, REFERENCE_RESOLUTION, threads, batch_size=REFERENCE_BATCH), 2),
         "onnx_fp32": str(run_dir / "fp32.onnx"),
         "onnx_int8": str(run_dir / "int8.onnx"),
         "history": history,

@@ -40,9 +40,18 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _add_engine(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """``--device``: the inference engine, choices from :data:`spaceevo.latency.engines.ENGINES`."""
+    from spaceevo.latency.engines import DEFAULT_DEVICE, ENGINES
+
+    engines = ", ".join(f"{name} ({e.label} {e.target})" for name, e in ENGINES.items())
+    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=list(ENGINES),
+                        help=f"{purpose}: {engines} (default: {DEFAULT_DEVICE})")
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", choices=["cpu"], help="ONNX Runtime execution provider (default: cpu)")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    _add_engine(parser, "inference engine on this host")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="the engine's inference threads (default: 1)")
     parser.add_argument("--tables", default=None, help="latency tables folder (default: $SPACEEVO_LATENCY_TABLES or ./latency_tables)")
 
 
@@ -252,9 +261,12 @@ def _extract(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(data, indent=2))
         return
+    from spaceevo.latency.engines import ORT_DEVICE
+
     for r in result.results:
         measured = "" if r.measured_int8_ms is None else (
             f"  measured {r.measured_int8_ms:.4g} ms (fp32 {r.measured_fp32_ms:.4g})  test ORT INT8 {r.test_ort_int8_top1:.2f}%"
+            + ("" if args.device == ORT_DEVICE else f", {args.device} INT8 {r.test_device_int8_top1:.2f}%")
         )
         print(f"{r.budget_ms:g} ms: {r.subnet}  predicted {r.predicted_int8_ms:.4g} ms  held-out {r.heldout_int8_top1:.2f}%{measured}")
         for path in (r.onnx_int8, r.onnx_fp32):
@@ -297,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spaceevo {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    latency = commands.add_parser("latency", help="ONNX Runtime INT8 latency tables, prediction, measurement")
+    latency = commands.add_parser("latency", help="INT8 latency tables, prediction, measurement on an inference engine")
     latency_commands = latency.add_subparsers(dest="latency_command", required=True, metavar="ACTION")
 
     build = latency_commands.add_parser("build", help="measure this device's latency table for a hyperspace (resumable)")
@@ -375,14 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--ptq", action="store_true",
                         help="INT8 by ONNX Runtime post-training quantization of the FP32 model instead of the QAT model")
     export.add_argument("--data", default=None, help="data for BN recalibration and checks (default: the run's)")
-    export.add_argument("--device", default="cpu", choices=["cpu"], help="device fingerprint recorded in the metadata")
+    _add_engine(export, "inference engine whose device fingerprint the metadata records")
     export.add_argument("--threads", type=_positive_int, default=1, help="threads of that fingerprint (default: 1)")
     export.add_argument("--json", action="store_true", help="print JSON on stdout")
     export.set_defaults(handler=_export)
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="test-split top-1 in PyTorch and ONNX Runtime (FP32, QAT INT8, PTQ INT8) and device latency of a subnet",
+        help="test-split top-1 in PyTorch, ONNX Runtime (FP32, QAT INT8, PTQ INT8) and the --device engine (INT8), "
+             "and device latency of a subnet",
     )
     target = evaluate.add_argument_group("what to evaluate (one of)")
     target.add_argument("--run", default=None, help="training run directory (from spaceevo train)")
@@ -422,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                         help="without --block-lut: build only distillation jobs j with j %% N == I (several processes "
                              "or machines sharing --run); the search runs once every LUT file exists")
-    search.add_argument("--device", default="cpu", choices=["cpu"], help="latency target: ONNX Runtime execution provider (default: cpu)")
+    _add_engine(search, "latency target")
     search.add_argument("--tables", default=None, help="latency tables folder (default: $SPACEEVO_LATENCY_TABLES or ./latency_tables)")
     search.add_argument("--run", default=None, metavar="DIR",
                         help="run directory: search/study.db, search/result.json, search/best_space.yaml "

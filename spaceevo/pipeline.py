@@ -151,7 +151,8 @@ def report_rows(report: PipelineReport) -> list[tuple[str, object]]:
             f"budget {result['budget_ms']:g} ms",
             f"predicted {result['predicted_int8_ms']:.3f} ms, measured "
             f"{'-' if measured is None else f'{measured:.3f}'} ms, held-out {result['heldout_int8_top1']:.2f} %, "
-            f"test (ORT INT8) {result.get('test_ort_int8_top1')} %, {result.get('onnx_int8')}"
+            f"test (ORT INT8) {result.get('test_ort_int8_top1')} %, "
+            f"test (device INT8) {result.get('test_device_int8_top1')} %, {result.get('onnx_int8')}"
             + (f"  [{result['note']}]" if result.get("note") else ""),
         ))
     rows += [("pareto", report.extraction["pareto_png"]), ("report", str(report.report_path))]

@@ -149,7 +149,7 @@ def test_the_whole_script_runs_on_tiny_settings(bench, tmp_path, latency_tables)
 def test_references_export_quantize_and_predict_one_image_per_run(bench, name, tmp_path):
     """Every stock model goes through the INT8 path (FP32 export, PTQ, ONNX Runtime); ShuffleNet's
     exported channel shuffle fixes batch 1, which REFERENCE_BATCH respects."""
-    from spaceevo.deploy.evaluate import ort_predictions
+    from spaceevo.deploy.evaluate import engine_predictions
     from spaceevo.quant.export import export_fp32, quantize_ptq
     from spaceevo.train.data import load_data
 
@@ -160,4 +160,4 @@ def test_references_export_quantize_and_predict_one_image_per_run(bench, name, t
     test = load_data("embedded", 28).test
     few = copy.copy(test)
     few.indices = test.indices[:20]
-    assert ort_predictions(int8, few, 28, 1, batch_size=bench.REFERENCE_BATCH).shape == (20,)
+    assert engine_predictions(int8, few, 28, 1, batch_size=bench.REFERENCE_BATCH).shape == (20,)

@@ -211,6 +211,23 @@ def test_another_preset_is_refused(smoke_run, latency_tables):
         build_block_luts(run, "tiny", preset="default", show_progress=False, tables=latency_tables)
 
 
+def test_luts_of_another_engine_are_refused(smoke_run, latency_tables, tmp_path):
+    import shutil
+
+    from spaceevo.latency.fingerprint import device_fingerprint
+    from spaceevo.latency.table import TABLE_FILE
+
+    pytest.importorskip("openvino")
+    run, _ = smoke_run
+    cpu, openvino = device_fingerprint("cpu", 1), device_fingerprint("openvino", 1)
+    shutil.copytree(latency_tables / cpu.slug, tmp_path / openvino.slug)  # the same figures, another engine
+    table = tmp_path / openvino.slug / TABLE_FILE
+    header, *rows = table.read_text().splitlines()
+    table.write_text("\n".join([json.dumps({**json.loads(header), "fingerprint": openvino.to_dict()}), *rows]) + "\n")
+    with pytest.raises(RunMismatchError, match=r"another device.*_ort.*_ov"):
+        build_block_luts(run, "tiny", preset="smoke", device="openvino", show_progress=False, tables=tmp_path)
+
+
 def test_lut_latency_is_the_tables_sum(smoke_run, latency_tables):
     _, lut_dir = smoke_run
     predictor = load_predictor(TINY, "cpu", 1, latency_tables)

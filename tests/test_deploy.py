@@ -81,6 +81,7 @@ def test_evaluate_reports_every_figure_and_onnx_runtime_matches_pytorch(run_dir,
     assert all(0.0 <= getattr(report, k) <= 100.0 for k in keys) and report.fp32_ms is None and report.latency_scale is None
     assert abs(report.ort_fp32_top1 - report.fp32_top1) <= 0.1, "the FP32 export computes the PyTorch model"
     assert abs(report.ort_int8_top1 - report.int8_fakequant_top1) <= 1.0
+    assert report.device == "cpu" and report.device_int8_top1 == report.ort_int8_top1  # cpu is ONNX Runtime
     run = open_run(run_dir)
     datasets = run.load_data()
     float_supernet = run.calibrated(run.float_supernet(), run.subnet("min"), datasets)
@@ -89,6 +90,27 @@ def test_evaluate_reports_every_figure_and_onnx_runtime_matches_pytorch(run_dir,
     model_report = evaluate_model(exported.onnx_int8, measure=False)
     assert isinstance(model_report, ModelEvaluation) and model_report.ms is None
     assert model_report.ort_top1 == report.ort_int8_top1 and model_report.precision == "int8"
+    assert model_report.device == "cpu" and model_report.device_top1 == model_report.ort_top1
+
+
+def test_evaluate_a_model_on_openvino_reports_its_top1_and_latency(exported, tmp_path) -> None:
+    pytest.importorskip("openvino")
+    report = evaluate_model(exported.onnx_int8, device="openvino", tables=tmp_path)
+    assert report.device == "openvino" and 0.0 <= report.device_top1 <= 100.0
+    assert abs(report.device_top1 - report.ort_top1) <= 1.0, "OpenVINO runs the INT8 model ONNX Runtime runs"
+    assert report.ms > 0 and report.latency_scale == "reference measured now"
+
+
+@pytest.mark.slow
+def test_evaluate_a_subnet_on_openvino_next_to_fake_quant(run_dir, exported, tmp_path, capsys) -> None:
+    pytest.importorskip("openvino")
+    report = evaluate_subnet(run_dir, "min", device="openvino", tables=tmp_path, show_progress=False)
+    assert report.device == "openvino" and abs(report.device_int8_top1 - report.int8_fakequant_top1) <= 1.0
+    assert report.int8_ms > 0 and report.fp32_ms > 0
+    code, out, err = run_cli(capsys, "export", "--run", str(run_dir), "--subnet", "min", "-o", str(tmp_path / "m"),
+                             "--device", "openvino", "--json")
+    assert code == 0, err
+    assert "OpenVINO Runtime" in read_metadata(onnx.load(json.loads(out)["onnx_int8"]))["device"]
 
 
 def test_float_supernet_is_the_qat_weights_with_quantizers_off(run_dir) -> None:
@@ -153,8 +175,8 @@ def test_evaluate_with_a_subnet_of_another_space_names_the_field(run_dir, capsys
     assert code == 2 and "Traceback" not in err
 
 
-def test_ort_predictions_are_per_image_and_agree_with_torch_and_top1() -> None:
-    from spaceevo.deploy.evaluate import ort_predictions, ort_top1
+def test_engine_predictions_are_per_image_and_agree_with_torch_and_top1() -> None:
+    from spaceevo.deploy.evaluate import engine_predictions, engine_top1
     from spaceevo.quant.export import export_fp32
     from spaceevo.train.data import load_data
 
@@ -162,8 +184,8 @@ def test_ort_predictions_are_per_image_and_agree_with_torch_and_top1() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10)).eval()
     test = load_data("embedded", 28).test
     proto = export_fp32(model, (1, 1, 28, 28))
-    predicted = ort_predictions(proto, test, 28, threads=1)
+    predicted = engine_predictions(proto, test, 28, threads=1)
     assert predicted.shape == (len(test),) and predicted.dtype.kind == "i"
     first = torch.stack([test[i][0] for i in range(8)])
     assert predicted[:8].tolist() == model(first).argmax(1).tolist()
-    assert ort_top1(proto, test, 28, threads=1) == pytest.approx(100 * (predicted == test.targets).mean())
+    assert engine_top1(proto, test, 28, threads=1) == pytest.approx(100 * (predicted == test.targets).mean())

@@ -43,8 +43,8 @@ def micro(tmp_path):
 
 def fake_fingerprint() -> DeviceFingerprint:
     return DeviceFingerprint(
-        cpu_model="Test CPU 9000", isa=("avx2",), machine="x86_64", ort_version="1.32.0",
-        provider="CPUExecutionProvider", threads=1,
+        cpu_model="Test CPU 9000", isa=("avx2",), machine="x86_64", engine="cpu",
+        engine_version="1.32.0", threads=1,
     )
 
 
@@ -183,6 +183,7 @@ def test_build_drops_corrupt_rows_and_measures_them_again(tmp_path, micro):
     calibration = Calibration.load(Calibration.path_for(repaired, micro))
     fresh = LatencyPredictor(repaired, calibration)
     assert len(calibration.samples) == CALIBRATION_SAMPLES
+    assert calibration.model == Calibration(micro.name, calibration.samples).fit()  # refitted to the new features
     for sample in calibration.samples:  # features recomputed from the repaired table
         space = micro.candidate_space(sample.space)
         total, _, _ = fresh.segment_features(space.resolve(space.subnet(sample.subnet)))
@@ -251,6 +252,22 @@ def test_calibration_left_unfitted_by_a_killed_build_is_refitted(tmp_path, micro
     calibration.save(path)
     build_latency_table(micro, fingerprint, tmp_path, workers=1, calibration_samples=CALIBRATION_SAMPLES, show_progress=False)
     assert Calibration.load(path).model == fitted
+
+
+def test_a_build_that_adds_calibration_samples_fits_them(tmp_path, micro):
+    """A fresh build used to save its calibration without fitting it (the identity model) when it
+    had measured calibration subnets: predictions were the plain sums of segments."""
+    fingerprint = fake_fingerprint()
+    table = synthetic_table(tmp_path, fingerprint, micro)
+    path = Calibration.path_for(table, micro)
+    calibration = Calibration.load(path)
+    calibration.samples = calibration.samples[:1]  # the others are measured again
+    calibration.model = BoundaryModel()
+    calibration.save(path)
+    build_latency_table(micro, fingerprint, tmp_path, workers=1, calibration_samples=CALIBRATION_SAMPLES, show_progress=False)
+    saved = Calibration.load(path)
+    assert len(saved.samples) > 1
+    assert saved.model != BoundaryModel() and saved.model == Calibration(micro.name, saved.samples).fit()
 
 
 def test_unwritable_tables_folder_is_an_artifact_error(capsys, tmp_path):

@@ -364,7 +364,7 @@ def test_answer_over_budget_is_reported_with_the_next_feasible_candidate(run_dir
         return stats, "latency table"
 
     monkeypatch.setattr(evaluate_module, "export_subnet", fake_export)
-    monkeypatch.setattr(evaluate_module, "ort_top1", lambda *_: 50.0)
+    monkeypatch.setattr(evaluate_module, "engine_top1", lambda *_: 50.0)
     monkeypatch.setattr(evaluate_module.onnx, "load_from_string", lambda data: data)
     monkeypatch.setattr(latency_api, "measure_onnx", fake_measure)
     verify_results(extraction, results, "cpu", 1, latency_tables, show_progress=False)
@@ -397,7 +397,7 @@ def test_a_subnet_answering_several_budgets_is_exported_and_measured_once(run_di
         return [LatencyStats(0.1 * (i + 1), 0.0, (0.1,) * 5) for i in range(len(models))], "latency table"
 
     monkeypatch.setattr(evaluate_module, "export_subnet", fake_export)
-    monkeypatch.setattr(evaluate_module, "ort_top1", lambda *_: 50.0)
+    monkeypatch.setattr(evaluate_module, "engine_top1", lambda *_: 50.0)
     monkeypatch.setattr(evaluate_module.onnx, "load_from_string", lambda data: data)
     monkeypatch.setattr(latency_api, "measure_onnx", fake_measure)
     verify_results(extraction, results, "cpu", 1, latency_tables, show_progress=False)

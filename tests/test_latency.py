@@ -24,7 +24,8 @@ from spaceevo.errors import ArtifactError, DeviceMismatchError, UsageError
 from spaceevo.latency import build as build_module
 from spaceevo.latency.build import build_latency_table
 from spaceevo.latency.fingerprint import OVERRIDE_ENV, DeviceFingerprint, device_fingerprint
-from spaceevo.latency.measure import LatencyStats, MeasureConfig, Timer, measure_interleaved
+from spaceevo.latency.engines import timer
+from spaceevo.latency.measure import LatencyStats, MeasureConfig, measure_interleaved
 from spaceevo.latency.predictor import (
     BoundaryModel,
     Calibration,
@@ -40,8 +41,8 @@ from spaceevo.space import load_hyperspace, load_space
 
 def fake_fingerprint(cpu: str = "Test CPU 9000", isa=("avx2",), machine: str = "x86_64", threads: int = 1):
     return DeviceFingerprint(
-        cpu_model=cpu, isa=tuple(isa), machine=machine, ort_version="1.32.0",
-        provider="CPUExecutionProvider", threads=threads,
+        cpu_model=cpu, isa=tuple(isa), machine=machine, engine="cpu",
+        engine_version="1.32.0", threads=threads,
     )
 
 
@@ -104,14 +105,14 @@ def test_fingerprint_dict_round_trip():
 
 def test_this_host_fingerprint():
     fp = device_fingerprint("cpu", 1)
-    assert fp.provider == "CPUExecutionProvider" and fp.threads == 1
+    assert fp.engine == "cpu" and fp.threads == 1
     assert device_fingerprint("cpu", 1) == fp  # deterministic
     assert device_fingerprint("cpu", 2).slug != fp.slug
     assert fp.describe().startswith(fp.cpu_model)
 
 
 def test_fingerprint_rejects_bad_device_and_threads():
-    with pytest.raises(UsageError, match=r"unknown device 'gpu'.*allowed: cpu"):
+    with pytest.raises(UsageError, match=r"unknown device 'gpu'.*allowed: cpu, openvino"):
         device_fingerprint("gpu")
     with pytest.raises(UsageError, match="threads"):
         device_fingerprint("cpu", 0)
@@ -195,7 +196,7 @@ def tiny_model(op: str) -> onnx.ModelProto:
 def test_measure_interleaved_returns_sane_stats():
     fp = device_fingerprint("cpu", 1)
     config = MeasureConfig(warmup=2, rounds=4, runs_per_round=3, min_round_s=0.0)
-    timers = [Timer(tiny_model("Relu"), fp), Timer(tiny_model("Add"), fp)]
+    timers = [timer(tiny_model("Relu"), fp), timer(tiny_model("Add"), fp)]
     stats = measure_interleaved(timers, config)
     assert len(stats) == 2
     for st in stats:
@@ -265,9 +266,8 @@ def output_dtype(model: onnx.ModelProto) -> int:
 
 
 def test_segment_models_have_quantized_boundaries(tiny_required):
-    from spaceevo.latency.measure import make_session, random_feed
+    from spaceevo.latency.engines.onnxruntime_cpu import make_session, random_feed
 
-    fp = device_fingerprint("cpu", 1)
     by_key = {s.key: s for s in tiny_required}
     first = by_key["conv:i1:o16:k3:e0:s1:h24:none:f32in"]
     block = by_key["mbv2:i16:o16:k3:e3.0:s1:h12:identity:u8in"]
@@ -277,7 +277,7 @@ def test_segment_models_have_quantized_boundaries(tiny_required):
         onnx.checker.check_model(model)
         assert input_dtype(model) == (TensorProto.FLOAT if segment.first else TensorProto.UINT8), segment.key
         assert output_dtype(model) == (TensorProto.FLOAT if segment.last else TensorProto.UINT8), segment.key
-        session = make_session(model, fp)
+        session = make_session(model, 1)
         (out,) = session.run(None, random_feed(session))
         if segment.last:
             assert out.shape == (1, 10) and out.dtype == np.float32
@@ -530,11 +530,14 @@ head:
 
 
 @pytest.mark.slow
-def test_build_calibrate_and_validate_end_to_end(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "openvino"])
+def test_build_calibrate_and_validate_end_to_end(tmp_path, device):
+    if device == "openvino":
+        pytest.importorskip("openvino")
     path = tmp_path / "micro.yaml"
     path.write_text(MICRO_YAML)
     hyperspace = load_hyperspace(path)
-    fp = device_fingerprint("cpu", 1)
+    fp = device_fingerprint(device, 1)
     root = tmp_path / "tables"
     predictor, report = build_latency_table(hyperspace, fp, root, workers=1, calibration_samples=8, show_progress=False)
     required = required_segments(hyperspace)

@@ -551,6 +551,10 @@ def test_every_third_party_import_is_a_declared_dependency():
     pyproject = (package.parent / "pyproject.toml").read_text()
     block = re.search(r"^dependencies = \[\n(.*?)^\]", pyproject, re.S | re.M).group(1)
     declared = {_canonical(re.match(r'\s*"([A-Za-z0-9_.-]+)', line).group(1)) for line in block.splitlines() if line.strip()}
+    extras = re.search(r"^\[project.optional-dependencies\]\n(.*?)^\[", pyproject, re.S | re.M).group(1)
+    optional = {_canonical(name) for name in re.findall(r'"([A-Za-z0-9_.-]+)[^"]*"', extras)}
+    assert "openvino" in optional  # an optional engine (--device openvino) is an extra, imported only when used
+    declared |= optional
     distributions = importlib.metadata.packages_distributions()
     undeclared = {
         name: distributions.get(name, [name]) for name in third_party

@@ -347,6 +347,19 @@ def test_fixed_stage_ms_must_cover_every_resolution(tmp_path):
         score_spaces(tmp_path, "tiny", [20.0], ["tiny-1111-0000"], fixed_stage_ms={24: 0.1, 28: 0.1})
 
 
+def test_fixed_stage_ms_given_must_not_be_negative_but_a_tables_remainder_may(tmp_path, capsys):
+    from spaceevo.search.api import parse_fixed_stage_ms
+    from spaceevo.search.qt_score import fixed_stage_array
+
+    for texts in (["-0.5"], ["24=0.1", "28=-0.1", "32=0.1"]):
+        with pytest.raises(UsageError, match="--fixed-stage-ms must not be negative"):
+            parse_fixed_stage_ms(texts)
+    # the remainder of a table's boundary model (negative intercept) shifts the sum of the LUT rows
+    assert fixed_stage_array(TINY, {24: -0.06, 28: -0.05, 32: -0.04}).tolist() == [-0.06, -0.05, -0.04]
+    with pytest.raises(UsageError, match="finite"):
+        fixed_stage_array(TINY, float("nan"))
+
+
 @pytest.mark.slow
 def test_throughput_onnxw_sized_lut(tmp_path):
     """The issue's requirement, on one core of this host: >= 20 spaces/s with N = 100,000."""

@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from google.protobuf.message import DecodeError
 from tqdm import tqdm
@@ -35,6 +34,7 @@ from spaceevo.deploy.models import (
 from spaceevo.deploy.trained import TrainedRun, open_run
 from spaceevo.errors import ArtifactError, UsageError
 from spaceevo.io import atomic_write_bytes, writable_folder
+from spaceevo.latency.engines import ORT_DEVICE, get_engine
 from spaceevo.nn import Supernet
 from spaceevo.space import Subnet
 from spaceevo.train.data import DataSpec, ImageSplit, make_loader
@@ -43,42 +43,40 @@ from spaceevo.train.evaluate import evaluate
 EVAL_BATCH = 256
 
 
-def ort_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
-             name: str = "the model", batch_size: int = EVAL_BATCH) -> float:
-    """Top-1 (%) of an ONNX classifier in ONNX Runtime on ``split`` at ``resolution`` (see
-    :func:`ort_predictions`)."""
-    predicted = ort_predictions(model, split, resolution, threads, name, batch_size)
+def engine_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
+                name: str = "the model", batch_size: int = EVAL_BATCH, device: str = ORT_DEVICE) -> float:
+    """Top-1 (%) of an ONNX classifier in the engine ``device`` names on ``split`` at ``resolution``
+    (see :func:`engine_predictions`)."""
+    predicted = engine_predictions(model, split, resolution, threads, name, batch_size, device)
     return 100.0 * float((predicted == split.targets).mean())
 
 
-def ort_predictions(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
-                    name: str = "the model", batch_size: int = EVAL_BATCH) -> np.ndarray:
-    """The class ONNX Runtime predicts for every image of ``split`` at ``resolution``, in split order
-    (int64): per-image results, for paired comparisons of models on the same images.
+def engine_predictions(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
+                       name: str = "the model", batch_size: int = EVAL_BATCH, device: str = ORT_DEVICE) -> np.ndarray:
+    """The class the engine ``device`` names (:mod:`spaceevo.latency.engines`; default ONNX Runtime)
+    predicts for every image of ``split`` at ``resolution``, in split order (int64): per-image
+    results, for paired comparisons of models on the same images.
 
-    Runs a dynamic-batch copy of the model in batches of ``batch_size`` (graph optimisation ALL, the
-    same kernels as at batch 1); ``batch_size=1`` runs the fixed-shape model itself, for graphs that
-    bake the batch into a shape (a Reshape to a constant ``[1, ...]``, as torchvision's ShuffleNet
-    channel shuffle exports). ``threads`` defaults to torch's intra-op thread count. A model ONNX Runtime cannot
-    load or run, or whose output is not one row of class scores per image, is an
+    Runs a dynamic-batch copy of the model in batches of ``batch_size`` (the engine's latency
+    settings, the same kernels as at batch 1); ``batch_size=1`` runs the fixed-shape model itself, for
+    graphs that bake the batch into a shape (a Reshape to a constant ``[1, ...]``, as torchvision's
+    ShuffleNet channel shuffle exports). ``threads`` defaults to torch's intra-op thread count. A model
+    the engine cannot load or run, or whose output is not one row of class scores per image, is an
     :class:`ArtifactError` naming ``name``; an empty split is an :class:`ArtifactError` too.
     """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.log_severity_level = 3  # PTQ graphs keep unused constants; ORT warns about each
+    engine = get_engine(device)
+    engine.version()  # a missing optional engine is a UsageError, not a model that cannot load
     try:
         runnable = model if batch_size == 1 else with_dynamic_batch(model)
-        session = ort.InferenceSession(runnable.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
-        raise ArtifactError(f"ONNX Runtime cannot load {name}: {_first_line(error)}") from None
-    input_name = session.get_inputs()[0].name
+        classify = engine.classifier(runnable, threads or torch.get_num_threads())
+    except Exception as error:  # engines raise their own exception types (InvalidGraph, Fail, RuntimeError, ...)
+        raise ArtifactError(f"{engine.label} cannot load {name}: {_first_line(error)}") from None
     predicted = []
     for x, _ in make_loader(split.with_resolution(resolution), batch_size, False, workers=0, distributed=False):
         try:
-            logits = session.run(None, {input_name: x.numpy().astype(np.float32)})[0]
+            logits = classify(x.numpy().astype(np.float32))
         except Exception as error:
-            raise ArtifactError(f"ONNX Runtime cannot run {name} on {tuple(x.shape)} images: {_first_line(error)}") from None
+            raise ArtifactError(f"{engine.label} cannot run {name} on {tuple(x.shape)} images: {_first_line(error)}") from None
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ArtifactError(
                 f"{name} is not an image classifier: for a batch of {x.shape[0]} images it outputs shape "
@@ -217,7 +215,7 @@ def export_subnet(
             int8 = ptq_int8_model(fp32, datasets.heldout, chosen.resolution, reduce_range=bool(run.config.reduce_range))
         steps.done()
         steps("check")
-        heldout_int8 = ort_top1(int8, datasets.heldout, chosen.resolution)
+        heldout_int8 = engine_top1(int8, datasets.heldout, chosen.resolution)
         steps.done()
         steps("write")
         common = {**_base_metadata(run, chosen, datasets.spec), **_device_metadata(device, threads)}
@@ -258,6 +256,8 @@ class SubnetEvaluation:
     ONNX Runtime post-training quantization of the FP32 export. ``fp32_ms``/``int8_ms``: the exported
     FP32 and INT8 (``int8_model``: QAT, else PTQ) models timed interleaved on the device, on
     ``latency_scale`` (the latency table's when there is one); None when not measured.
+    ``device_int8_top1``: that INT8 model in the engine ``device`` names (for ``cpu``, ONNX Runtime's
+    figure), to compare with PyTorch's fake-quant figure: engines may round differently.
     """
 
     space: str
@@ -273,6 +273,8 @@ class SubnetEvaluation:
     ort_fp32_top1: float | None
     ort_int8_top1: float | None
     ptq_int8_top1: float | None
+    device: str
+    device_int8_top1: float | None
     fp32_ms: float | None
     int8_ms: float | None
     latency_scale: str | None
@@ -296,6 +298,7 @@ def evaluate_subnet(
     """Test-split top-1 of a trained subnet in PyTorch and ONNX Runtime, and its latency
     (:class:`SubnetEvaluation`). ``on_models(fp32, int8)`` receives the exported models (e.g. to
     save them); ``measure=False`` skips the latency."""
+    get_engine(device).version()  # a missing engine fails now, not after minutes of evaluation
     run = open_run(run_dir)
     chosen = run.subnet(subnet)
     steps = _Steps(["data", "fp32", "ptq", "int8", "latency"], show_progress, "evaluate")
@@ -309,11 +312,11 @@ def evaluate_subnet(
         run.calibrated(fp32_supernet, chosen, datasets)
         fp32_top1 = torch_top1(fp32_supernet, chosen, test)
         fp32 = fp32_model(fp32_supernet, chosen)
-        ort_fp32 = ort_top1(fp32, test, chosen.resolution)
+        ort_fp32 = engine_top1(fp32, test, chosen.resolution)
         steps.done()
         steps("ptq")
         ptq = ptq_int8_model(fp32, datasets.heldout, chosen.resolution, reduce_range=bool(run.config.reduce_range))
-        ptq_top1 = ort_top1(ptq, test, chosen.resolution)
+        ptq_top1 = engine_top1(ptq, test, chosen.resolution)
         steps.done()
         steps("int8")
         fakequant_top1 = qat_float_top1 = ort_int8 = None
@@ -323,7 +326,10 @@ def evaluate_subnet(
             supernet = run.calibrated(run.supernet(), chosen, datasets)
             fakequant_top1 = torch_top1(supernet, chosen, test)
             int8 = qat_int8_model(supernet, chosen)
-            ort_int8 = ort_top1(int8, test, chosen.resolution)
+            ort_int8 = engine_top1(int8, test, chosen.resolution)
+        device_int8 = (ort_int8 if run.quantization_aware else ptq_top1) if device == ORT_DEVICE else engine_top1(
+            int8, test, chosen.resolution, device=device
+        )
         steps.done()
         if on_models is not None:
             on_models(fp32, int8)
@@ -351,6 +357,8 @@ def evaluate_subnet(
         ort_fp32_top1=_round(ort_fp32),
         ort_int8_top1=_round(ort_int8),
         ptq_int8_top1=_round(ptq_top1),
+        device=device,
+        device_int8_top1=_round(device_int8),
         fp32_ms=_round(fp32_ms, 4),
         int8_ms=_round(int8_ms, 4),
         latency_scale=scale,
@@ -409,8 +417,9 @@ def classifier_shape(model: onnx.ModelProto, path: Path) -> tuple[int, int, int 
 
 @dataclass(frozen=True)
 class ModelEvaluation:
-    """What :func:`evaluate_model` measured on an exported ONNX file: ONNX Runtime test-split top-1
-    (%) and latency (ms, on ``latency_scale``; None when not measured). ``space``, ``subnet`` and
+    """What :func:`evaluate_model` measured on an exported ONNX file: test-split top-1 (%) in ONNX
+    Runtime and in the engine ``device`` names (the same figure for ``cpu``), and latency on that
+    engine (ms, on ``latency_scale``; None when not measured). ``space``, ``subnet`` and
     ``precision`` come from the model's metadata (None for a model spaceevo did not export)."""
 
     model: str
@@ -420,6 +429,8 @@ class ModelEvaluation:
     data: str
     test_images: int
     ort_top1: float
+    device: str
+    device_top1: float
     ms: float | None
     latency_scale: str | None
 
@@ -436,13 +447,14 @@ def evaluate_model(
     tables: str | Path | None = None,
     measure: bool = True,
 ) -> ModelEvaluation:
-    """ONNX Runtime test-split top-1 and device latency of an exported model file.
+    """Test-split top-1 (ONNX Runtime and the device's engine) and device latency of an exported model file.
 
     The data set is ``data`` or the one in the model's metadata (``embedded`` if it has none); the
     resolution is the model's input size.
     """
     from spaceevo.train.data import load_data
 
+    get_engine(device).version()
     path = Path(path)
     model = load_onnx(path)
     channels, resolution, classes = classifier_shape(model, path)
@@ -455,7 +467,8 @@ def evaluate_model(
         raise UsageError(f"{path} takes {channels} input channel(s), expected {expected}; give --data of the model")
     if classes is not None and classes != datasets.num_classes:
         raise UsageError(f"{path} outputs {classes} classes, expected {expected}; give --data of the model")
-    top1 = ort_top1(model, datasets.test, resolution, name=str(path))
+    top1 = engine_top1(model, datasets.test, resolution, name=str(path))
+    device_top1 = top1 if device == ORT_DEVICE else engine_top1(model, datasets.test, resolution, name=str(path), device=device)
     ms = scale = None
     if measure:
         from spaceevo.latency.api import measure_onnx
@@ -470,6 +483,8 @@ def evaluate_model(
         data=str(spec),
         test_images=len(datasets.test),
         ort_top1=_round(top1),
+        device=device,
+        device_top1=_round(device_top1),
         ms=ms,
         latency_scale=scale,
     )

@@ -53,6 +53,7 @@ from spaceevo.extraction.results import BudgetResult, ExtractResult
 from spaceevo.storage import open_storage
 from spaceevo.extraction.verify import verify_results
 from spaceevo.io import atomic_write_json, atomic_write_text, writable_folder
+from spaceevo.latency.engines import ORT_DEVICE
 from spaceevo.search.budgets import (
     AUTO,
     BudgetChoice,
@@ -147,9 +148,13 @@ class Extraction:
         return results
 
 
-def study_name(fitness: HeldoutFitness, seed: int) -> tuple[str, dict[str, Any]]:
-    """One study per supernet, fitness and seed: a retrained supernet starts a fresh front."""
+def study_name(fitness: HeldoutFitness, seed: int, engine: str, device_slug: str) -> tuple[str, dict[str, Any]]:
+    """One study per supernet, fitness, seed and engine: a retrained supernet, or latencies of another
+    engine, start a fresh front. Studies of ONNX Runtime's engine keep the names they had before
+    engines existed (their key has no device)."""
     key = {**fitness.key(), "seed": seed, "kind": "front"}
+    if engine != ORT_DEVICE:
+        key["device"] = device_slug
     return f"{STUDY_PREFIX}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}", key
 
 
@@ -168,6 +173,7 @@ def open_extraction(
     """Open the run (an error naming ``spaceevo train`` if it holds no supernet), the storage (default:
     SQLite ``RUN/extract/study.db``), this device's latency predictor and the study."""
     from spaceevo.latency.api import load_predictor
+    from spaceevo.latency.fingerprint import device_fingerprint
 
     config = front_config(preset, trials)
     run = open_run(run_dir)
@@ -185,7 +191,8 @@ def open_extraction(
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported by the exception it raises
     fitness = HeldoutFitness(run, config.heldout_images)
-    name, key = study_name(fitness, seed)
+    fingerprint = device_fingerprint(device, threads)
+    name, key = study_name(fitness, seed, fingerprint.engine, fingerprint.slug)
     _, (high_ms, _) = space_latency_range(run.space, predict_ms)
     try:
         study = optuna.create_study(
@@ -270,7 +277,7 @@ def _extract(
 EVALUATED_COLUMNS = ["trial", "subnet", "predicted_int8_ms", "heldout_int8_top1", "on_front"]
 PARETO_COLUMNS = [
     "budget_ms", "subnet", "predicted_int8_ms", "heldout_int8_top1", "evaluated", "pareto_optimal",
-    "measured_int8_ms", "measured_fp32_ms", "test_ort_int8_top1", "over_budget", "note",
+    "measured_int8_ms", "measured_fp32_ms", "test_ort_int8_top1", "test_device_int8_top1", "over_budget", "note",
 ]
 
 

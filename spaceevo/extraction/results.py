@@ -13,8 +13,10 @@ from spaceevo.search.budgets import BudgetChoice
 @dataclass
 class BudgetResult:
     """One budget's answer: the best evaluated subnet predicted at or under it (``evaluated``: how
-    many evaluated subnets were). Latencies in ms (measured ones on the latency table's scale), top-1
-    in %; the measured figures and the test top-1 stay None without verification."""
+    many evaluated subnets were). Latencies in ms (measured ones on the latency table's scale, by the
+    ``--device`` engine), top-1 in %: ``test_ort_int8_top1`` in ONNX Runtime, ``test_device_int8_top1``
+    in the ``--device`` engine (the same figure for ``cpu``); the measured figures and the test top-1
+    stay None without verification."""
 
     budget_ms: float
     subnet: str
@@ -25,6 +27,7 @@ class BudgetResult:
     measured_fp32_ms: float | None = None
     measured_int8_spread: float | None = None
     test_ort_int8_top1: float | None = None
+    test_device_int8_top1: float | None = None
     onnx_int8: str | None = None
     onnx_fp32: str | None = None
     pareto_optimal: bool | None = None

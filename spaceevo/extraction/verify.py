@@ -30,7 +30,8 @@ MAX_FALLBACKS = 3
 VERIFIED_FILE = "verified.json"
 VERIFY_LOCK = "verify.lock"
 VERIFIED_FIELDS = (
-    "measured_int8_ms", "measured_fp32_ms", "measured_int8_spread", "test_ort_int8_top1", "onnx_int8", "onnx_fp32",
+    "measured_int8_ms", "measured_fp32_ms", "measured_int8_spread", "test_ort_int8_top1", "test_device_int8_top1",
+    "onnx_int8", "onnx_fp32",
 )
 
 
@@ -39,7 +40,7 @@ def verify_results(
     show_progress: bool = True,
 ) -> tuple[str, int]:
     """Export every answer, time its FP32 and INT8 models on the device (all interleaved in one
-    measurement), measure the INT8 model's ONNX Runtime test top-1, and give every answer measured
+    measurement), measure the INT8 model's test top-1 in ONNX Runtime and the device's engine, and give every answer measured
     over budget its fallback chain. Fills ``results`` in place; returns the latency scale used and
     the number of answers verified by this call."""
     directory = extraction.directory
@@ -154,6 +155,7 @@ def _share(source: BudgetResult, result: BudgetResult, output: Path) -> None:
         atomic_write_bytes(path, Path(source_path).read_bytes())
     result.onnx_fp32, result.onnx_int8 = str(fp32_path), str(int8_path)
     result.test_ort_int8_top1 = source.test_ort_int8_top1
+    result.test_device_int8_top1 = source.test_device_int8_top1
 
 
 def _verify(
@@ -164,7 +166,8 @@ def _verify(
     returns the latency scale and how many were verified here."""
     import onnx
 
-    from spaceevo.deploy.evaluate import export_subnet, ort_top1
+    from spaceevo.deploy.evaluate import engine_top1, export_subnet
+    from spaceevo.latency.engines import ORT_DEVICE
     from spaceevo.latency.api import measure_onnx
 
     scale = ""
@@ -198,7 +201,11 @@ def _verify(
                 bar.update(1)
                 bar.set_postfix_str(f"test top-1 {result.budget_ms:g} ms", refresh=True)
                 resolution = run.space.subnet(result.subnet).resolution
-                result.test_ort_int8_top1 = round(ort_top1(onnx.load_from_string(int8), test, resolution, threads), 2)
+                int8_model = onnx.load_from_string(int8)
+                result.test_ort_int8_top1 = round(engine_top1(int8_model, test, resolution, threads), 2)
+                result.test_device_int8_top1 = result.test_ort_int8_top1 if device == ORT_DEVICE else round(
+                    engine_top1(int8_model, test, resolution, threads, device=device), 2
+                )
                 bar.update(1)
             bar.set_postfix_str("latency", refresh=True)
             stats, scale = measure_onnx(models, device, threads, tables)

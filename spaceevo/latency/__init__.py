@@ -1,4 +1,4 @@
-"""ONNX Runtime INT8 latency engine: fingerprint, measurement, tables, predictor, validation.
+"""INT8 latency on the device: engines, fingerprint, measurement, tables, predictor, validation.
 
 The names below are the Python API behind ``spaceevo latency …`` (:mod:`spaceevo.latency.api`).
 They are imported on first use, so importing a light submodule such as

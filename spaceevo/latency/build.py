@@ -145,7 +145,8 @@ def build_latency_table(
             calibration.save(path)
             bar.update(len(group))
     stored = calibration.model
-    if archs or stale or not _same_model(calibration.fit(), stored):
+    fitted = calibration.fit()  # before the test below: a build that added samples must fit them too
+    if archs or stale or not _same_model(fitted, stored):
         calibration.save(path)
     else:
         calibration.model = stored  # nothing changed: the file stays as it is, bit for bit

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.measure import LatencyStats, MeasureConfig, StableMeter, Timer
+from spaceevo.latency.engines import timer
+from spaceevo.latency.measure import LatencyStats, MeasureConfig, StableMeter
 from spaceevo.nn.static import build_static
 from spaceevo.quant.export import export_fp32, quantize_ptq
 from spaceevo.space import Architecture
@@ -66,4 +67,4 @@ def measure_models(
     from spaceevo.latency.reference import stable_meter
 
     meter = meter or stable_meter(fingerprint)
-    return meter.measure([Timer(m, fingerprint) for m in models], config)
+    return meter.measure([timer(m, fingerprint) for m in models], config)

@@ -1,7 +1,9 @@
 """Device fingerprint: what a latency figure is only valid for.
 
 A latency table, a search result or an exported model records the fingerprint it was measured on;
-a table from another fingerprint is never used silently.
+a table from another fingerprint is never used silently. The fingerprint names the CPU (model, ISA
+flags), the inference engine (:mod:`spaceevo.latency.engines`) and its version, and the thread
+count, so tables of different engines on one CPU never mix.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnxruntime as ort
-
 from spaceevo.errors import UsageError
+from spaceevo.latency.engines import ENGINES, ORT_DEVICE, get_engine
+from spaceevo.latency.engines.onnxruntime_cpu import PROVIDER as LEGACY_PROVIDER
 
 ISA_FLAGS = {
     "avx2": "avx2",
@@ -27,20 +29,22 @@ ISA_FLAGS = {
     "asimddp": "neon_dotprod",
     "i8mm": "neon_i8mm",
 }
-DEVICES = {"cpu": "CPUExecutionProvider"}
+LEGACY_ENGINE = ORT_DEVICE
+"""Tables made before engines existed were all ONNX Runtime's CPU execution provider; their headers
+name ``ort_version`` and ``provider`` instead of the engine (:meth:`DeviceFingerprint.from_dict`)."""
 OVERRIDE_ENV = "SPACEEVO_FINGERPRINT_OVERRIDE"
 OVERRIDE_FIELDS = ("cpu_model", "isa")
 
 
 @dataclass(frozen=True)
 class DeviceFingerprint:
-    """CPU model, ISA flags, ONNX Runtime version, execution provider and thread count."""
+    """CPU model, ISA flags, machine, inference engine (its ``--device`` name) and version, threads."""
 
     cpu_model: str
     isa: tuple[str, ...]
     machine: str
-    ort_version: str
-    provider: str
+    engine: str
+    engine_version: str
     threads: int
 
     @property
@@ -49,16 +53,30 @@ class DeviceFingerprint:
 
     @property
     def reduce_range(self) -> bool:
-        """7-bit weights on x86 without VNNI (AVX2, AVX-512 without VNNI), per ONNX Runtime's advice."""
+        """7-bit weights on x86 without VNNI (AVX2, AVX-512 without VNNI), per ONNX Runtime's advice:
+        a property of the CPU's INT8 instructions, the same for every engine."""
         return self.machine in ("x86_64", "AMD64") and not self.has_vnni
+
+    def _identity(self) -> dict:
+        """What the slug's hash covers. For ONNX Runtime's CPU engine, the fields of the tables made
+        before engines existed (``ort_version``, ``provider``), so their folder names stay valid."""
+        if self.engine == LEGACY_ENGINE:
+            return {
+                "cpu_model": self.cpu_model, "isa": self.isa, "machine": self.machine,
+                "ort_version": self.engine_version, "provider": LEGACY_PROVIDER, "threads": self.threads,
+            }
+        return asdict(self)
 
     @property
     def slug(self) -> str:
-        """Folder name: readable prefix plus a hash of every field."""
+        """Folder name: readable prefix (CPU, ISA, engine tag and version, threads) plus a hash of
+        every field."""
         cpu = re.sub(r"[^a-z0-9]+", "-", self.cpu_model.lower()).strip("-")[:32] or "cpu"
         isa = "-".join(self.isa) or "noisa"
-        digest = hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:8]
-        return f"{cpu}_{isa}_ort{self.ort_version}_t{self.threads}_{digest}"
+        tag = ENGINES[self.engine].tag if self.engine in ENGINES else re.sub(r"[^a-z0-9]+", "-", self.engine.lower())
+        version = re.sub(r"[^A-Za-z0-9.]+", "-", self.engine_version)
+        digest = hashlib.sha256(repr(sorted(self._identity().items())).encode()).hexdigest()[:8]
+        return f"{cpu}_{isa}_{tag}{version}_t{self.threads}_{digest}"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -69,19 +87,25 @@ class DeviceFingerprint:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeviceFingerprint":
+        """The fingerprint of a table header or artifact; one written before engines existed is
+        ONNX Runtime's CPU engine with its ``ort_version``."""
+        legacy = "engine" not in data
         return cls(
             cpu_model=data["cpu_model"],
             isa=tuple(data["isa"]),
             machine=data["machine"],
-            ort_version=data["ort_version"],
-            provider=data["provider"],
+            engine=LEGACY_ENGINE if legacy else data["engine"],
+            engine_version=data["ort_version"] if legacy else data["engine_version"],
             threads=int(data["threads"]),
         )
 
     def describe(self) -> str:
+        engine = (
+            ENGINES[self.engine].describe(self.engine_version) if self.engine in ENGINES
+            else f"engine {self.engine} {self.engine_version}"
+        )
         return (
-            f"{self.cpu_model} [{', '.join(self.isa) or 'no SIMD flags'}], ONNX Runtime "
-            f"{self.ort_version} {self.provider}, {self.threads} thread(s), "
+            f"{self.cpu_model} [{', '.join(self.isa) or 'no SIMD flags'}], {engine}, {self.threads} thread(s), "
             f"reduce_range={self.reduce_range}"
         )
 
@@ -137,22 +161,19 @@ def _overridden(model: str, isa: tuple[str, ...]) -> tuple[str, tuple[str, ...]]
 
 
 def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerprint:
-    """Fingerprint of this host for ``device`` (``cpu`` = ONNX Runtime's CPU execution provider);
+    """Fingerprint of this host for the engine ``device`` names (:mod:`spaceevo.latency.engines`);
     tests and CI can replace its CPU model and ISA flags with ``$SPACEEVO_FINGERPRINT_OVERRIDE``."""
-    if device not in DEVICES:
-        raise UsageError(f"unknown device '{device}'; allowed: {', '.join(DEVICES)}")
+    engine = get_engine(device)
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    provider = DEVICES[device]
-    if provider not in ort.get_available_providers():
-        raise UsageError(f"ONNX Runtime here has no {provider}; available: {ort.get_available_providers()}")
+    version = engine.version()
     model, flags = _cpu_info()
     model, isa = _overridden(model, tuple(sorted({name for flag, name in ISA_FLAGS.items() if flag in flags})))
     return DeviceFingerprint(
         cpu_model=model,
         isa=isa,
         machine=platform.machine(),
-        ort_version=ort.__version__,
-        provider=provider,
+        engine=engine.name,
+        engine_version=version,
         threads=threads,
     )

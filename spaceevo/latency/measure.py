@@ -1,9 +1,8 @@
-"""Latency measurement protocol for ONNX Runtime.
+"""Latency measurement protocol, the same for every engine (:mod:`spaceevo.latency.engines`).
 
-Sessions use graph optimisation level ALL (QDQ fusion and layout transforms), explicit intra-op
-threads and sequential execution. A measurement is several rounds of timed runs after a warm-up;
-:func:`measure_interleaved`'s figure is the median over rounds of each round's median, robust to the
-spikes of a shared machine. Variants that are compared are measured interleaved (round-robin), never
+A :class:`Timer` is one model prepared by an engine and timed one inference at a time. A measurement
+is several rounds of timed runs after a warm-up; :func:`measure_interleaved`'s figure is the median
+over rounds of each round's median, robust to the spikes of a shared machine. Variants that are compared are measured interleaved (round-robin), never
 one after another.
 
 Shared (virtual) machines also have *phases*: for tens of milliseconds to seconds a core runs
@@ -30,14 +29,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-
-from spaceevo.latency.fingerprint import DeviceFingerprint
 
 FAST_QUANTILE = 0.05
 """Quantile of a guarded measurement's runs that is its figure (see the module docstring)."""
@@ -73,43 +69,17 @@ class LatencyStats:
         return (q3 - q1) / self.ms
 
 
-def make_session(model: onnx.ModelProto | bytes | str, fingerprint: DeviceFingerprint) -> ort.InferenceSession:
-    """An inference session configured as every latency figure in spaceevo is measured."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = fingerprint.threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    return ort.InferenceSession(model, options, providers=[fingerprint.provider])
+class Timer(ABC):
+    """A model prepared by an engine with its input, timed with :meth:`run_once`; the unit every
+    protocol builds on. Engines implement :meth:`infer` (one synchronous inference)."""
 
-
-def random_feed(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random input of the right shape and dtype (float32 or uint8) for a session."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for arg in session.get_inputs():
-        shape = [d if isinstance(d, int) else 1 for d in arg.shape]
-        if arg.type == "tensor(uint8)":
-            feed[arg.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        else:
-            feed[arg.name] = rng.standard_normal(shape).astype(np.float32)
-    return feed
-
-
-class Timer:
-    """A prepared session and input, timed with ``run_once``; the unit every protocol builds on."""
-
-    def __init__(self, model: onnx.ModelProto | bytes | str, fingerprint: DeviceFingerprint):
-        self.session = make_session(model, fingerprint)
-        self.feed = random_feed(self.session)
-        self.outputs = [o.name for o in self.session.get_outputs()]
+    @abstractmethod
+    def infer(self) -> None:
+        """One synchronous inference on the prepared input."""
 
     def run_once(self) -> float:
         start = time.perf_counter()
-        self.session.run(self.outputs, self.feed)
+        self.infer()
         return (time.perf_counter() - start) * 1e3
 
     def round(self, runs: int, min_round_s: float) -> list[float]:

@@ -145,7 +145,7 @@ class LatencyPredictor:
         if not path.exists():
             raise ArtifactError(
                 f"the latency table at {table.folder} is not calibrated for '{hyperspace.name}'; "
-                f"run 'spaceevo latency build --space {hyperspace.name} --device cpu'"
+                f"run 'spaceevo latency build --space {hyperspace.name} --device {table.fingerprint.engine}'"
             )
         return cls(table, Calibration.load(path), fit_regressor(table, hyperspace))
 
@@ -156,7 +156,8 @@ class LatencyPredictor:
             return self.regressor.predict(segment)
         raise ArtifactError(
             f"the latency table at {self.table.folder} lacks segment {segment.key} and has no model for "
-            f"its kind; run 'spaceevo latency build --space SPACE --device cpu' for this subnet's hyperspace"
+            f"its kind; run 'spaceevo latency build --space SPACE --device {self.table.fingerprint.engine}' for this "
+            f"subnet's hyperspace"
         )
 
     def segment_features(self, arch: Architecture) -> tuple[float, int, int]:

@@ -10,7 +10,8 @@ from functools import lru_cache
 
 from spaceevo.blocks import block_kind
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.measure import StableMeter, Timer
+from spaceevo.latency.engines import timer
+from spaceevo.latency.measure import StableMeter
 from spaceevo.latency.segments import Segment, segment_model
 
 REFERENCE_SEGMENT = Segment(
@@ -31,6 +32,6 @@ def stable_meter(
 ) -> StableMeter:
     """A settled :class:`StableMeter` for this device, on the scale of ``canonical_ms`` if given
     (a latency table's reference latency), else of the reference's latency measured now."""
-    meter = StableMeter(Timer(reference_model(fingerprint.reduce_range), fingerprint), canonical_ms)
+    meter = StableMeter(timer(reference_model(fingerprint.reduce_range), fingerprint), canonical_ms)
     meter.settle(settle_s)
     return meter

@@ -1,4 +1,4 @@
-"""Latency tables: measured INT8 latency of every segment a hyperspace needs, per device.
+"""Latency tables: measured INT8 latency of every segment a hyperspace needs, per device and engine.
 
 One table per device fingerprint, shared by all hyperspaces (keys describe the computation, not the
 space it came from), stored as ``<tables>/<fingerprint slug>/segments.jsonl``: a header line with the
@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Sequence
 from spaceevo.errors import ArtifactError, DeviceMismatchError
 from spaceevo.io import atomic_write_text, writing
 from spaceevo.latency.fingerprint import DeviceFingerprint
+from spaceevo.latency.engines import timer
 from spaceevo.latency.measure import MeasureConfig, StableMeter, Timer
 from spaceevo.latency.segments import Segment, segment_model
 
@@ -241,7 +242,7 @@ class LatencyTable:
         raise ArtifactError(
             f"no latency table for this device under {tables}{hint}.\n"
             f"  device: {fingerprint.describe()}\n"
-            f"Build one with 'spaceevo latency build --space SPACE --device cpu'."
+            f"Build one with 'spaceevo latency build --space SPACE --device {fingerprint.engine}'."
         )
 
     def append(self, entries: Sequence[TableEntry]) -> None:
@@ -383,7 +384,7 @@ def measure_segments(
             per_worker = max(1, -(-len(chunk) // max(1, workers)))
             parts = [chunk[i : i + per_worker] for i in range(0, len(chunk), per_worker)]
             models = [m for built in pool.map(_build_models, [(p, fingerprint.reduce_range) for p in parts]) for m in built]
-            figures = _timed_passes([Timer(m, fingerprint) for m in models], meter)
+            figures = _timed_passes([timer(m, fingerprint) for m in models], meter)
             for start in range(0, len(chunk), GROUP_SIZE):
                 group = chunk[start : start + GROUP_SIZE]
                 table.append(

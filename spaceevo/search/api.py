@@ -56,16 +56,21 @@ def parse_latency_constraints(texts: Sequence[str]) -> list[float] | Literal["au
 
 def parse_fixed_stage_ms(texts: Sequence[str]) -> FixedStageMs:
     """One number of ms for every resolution, or ``RESOLUTION=MS`` pairs (``160=1.2 224=2.0``)."""
+    value: FixedStageMs | None = None
     if len(texts) == 1 and "=" not in texts[0]:
         try:
-            return float(texts[0])
+            value = float(texts[0])
         except ValueError:
             pass
     else:
         try:
-            return {int(r): float(ms) for r, ms in (t.split("=", 1) for t in texts)}
+            value = {int(r): float(ms) for r, ms in (t.split("=", 1) for t in texts)}
         except ValueError:
             pass
+    if value is not None:
+        if min(value.values() if isinstance(value, dict) else [value]) < 0:
+            raise UsageError(f"--fixed-stage-ms must not be negative, got {' '.join(texts)}")
+        return value
     raise UsageError(f"--fixed-stage-ms takes one number of ms or RESOLUTION=MS pairs, got {' '.join(texts)}")
 
 

@@ -20,7 +20,7 @@ runs whatever is missing, each step resumable, and returns ``RUN/search/lut/``:
 4. ``RUN/search/lut_record.json``: what produced the LUTs (hyperspace digest, device, teacher,
    preset) and the fixed-stage latency per resolution (:func:`fixed_stage_latency_ms`).
 
-``device`` is the latency target (ONNX Runtime's execution provider, as ``--device``); training runs
+``device`` is the latency target (the inference engine, as ``--device``); training runs
 on ``torch_device`` (default: CUDA when available, else the CPU). With ``shard=(i, n)`` only jobs
 ``j % n == i`` and their LUT files are built, so ``n`` processes or machines sharing the run
 directory split the work; for several machines train the teacher once first (or pass the same
@@ -270,7 +270,8 @@ def _lut_paths(lut_dir: Path, job: KDJob) -> list[Path]:
 
 
 def _check_lut_record(path: Path, wanted: dict) -> None:
-    """Refuse to add to (or return) LUTs that another hyperspace YAML, preset or seed produced."""
+    """Refuse to add to (or return) LUTs that another hyperspace YAML, preset, seed or device
+    (its latencies) produced."""
     if not path.exists():
         return
     try:
@@ -321,7 +322,11 @@ def build_block_luts(
     jobs = jobs_of_shard(kd_jobs(space), shard)
     started = time.perf_counter()
 
-    _check_lut_record(search_dir / LUT_RECORD, {"hyperspace_digest": space.digest, "preset": preset, "kd_config": asdict(config)})
+    _check_lut_record(
+        search_dir / LUT_RECORD,
+        {"hyperspace_digest": space.digest, "preset": preset, "kd_config": asdict(config),
+         "device": predictor.table.fingerprint.slug},
+    )
     pending = [job for job in jobs if not all(p.exists() for p in _lut_paths(lut_dir, job))]
     teacher_file = Path(teacher_path) if teacher_path is not None else search_dir / TEACHER_FILE
     if pending:

@@ -72,7 +72,12 @@ class SpaceScore:
 
 
 def fixed_stage_array(hyperspace: Hyperspace, fixed_stage_ms: FixedStageMs) -> np.ndarray:
-    """Latency of the stages the LUT does not cover, per hyperspace resolution (index order)."""
+    """Latency of the stages the LUT does not cover, per hyperspace resolution (index order).
+
+    For the LUTs spaceevo builds it is the remainder of the latency table's linear boundary model
+    (its intercept, the fixed stages and the head), which may be negative where the model's
+    intercept is (an OpenVINO table's can be); the sum with the LUT rows is the prediction.
+    """
     if isinstance(fixed_stage_ms, Mapping):
         missing = [r for r in hyperspace.resolutions if r not in fixed_stage_ms]
         if missing:
@@ -83,8 +88,8 @@ def fixed_stage_array(hyperspace: Hyperspace, fixed_stage_ms: FixedStageMs) -> n
         values = [float(fixed_stage_ms[r]) for r in hyperspace.resolutions]
     else:
         values = [float(fixed_stage_ms)] * len(hyperspace.resolutions)
-    if any(not np.isfinite(v) or v < 0 for v in values):
-        raise UsageError(f"fixed-stage latency must be finite and not negative, got {values}")
+    if any(not np.isfinite(v) for v in values):
+        raise UsageError(f"fixed-stage latency must be finite, got {values}")
     return np.array(values, dtype=np.float64)
 
 
