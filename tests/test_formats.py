@@ -205,3 +205,13 @@ def test_unknown_and_inconsistent_names_are_usage_errors() -> None:
         FloatFormat(4, 3, special="nan")
     with pytest.raises(UsageError, match="outside float32"):
         get_format("fp8_e5m2_b200")
+
+
+@pytest.mark.parametrize("name", MX_NAMES)
+def test_mx_in_float32_equals_mx_in_float64(name: str) -> None:
+    """Blocks from 2**-140 to 2**120: the float32 computation is exact, as the float64 one."""
+    fmt = get_format(name)
+    generator = torch.Generator().manual_seed(3)
+    magnitude = torch.exp2(torch.randint(-140, 120, (500, 1), generator=generator).float())
+    x = torch.randn(500, 32, generator=generator) * magnitude
+    assert torch.equal(fmt.quantize_blocks(x), fmt.quantize_blocks(x.double()).float())

@@ -190,20 +190,21 @@ class FloatFormat:
 def _round_minifloat(u: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """:meth:`FloatFormat.round` for any format, with exact float arithmetic.
 
-    A value ``a = |u|`` with ``floor(log2 a) = e`` (at least the smallest normal exponent, where the
-    subnormals lie) sits on the grid of step ``2**(e - mantissa_bits)``: scaling by a power of two,
-    rounding half to even and scaling back is exact, and a value rounding up out of its binade lands
-    on the next binade's first value, which is representable.
+    A value ``a = |u|`` with ``floor(log2 a) = e`` (read from its float bits; at least the smallest
+    normal exponent, where the subnormals lie) sits on the grid of step ``2**(e - mantissa_bits)``:
+    scaling by a power of two, rounding half to even and scaling back is exact, and a value rounding
+    up out of its binade lands on the next binade's first value, which is representable. Infinities
+    and values beyond the range saturate through the final clamp; NaN stays NaN.
     """
     work = _working_dtype(u)
+    integer, shift, offset = (torch.int64, 52, 1023) if work == torch.float64 else (torch.int32, 23, 127)
     a = u.to(work).abs()
-    _, exponent = torch.frexp(a)  # a = m * 2**exponent, m in [0.5, 1)
-    exponent = (exponent - 1).clamp(fmt.min_exponent, fmt.emax + 1)
-    step = exponent - fmt.mantissa_bits
-    q = torch.round(a * exact_pow2(-step, work)) * exact_pow2(step, work)
-    q = q.clamp_max(fmt.max_value)
-    signed = torch.copysign(q, u.to(work)) if fmt.signed else torch.where(u < 0, torch.zeros_like(q), q)
-    return signed.to(u.dtype)
+    step = ((a.view(integer) >> shift) - offset).clamp_(fmt.min_exponent, fmt.emax + 1).sub_(fmt.mantissa_bits)
+    up = ((offset - step) << shift).view(work)
+    down = ((step + offset) << shift).view(work)
+    q = a.mul_(up).round_().mul_(down).clamp_max_(fmt.max_value)
+    q = q.copysign_(u.to(work)) if fmt.signed else q.masked_fill_(u < 0, 0.0)
+    return q.to(u.dtype)
 
 
 ElementFormat = Union[IntFormat, FloatFormat]
@@ -246,34 +247,41 @@ class MxFormat:
         """The implicit scale of an integer element (``2**-(bits-2)``, 2**-6 for MXINT8); 1 for floats."""
         return 2.0 ** -(self.element.bits - 2) if isinstance(self.element, IntFormat) else 1.0
 
-    def shared_exponents(self, blocks: torch.Tensor) -> torch.Tensor:
-        """The E8M0 exponent of each block (last dimension): ``floor(log2 max|V|) - emax_elem`` in
-        ``-127 .. 127``; -127 for an all-zero block."""
-        amax = blocks.abs().amax(dim=-1, keepdim=True)
-        _, exponent = torch.frexp(amax.to(torch.float64))
+    def shared_exponents(self, blocks: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The E8M0 exponent of each block (along ``dim``, kept as size 1): ``floor(log2 max|V|) -
+        emax_elem`` in ``-127 .. 127``; -127 for an all-zero block."""
+        return self._shared(blocks.abs().amax(dim=dim, keepdim=True))
+
+    def _shared(self, amax: torch.Tensor) -> torch.Tensor:
+        _, exponent = torch.frexp(amax)
         shared = (exponent - 1 - self.emax_elem).clamp(_E8M0_MIN, _E8M0_MAX)
         return torch.where(amax == 0, torch.full_like(shared, _E8M0_MIN), shared)
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize each block (last dimension, any length); a block holding inf or NaN is NaN."""
-        work = blocks.to(torch.float64)
-        shared = self.shared_exponents(work)
-        scale = exact_pow2(shared, torch.float64)
-        step = self._element_step
-        q = self.element.round(work / (scale * step)) * (scale * step)
-        finite = torch.isfinite(work).all(dim=-1, keepdim=True)
-        return torch.where(finite, q, torch.full_like(q, float("nan"))).to(blocks.dtype)
+    def quantize_blocks(self, blocks: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Quantize-dequantize each block (along ``dim``, any length); a block holding inf or NaN is NaN.
+
+        Computed in float32 (float64 for float64 input): the scales ``2**shared_exp`` and the
+        element steps are powers of two whose products with the elements stay representable (down
+        to 2**-143 for E5M2 elements under the smallest scale), so every step is exact.
+        """
+        work = blocks.to(_working_dtype(blocks))
+        amax = work.abs().amax(dim=dim, keepdim=True)
+        scale = exact_pow2(self._shared(amax), torch.float64).to(work.dtype) * self._element_step
+        q = self.element.round(work / scale).mul_(scale)
+        return q.masked_fill_(~torch.isfinite(amax), float("nan")).to(blocks.dtype)
 
     def quantize(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         """Quantize-dequantize ``x`` in blocks of consecutive elements along ``axis`` (the last block
         of a row may be shorter: it is padded with zeros, which never change a block's scale)."""
-        moved = x.movedim(axis, -1)
-        length = moved.shape[-1]
+        axis = axis % x.dim()
+        length = x.shape[axis]
         pad = (-length) % self.block_size
-        padded = F.pad(moved, (0, pad)) if pad else moved
-        blocks = padded.reshape(*padded.shape[:-1], -1, self.block_size)
-        q = self.quantize_blocks(blocks).reshape(padded.shape)[..., :length]
-        return q.movedim(-1, axis)
+        if pad:
+            x = torch.cat([x, x.new_zeros(x.shape[:axis] + (pad,) + x.shape[axis + 1 :])], dim=axis)
+        shape = x.shape
+        blocks = x.reshape(shape[:axis] + (-1, self.block_size) + shape[axis + 1 :])
+        q = self.quantize_blocks(blocks, dim=axis + 1).reshape(shape)
+        return q.narrow(axis, 0, length) if pad else q
 
 
 NumberFormat = Union[IntFormat, FloatFormat, MxFormat]

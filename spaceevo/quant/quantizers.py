@@ -157,6 +157,8 @@ class ScaledQuantizer(nn.Module):
             scale = self._scale(None, channels)
         if self.channels is not None:
             scale = scale.view((-1,) + (1,) * (x.dim() - 1))
+        if not torch.is_grad_enabled():
+            return self.fmt.round(x / scale).mul_(scale)
         return _ScaledRound.apply(x, scale, self.fmt)
 
     def deployed_bias(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
