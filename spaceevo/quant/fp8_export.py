@@ -96,12 +96,13 @@ class _WeightExport(nn.Module):
         return None
 
 
-def _check_fp8(model: nn.Module) -> list[tuple[str, ScaledQuantizer]]:
+def _check_fp8(model: nn.Module) -> None:
+    """:class:`UsageError` unless every quantizer of ``model`` is a calibrated, enabled FP8 one."""
     quantizers = format_quantizers(model)
     if not quantizers:
         raise UsageError("the model has no quantizers: build it with quantize_network and an FP8 format")
     wrong = [
-        f"{name} ({getattr(q, 'fmt', None).name if hasattr(q, 'fmt') else type(q).__name__})"
+        f"{name} ({q.fmt.name if isinstance(q, ScaledQuantizer) else type(q).__name__})"
         for name, q in quantizers
         if not (isinstance(q, ScaledQuantizer) and isinstance(q.fmt, FloatFormat) and q.fmt.torch_dtype is not None)
     ]
@@ -113,7 +114,6 @@ def _check_fp8(model: nn.Module) -> list[tuple[str, ScaledQuantizer]]:
     disabled = [name for name, q in quantizers if not q.enabled or not bool(q.initialized)]
     if disabled:
         raise UsageError(f"quantizers are off or not calibrated (calibrate_network first): {', '.join(disabled[:5])}")
-    return quantizers
 
 
 def _relu_and_clip_as_min_max(proto: onnx.ModelProto) -> int:
