@@ -166,6 +166,24 @@ def _evaluate(args: argparse.Namespace) -> None:
     _emit(args, report.to_dict())
 
 
+def _formats(args: argparse.Namespace) -> None:
+    from spaceevo.deploy.formats import compare_formats
+
+    report = compare_formats(args.run, args.subnet, args.formats, qat_steps=args.qat_steps, data=args.data)
+    data = report.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    _print_table([(k, v) for k, v in data.items() if k != "formats"])
+    header = ("format", "ptq_top1", "qat_top1", "weight_bits", "activation_bits", "relative_mac_cost", "native_on_device")
+    table = [header] + [tuple(str(row[k]) for k in header) for row in data["formats"]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    sources = sorted({row["mac_cost_source"] for row in data["formats"]})
+    print("relative_mac_cost: one MAC against one INT8 MAC; sources: " + "; ".join(sources))
+
+
 # ---- score, search ---------------------------------------------------------------------------
 
 
@@ -406,6 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print JSON on stdout")
     evaluate.set_defaults(handler=_evaluate)
+
+    formats = commands.add_parser(
+        "formats",
+        help="test-split top-1 of a trained subnet in several number formats (INT, FP8, MX) after PTQ and a short QAT",
+    )
+    formats.add_argument("--run", required=True, help="training run directory (from spaceevo train)")
+    formats.add_argument("--subnet", default="max", help=SUBNET_HELP + " (default: max)")
+    formats.add_argument("--formats", nargs="+", default=None, metavar="NAME",
+                         help="format names, see docs/formats.md (default: int8 int4 fp8_e4m3 fp8_e5m2 mxint8 mxfp8_e4m3 mxfp4)")
+    formats.add_argument("--qat-steps", type=_non_negative_int, default=None,
+                         help="QAT fine-tuning steps per format, 0 for none (default: 100)")
+    formats.add_argument("--data", default=None, help="data set (default: the run's)")
+    formats.add_argument("--json", action="store_true", help="print JSON on stdout")
+    formats.set_defaults(handler=_formats)
 
     score = commands.add_parser("score", help="Q-T scores of candidate spaces on a block LUT folder")
     score.add_argument("--block-lut", required=True, metavar="DIR",

@@ -22,8 +22,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 OPSET = 17
 
 
-def export_fp32(model: torch.nn.Module, input_shape: Sequence[int]) -> onnx.ModelProto:
-    """Export ``model`` (in eval mode, BatchNorm folded into convs) for a fixed input shape."""
+def export_fp32(model: torch.nn.Module, input_shape: Sequence[int], opset: int = OPSET) -> onnx.ModelProto:
+    """Export ``model`` (in eval mode, BatchNorm folded into convs) for a fixed input shape at ``opset``."""
     model = model.eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -33,7 +33,7 @@ def export_fp32(model: torch.nn.Module, input_shape: Sequence[int]) -> onnx.Mode
             (torch.zeros(*input_shape),),
             buffer,
             dynamo=False,
-            opset_version=OPSET,
+            opset_version=opset,
             input_names=["input"],
             output_names=["output"],
             do_constant_folding=True,

@@ -96,9 +96,11 @@ from spaceevo.space import BlockChoice, CandidateSpace, Subnet
 __all__ = [
     "ReluQuantizer",
     "prepare_qat",
+    "lsq_quantizer",
     "initialize_quantizers",
     "extract_qat",
     "fold_for_int8",
+    "fold_batchnorm",
     "export_int8",
     "set_quant_mode",
 ]
@@ -145,15 +147,15 @@ class ReluQuantizer(LsqActivationQuantizer):
         return super().extra_repr() + ", zero_point=0" + (f", upper={self.upper}" if self.upper is not None else "")
 
 
-def _quantizer(point: QuantPoint, reduce_range: bool) -> LsqQuantizer:
-    """The LSQ+ quantizer for a quantization point."""
+def lsq_quantizer(point: QuantPoint, reduce_range: bool, bits: int = 8) -> LsqQuantizer:
+    """The LSQ+ quantizer of ``bits`` for a quantization point, as deployment quantizes it."""
     if point.kind == "weight":
-        return LsqWeightQuantizer(point.channels, reduce_range=reduce_range)
+        return LsqWeightQuantizer(point.channels, bits=bits, reduce_range=reduce_range)
     if point.kind == "relu":
-        return ReluQuantizer()
+        return ReluQuantizer(bits=bits)
     if point.kind == "relu6":
-        return ReluQuantizer(upper=6.0)
-    return LsqActivationQuantizer()
+        return ReluQuantizer(upper=6.0, bits=bits)
+    return LsqActivationQuantizer(bits=bits)
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -176,7 +178,7 @@ def prepare_qat(supernet: Supernet, *, reduce_range: bool) -> Supernet:
         raise UsageError("the supernet already holds quantizers (prepare_qat was called before)")
     reference = next(supernet.parameters())
     for name, point in [(n, m) for n, m in supernet.named_modules() if isinstance(m, QuantPoint)]:
-        quantizer = _quantizer(point, reduce_range).to(device=reference.device, dtype=reference.dtype)
+        quantizer = lsq_quantizer(point, reduce_range).to(device=reference.device, dtype=reference.dtype)
         _replace(supernet, name, quantizer.train(supernet.training))
     return supernet
 
@@ -280,8 +282,8 @@ def extract_qat(supernet: Supernet, subnet: Subnet | None = None) -> StaticNet:
     return static.train(supernet.training)
 
 
-def _fold_batchnorm(model: StaticNet) -> StaticNet:
-    """A CPU float32 copy of a static QAT model with every eval-mode BatchNorm folded into its conv.
+def fold_batchnorm(model: StaticNet) -> StaticNet:
+    """A CPU float32 copy of a static model (QAT or FP32) with every eval-mode BatchNorm folded into its conv.
 
     The folded weight is the fake-quantized weight times the BN factor and its quantizer gets the
     folded scales (:func:`~spaceevo.quant.lsq.fold_bn_scales`): it lies exactly on its grid, so the
@@ -316,7 +318,7 @@ def fold_for_int8(model: StaticNet) -> StaticNet:
     ``model``'s own eval forward computes the same with BatchNorm unfolded.
     """
     _check_exportable(model)
-    return _fold_batchnorm(model)
+    return fold_batchnorm(model)
 
 
 def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
