@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from spaceevo.deploy.evaluate import ort_predictions
+from spaceevo.deploy.evaluate import engine_predictions
 from spaceevo.errors import UsageError
 from spaceevo.nn import Supernet
 from spaceevo.quant.formats import get_format
@@ -65,7 +65,7 @@ def test_onnx_runtime_top1_is_within_0_3_points_of_the_simulation(trained, name:
     model = simulated(trained, name)
     proto = export_fp8(model, (1, 1, resolution, resolution))
     ours = torch_predictions(model, data.test, resolution)
-    theirs = ort_predictions(proto, data.test, resolution, threads=1)
+    theirs = engine_predictions(proto, data.test, resolution, threads=1)
     targets = data.test.targets
     sim_top1, ort_top1 = 100 * (ours == targets).mean(), 100 * (theirs == targets).mean()
     fp32_top1 = 100 * (torch_predictions(net, data.test, resolution) == targets).mean()
