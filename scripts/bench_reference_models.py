@@ -1,4 +1,4 @@
-"""FP32 vs INT8 ONNX Runtime latency of reference models on this device, measured interleaved.
+"""FP32 vs INT8 latency of reference models on this device and one engine (``--device``), measured interleaved.
 
 Models (random weights: latency does not depend on their values):
 * the published SEQnet@vnni-A0..A4 subnets of the published space ``onnxw-151122-023231``
@@ -11,8 +11,9 @@ per-channel, ``reduce_range`` as the device fingerprint says), then all FP32 and
 timed round-robin (:mod:`spaceevo.latency.measure`, guarded by the reference model). The INT8
 speed-up is FP32 / INT8 of the same round-robin, so slow phases of a shared machine hit both alike.
 
-Writes ``docs/results/reference_models.json`` and the section between the ``reference-models``
-markers of ``docs/RESULTS.md`` (``--no-write`` only prints).
+Writes ``docs/results/reference_models_SLUG.json`` and the section between the
+``reference-models-SLUG`` markers of ``docs/RESULTS.md``, SLUG the device fingerprint's (one section
+per CPU and engine; ``--no-write`` only prints).
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ sys.path.insert(0, str(ROOT))
 from results_doc import markers, write_section  # noqa: E402
 from spaceevo.io import atomic_write_json  # noqa: E402
 from spaceevo.latency.endtoend import measure_models, randomize_batchnorm, subnet_models  # noqa: E402
-from spaceevo.latency.fingerprint import device_fingerprint  # noqa: E402
+from spaceevo.latency.engines import get_engine  # noqa: E402
+from spaceevo.latency.fingerprint import DeviceFingerprint, device_fingerprint  # noqa: E402
 from spaceevo.latency.measure import MeasureConfig  # noqa: E402
 from spaceevo.latency.reference import stable_meter  # noqa: E402
 from spaceevo.quant.export import export_fp32, quantize_ptq  # noqa: E402
 from spaceevo.space import load_space  # noqa: E402
 
 TORCHVISION_MODELS = ("mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0", "resnet18")
-SECTION = markers("reference-models")
 
 
 def published_subnets(path: Path, space_name: str) -> dict[str, tuple[str, str]]:
@@ -69,12 +70,13 @@ def torchvision_models(name: str, reduce_range: bool, seed: int) -> tuple[onnx.M
     return fp32, int8
 
 
-def markdown(rows: list[dict], fingerprint: str, published: dict, date: str, command: str) -> str:
+def markdown(rows: list[dict], fingerprint: DeviceFingerprint, published: dict, date: str, command: str) -> str:
+    section = markers(f"reference-models-{fingerprint.slug}")
     lines = [
-        SECTION[0],
-        "## INT8 vs FP32 on this device: reference models",
+        section[0],
+        f"## INT8 vs FP32 reference models: {get_engine(fingerprint.engine).label} on {fingerprint.cpu_model}",
         "",
-        f"Device: `{fingerprint}`. Date: {date}. Command: `{command}`.",
+        f"Device: `{fingerprint.describe()}`. Date: {date}. Command: `{command}`.",
         "",
         "| model | input | FP32 ms | INT8 ms | INT8 speed-up | INT8 spread |",
         "|---|---|---:|---:|---:|---:|",
@@ -96,7 +98,7 @@ def markdown(rows: list[dict], fingerprint: str, published: dict, date: str, com
                 f"Published for comparison ({published.get('note', '')}): {name} FP32 {figures['fp32_ms']} ms, "
                 f"INT8 {figures['int8_ms']} ms, {figures['int8_speedup']}x."
             )
-    lines.append(SECTION[1])
+    lines.append(section[1])
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published", type=Path, default=ROOT.parent / "shared" / "reference" / "spaceevo_published.yaml",
                         help="published SpaceEvo results YAML (default: ../shared/reference/spaceevo_published.yaml)")
     parser.add_argument("--space", default="spaceevo@vnni", help="published space whose subnets to time (default: spaceevo@vnni)")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    parser.add_argument("--device", default="cpu", help="engine that runs the models (default: cpu, ONNX Runtime)")
+    parser.add_argument("--threads", type=int, default=1, help="engine threads (default: 1)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default: 15)")
     parser.add_argument("--seed", type=int, default=0, help="weights and calibration seed (default: 0)")
     parser.add_argument("--no-torchvision", action="store_true", help="only the published subnets")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--published {args.published}: no such file")
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    fingerprint = device_fingerprint("cpu", args.threads)
+    fingerprint = device_fingerprint(args.device, args.threads)
     entries: list[tuple[str, str, onnx.ModelProto, onnx.ModelProto]] = []
     for name, (encoding, subnet) in published_subnets(args.published, args.space).items():
         space = load_space(encoding)
@@ -148,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     published = yaml.safe_load(args.published.read_text()).get("published_latency", {})
     date = dt.date.today().isoformat()
     command = "python scripts/bench_reference_models.py" + (" " + " ".join(argv) if argv else "")
-    section = markdown(rows, fingerprint.describe(), published, date, command)
+    section = markdown(rows, fingerprint, published, date, command)
     print(section)
     if not args.no_write:
-        atomic_write_json(ROOT / "docs" / "results" / "reference_models.json", {
+        atomic_write_json(ROOT / "docs" / "results" / f"reference_models_{fingerprint.slug}.json", {
             "device": fingerprint.to_dict(), "date": date, "command": command, "rows": rows,
         })
-        write_section(ROOT / "docs" / "RESULTS.md", name="reference-models", section=section)
+        write_section(ROOT / "docs" / "RESULTS.md", name=f"reference-models-{fingerprint.slug}", section=section)
     return 0
 
 

@@ -143,7 +143,8 @@ def _export(args: argparse.Namespace) -> None:
     from spaceevo.deploy import export_subnet
 
     report = export_subnet(
-        args.run, args.subnet, args.output, ptq=args.ptq, data=args.data, device=args.device, threads=args.threads
+        args.run, args.subnet, args.output, ptq=args.ptq, float_stages=args.float_stages, data=args.data,
+        device=args.device, threads=args.threads,
     )
     _emit(args, report.to_dict())
 
@@ -404,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, help="path stem of the two ONNX files, e.g. models/tiny_max")
     export.add_argument("--ptq", action="store_true",
                         help="INT8 by ONNX Runtime post-training quantization of the FP32 model instead of the QAT model")
+    export.add_argument("--float-stages", type=_non_negative_int, nargs="+", default=[], metavar="STAGE",
+                        help="stages (0 = stem) the INT8 model keeps in float: one mixed INT8/FP32 model "
+                             "(QAT runs only; default: none)")
     export.add_argument("--data", default=None, help="data for BN recalibration and checks (default: the run's)")
     _add_engine(export, "inference engine whose device fingerprint the metadata records")
     export.add_argument("--threads", type=_positive_int, default=1, help="threads of that fingerprint (default: 1)")

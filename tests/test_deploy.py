@@ -147,6 +147,28 @@ def test_cli_export_and_evaluate_a_model_file(run_dir, tmp_path, capsys) -> None
     assert json.loads(out)["precision"] == "fp32"
 
 
+def test_cli_export_of_a_mixed_int8_fp32_model(run_dir, exported, tmp_path, capsys) -> None:
+    """``--float-stages`` writes one INT8 model with those stages in float, recorded in its metadata;
+    it needs the QAT model and existing stages, checked before any work."""
+    code, out, err = run_cli(capsys, "export", "--run", str(run_dir), "--subnet", "min", "--float-stages", "1",
+                             "-o", str(tmp_path / "mixed"), "--json")
+    assert code == 0, err
+    written = json.loads(out)
+    assert written["float_stages"] == [1]
+    mixed = onnx.load(written["onnx_int8"])
+    assert read_metadata(mixed)["float_stages"] == "1"
+    assert "float_stages" not in read_metadata(onnx.load(exported.onnx_int8))
+    count = lambda proto: sum(node.op_type == "QuantizeLinear" for node in proto.graph.node)  # noqa: E731
+    assert 0 < count(mixed) < count(onnx.load(exported.onnx_int8))
+    assert abs(written["heldout_int8_top1"] - exported.heldout_int8_top1) <= 5.0
+
+    code, _, err = run_cli(capsys, "export", "--run", str(run_dir), "--float-stages", "9", "-o", str(tmp_path / "x"))
+    assert code == 2 and "float stages [9] do not exist" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "export", "--run", str(run_dir), "--float-stages", "1", "--ptq", "-o", str(tmp_path / "x"))
+    assert code == 2 and "float stages need the run's QAT model" in err
+    assert not list(tmp_path.glob("x*"))
+
+
 def test_no_trained_supernet_names_the_command_that_makes_one(tmp_path, capsys) -> None:
     with pytest.raises(ArtifactError, match="spaceevo train"):
         open_run(tmp_path)

@@ -36,6 +36,7 @@ from spaceevo.errors import ArtifactError, UsageError
 from spaceevo.io import atomic_write_bytes, writable_folder
 from spaceevo.latency.engines import ORT_DEVICE, get_engine
 from spaceevo.nn import Supernet
+from spaceevo.quant.mixed import check_float_stages
 from spaceevo.space import Subnet
 from spaceevo.train.data import DataSpec, ImageSplit, make_loader
 from spaceevo.train.evaluate import evaluate
@@ -134,6 +135,7 @@ class ExportReport:
     heldout_fp32_top1: float
     heldout_int8_top1: float
     fp32_source: str
+    float_stages: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,6 +180,7 @@ def export_subnet(
     output: str | Path,
     *,
     ptq: bool = False,
+    float_stages: Sequence[int] = (),
     data: str | None = None,
     device: str = "cpu",
     threads: int = 1,
@@ -190,12 +193,18 @@ def export_subnet(
     held-out images). Both files carry metadata: space, subnet, data, quantization, held-out top-1
     (PyTorch FP32; ONNX Runtime INT8), the device fingerprint, reduce_range and the spaceevo version.
     ``device``/``threads`` name the fingerprint recorded (the one the latency figures refer to).
+    ``float_stages`` (stage indices, 0 the stem) stay in float in the INT8 model: one mixed INT8/FP32
+    network (:mod:`spaceevo.quant.mixed`), QAT only.
     """
     fp32_path, int8_path = output_paths(output)
     writable_folder(fp32_path.parent, f"-o {output}")  # before the work, not after it
     run = open_run(run_dir)
     chosen = run.subnet(subnet)
     quantization = "qat" if run.quantization_aware and not ptq else "ptq"
+    if float_stages and quantization != "qat":
+        raise UsageError("float stages need the run's QAT model: drop --ptq (or --float-stages), "
+                         "or train with a QAT phase")
+    check_float_stages(len(run.space.resolve(chosen).stages), float_stages)
     steps = _Steps(["data", "fp32", "int8", "check", "write"], show_progress, "export")
     try:
         steps("data")
@@ -210,7 +219,7 @@ def export_subnet(
         steps("int8")
         if quantization == "qat":
             supernet = run.calibrated(run.supernet(), chosen, datasets)
-            int8 = qat_int8_model(supernet, chosen)
+            int8 = qat_int8_model(supernet, chosen, float_stages)
         else:
             int8 = ptq_int8_model(fp32, datasets.heldout, chosen.resolution, reduce_range=bool(run.config.reduce_range))
         steps.done()
@@ -220,7 +229,8 @@ def export_subnet(
         steps("write")
         common = {**_base_metadata(run, chosen, datasets.spec), **_device_metadata(device, threads)}
         set_metadata(fp32, {**common, "precision": "fp32", "fp32_source": fp32_source, "heldout_top1": round(heldout_fp32, 2)})
-        set_metadata(int8, {**common, "precision": "int8", "quantization": quantization, "heldout_top1": round(heldout_int8, 2)})
+        set_metadata(int8, {**common, "precision": "int8", "quantization": quantization, "heldout_top1": round(heldout_int8, 2),
+                             "float_stages": ",".join(map(str, sorted(set(float_stages)))) or None})
         onnx.checker.check_model(fp32)
         onnx.checker.check_model(int8)
         atomic_write_bytes(fp32_path, fp32.SerializeToString())
@@ -237,6 +247,7 @@ def export_subnet(
         heldout_fp32_top1=round(heldout_fp32, 2),
         heldout_int8_top1=round(heldout_int8, 2),
         fp32_source=fp32_source,
+        float_stages=tuple(sorted(set(float_stages))),
     )
 
 
@@ -325,7 +336,7 @@ def evaluate_subnet(
             qat_float_top1 = torch_top1(run.calibrated(run.float_supernet(), chosen, datasets), chosen, test)
             supernet = run.calibrated(run.supernet(), chosen, datasets)
             fakequant_top1 = torch_top1(supernet, chosen, test)
-            int8 = qat_int8_model(supernet, chosen)
+            int8 = qat_int8_model(supernet, chosen, float_stages)
             ort_int8 = engine_top1(int8, test, chosen.resolution)
         device_int8 = (ort_int8 if run.quantization_aware else ptq_top1) if device == ORT_DEVICE else engine_top1(
             int8, test, chosen.resolution, device=device

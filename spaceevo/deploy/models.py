@@ -15,7 +15,7 @@ Every exported file carries ``spaceevo.*`` metadata (:func:`set_metadata`).
 from __future__ import annotations
 
 import tempfile
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import onnx
@@ -41,11 +41,12 @@ def fp32_model(supernet: Supernet, subnet: Subnet) -> onnx.ModelProto:
     return export_fp32(static, input_shape(supernet, subnet))
 
 
-def qat_int8_model(supernet: Supernet, subnet: Subnet) -> onnx.ModelProto:
-    """INT8 QDQ ONNX of ``subnet`` of a QAT supernet whose BN is calibrated for it."""
+def qat_int8_model(supernet: Supernet, subnet: Subnet, float_stages: Collection[int] = ()) -> onnx.ModelProto:
+    """INT8 QDQ ONNX of ``subnet`` of a QAT supernet whose BN is calibrated for it; ``float_stages``
+    (stage indices, 0 the stem) stay in float (:mod:`spaceevo.quant.mixed`)."""
     from spaceevo.quant.qat import export_int8, extract_qat
 
-    return export_int8(extract_qat(supernet, subnet).eval(), None, input_shape(supernet, subnet))
+    return export_int8(extract_qat(supernet, subnet).eval(), None, input_shape(supernet, subnet), float_stages)
 
 
 def ptq_int8_model(

@@ -64,7 +64,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -91,6 +91,7 @@ from spaceevo.quant.lsq import (
     int32_codes,
     set_quant_mode,
 )
+from spaceevo.quant.mixed import keep_stages_float
 from spaceevo.space import BlockChoice, CandidateSpace, Subnet
 
 __all__ = [
@@ -299,7 +300,7 @@ def fold_batchnorm(model: StaticNet) -> StaticNet:
             factor, bias = batchnorm_fold(bn)
             quantizer = conv.weight_quant
             weight = quantizer(conv.weight)
-            if isinstance(quantizer, LsqWeightQuantizer):
+            if isinstance(quantizer, LsqWeightQuantizer) and quantizer.enabled:
                 scales = fold_bn_scales(export_params(quantizer, conv.out_channels)[0], bn)
                 conv.weight_quant = LsqWeightQuantizer.from_scales(scales, quantizer.bits, quantizer.reduce_range)
             conv.weight = nn.Parameter(weight * factor.view(-1, 1, 1, 1))
@@ -308,9 +309,10 @@ def fold_batchnorm(model: StaticNet) -> StaticNet:
     return folded.eval()
 
 
-def fold_for_int8(model: StaticNet) -> StaticNet:
+def fold_for_int8(model: StaticNet, float_stages: Collection[int] = ()) -> StaticNet:
     """The network :func:`export_int8` writes, in PyTorch: a CPU float32 eval-mode copy of ``model``
-    (an initialised static QAT model, :func:`extract_qat`) with BatchNorm folded into the convs.
+    (an initialised static QAT model, :func:`extract_qat`) with BatchNorm folded into the convs and
+    ``float_stages`` in float (:func:`~spaceevo.quant.mixed.keep_stages_float`).
 
     In eval mode its convs and linear add their biases rounded to the int32 grid ``s_input * s_weight``
     (:meth:`~spaceevo.quant.lsq.LsqWeightQuantizer.deployed_bias`), as the export stores them; so it
@@ -318,7 +320,7 @@ def fold_for_int8(model: StaticNet) -> StaticNet:
     ``model``'s own eval forward computes the same with BatchNorm unfolded.
     """
     _check_exportable(model)
-    return fold_batchnorm(model)
+    return fold_batchnorm(keep_stages_float(model, float_stages) if float_stages else model)
 
 
 def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
@@ -404,7 +406,8 @@ def _check_exportable(model: nn.Module) -> None:
 
 
 def export_int8(
-    model: Supernet | StaticNet, subnet: Subnet | None, input_shape: Sequence[int]
+    model: Supernet | StaticNet, subnet: Subnet | None, input_shape: Sequence[int],
+    float_stages: Collection[int] = (),
 ) -> onnx.ModelProto:
     """The INT8 QDQ ONNX model of a QAT subnet, ready for ONNX Runtime (not to be re-quantized).
 
@@ -413,6 +416,7 @@ def export_int8(
     exported by the TorchScript exporter (GlobalAveragePool, fast) for a fixed input shape, its learned
     scales as QuantizeLinear / DequantizeLinear pairs with integer zero points
     (:func:`~spaceevo.quant.lsq.export_mode`) and its biases as int32 + DequantizeLinear.
+    ``float_stages`` (stage indices, 0 the stem) are written in float: one mixed INT8/FP32 model.
     """
     if isinstance(model, Supernet):
         static = extract_qat(model, subnet)
@@ -422,7 +426,7 @@ def export_int8(
         static = model
     else:
         raise TypeError(f"expected a Supernet or a StaticNet, got {type(model).__name__}")
-    folded = fold_for_int8(static)
+    folded = fold_for_int8(static, float_stages)
     with export_mode(folded):
         proto = export_fp32(folded, input_shape)
     _quantize_biases(proto)
