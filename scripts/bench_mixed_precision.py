@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         })
 
     date = dt.date.today().isoformat()
-    command = "python scripts/bench_mixed_precision.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
+    arguments = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python scripts/bench_mixed_precision.py", *arguments])
     lines = [
         SECTION[0],
         "## Mixed INT8/FP32: which stages are faster in FP32",

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         })
     published = yaml.safe_load(args.published.read_text()).get("published_latency", {})
     date = dt.date.today().isoformat()
-    command = "python scripts/bench_reference_models.py" + (" " + " ".join(argv) if argv else "")
+    arguments = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python scripts/bench_reference_models.py", *arguments])
     section = markdown(rows, fingerprint, published, date, command)
     print(section)
     if not args.no_write:
