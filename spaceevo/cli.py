@@ -170,7 +170,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _formats(args: argparse.Namespace) -> None:
     from spaceevo.deploy.formats import compare_formats
 
-    report = compare_formats(args.run, args.subnet, args.formats, qat_steps=args.qat_steps, data=args.data)
+    report = compare_formats(args.run, args.subnet, args.formats, qat_steps=args.qat_steps, data=args.data,
+                             device=args.device)
     data = report.to_dict()
     if args.json:
         print(json.dumps(data, indent=2))
@@ -440,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     formats.add_argument("--qat-steps", type=_non_negative_int, default=None,
                          help="QAT fine-tuning steps per format, 0 for none (default: 100)")
     formats.add_argument("--data", default=None, help="data set (default: the run's)")
+    _add_engine(formats, "inference engine whose native formats the table marks")
     formats.add_argument("--json", action="store_true", help="print JSON on stdout")
     formats.set_defaults(handler=_formats)
 

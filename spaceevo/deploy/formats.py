@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from spaceevo.deploy.trained import open_run
 from spaceevo.errors import UsageError
+from spaceevo.latency.engines import DEFAULT_DEVICE, get_engine
 from spaceevo.quant.formats import MxFormat, NumberFormat, get_format
 from spaceevo.quant.network import FormatConfig, calibrate_network, quantize_network
 from spaceevo.space import Subnet
@@ -55,10 +56,6 @@ MAC_COSTS: dict[str, tuple[tuple[float, float], str]] = {
     "fp8_e4m3": ((1.5, 2.8), VAN_BAALEN_2023),
     "fp8_e5m2": ((1.5, 2.8), VAN_BAALEN_2023),
 }
-
-#: Formats ONNX Runtime's CPU execution provider runs with its own kernels (QDQ U8S8).
-NATIVE_ON_CPU = frozenset({"int8"})
-
 
 @dataclass(frozen=True)
 class FormatResult:
@@ -153,16 +150,19 @@ def compare_formats(
     *,
     qat_steps: int | None = None,
     data: str | None = None,
+    device: str = DEFAULT_DEVICE,
     show_progress: bool = True,
 ) -> FormatsReport:
     """Test-split top-1 of ``subnet`` of the run in ``run_dir`` in each of ``formats``, after PTQ and
-    after ``qat_steps`` steps of QAT (none with 0), with bits, MAC cost and native support. None
-    means the defaults, :data:`DEFAULT_FORMATS` and :data:`QAT_STEPS`."""
+    after ``qat_steps`` steps of QAT (none with 0), with bits, MAC cost and whether the engine
+    ``device`` names runs the format natively. None means the defaults, :data:`DEFAULT_FORMATS` and
+    :data:`QAT_STEPS`."""
     formats = DEFAULT_FORMATS if formats is None else formats
     qat_steps = QAT_STEPS if qat_steps is None else qat_steps
     if qat_steps < 0:
         raise UsageError(f"--qat-steps must be 0 or more, got {qat_steps}")
     chosen_formats = _check_names(formats)
+    native = get_engine(device).native_formats
     run = open_run(run_dir)
     chosen = run.subnet(subnet)
     datasets = run.load_data(data)
@@ -197,7 +197,7 @@ def compare_formats(
                 activation_bits=storage_bits(fmt),
                 relative_mac_cost=cost,
                 mac_cost_source=source,
-                native_on_device=name in NATIVE_ON_CPU,
+                native_on_device=name in native,
             )
         )
     bar.close()

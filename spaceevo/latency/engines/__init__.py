@@ -58,6 +58,9 @@ class Engine(ABC):
     #: (None: a dependency of spaceevo itself).
     package: str
     extra: str | None = None
+    #: Number formats (names of :mod:`spaceevo.quant.formats`) the engine runs with kernels of their
+    #: own; others it would have to emulate. Every engine runs the QDQ INT8 (U8S8) models.
+    native_formats: frozenset[str] = frozenset({"int8"})
 
     def version(self) -> str:
         """The engine's version (part of the fingerprint); a :class:`UsageError` saying what to
