@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from spaceevo.errors import UsageError
+from spaceevo.latency.cpuinfo import ISA_FLAGS
 from spaceevo.latency.engines import ENGINES, ORT_DEVICE, get_engine
-from spaceevo.latency.engines.onnxruntime_cpu import PROVIDER as LEGACY_PROVIDER
+from spaceevo.latency.engines.ort_session import PROVIDER as LEGACY_PROVIDER
 
-ISA_FLAGS = {
-    "avx2": "avx2",
-    "avx512f": "avx512",
-    "avx512_vnni": "avx512_vnni",
-    "avx_vnni": "avx_vnni",
-    "amx_int8": "amx_int8",
-    "asimd": "neon",
-    "asimddp": "neon_dotprod",
-    "i8mm": "neon_i8mm",
-}
 LEGACY_ENGINE = ORT_DEVICE
 """Tables made before engines existed were all ONNX Runtime's CPU execution provider; their headers
 name ``ort_version`` and ``provider`` instead of the engine (:meth:`DeviceFingerprint.from_dict`)."""
@@ -110,20 +99,6 @@ class DeviceFingerprint:
         )
 
 
-def _cpu_info() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("model name", "hardware", "cpu model") and value.strip():
-                model = value.strip()
-            elif key in ("flags", "features"):
-                flags.update(value.split())
-    return model, flags
-
-
 def _overridden(model: str, isa: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     """CPU model and ISA flags with ``$SPACEEVO_FINGERPRINT_OVERRIDE`` applied: for tests and CI only.
 
@@ -167,12 +142,12 @@ def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerpri
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     version = engine.version()
-    model, flags = _cpu_info()
-    model, isa = _overridden(model, tuple(sorted({name for flag, name in ISA_FLAGS.items() if flag in flags})))
+    model, isa, machine = engine.cpu()
+    model, isa = _overridden(model, isa)
     return DeviceFingerprint(
         cpu_model=model,
         isa=isa,
-        machine=platform.machine(),
+        machine=machine,
         engine=engine.name,
         engine_version=version,
         threads=threads,

@@ -38,7 +38,7 @@ from spaceevo.errors import ArtifactError, DeviceMismatchError
 from spaceevo.io import atomic_write_text, writing
 from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.engines import timer
-from spaceevo.latency.measure import MeasureConfig, StableMeter, Timer
+from spaceevo.latency.measure import MeasureConfig, Meter, Timer
 from spaceevo.latency.segments import Segment, segment_model
 
 FORMAT = "spaceevo-latency-table/2"
@@ -329,7 +329,7 @@ def _build_models(args: tuple[list[Segment], bool]) -> list[bytes]:
     return [segment_model(s, reduce_range=reduce_range) for s in segments]
 
 
-def _timed_passes(timers: Sequence[Timer], meter: StableMeter) -> list[tuple[float, float]]:
+def _timed_passes(timers: Sequence[Timer], meter: Meter) -> list[tuple[float, float]]:
     """(ms, disagreement) per timer from two passes with different group compositions, plus a
     third pass for the timers whose first two figures disagree by more than :data:`DISAGREEMENT`.
 
@@ -360,7 +360,7 @@ def measure_segments(
     *,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
-    meter: StableMeter | None = None,
+    meter: Meter | None = None,
 ) -> None:
     """Export, quantize and time ``segments``, appending to ``table`` as they finish.
 

@@ -17,9 +17,9 @@ the engine runs them, so one INT8 network can be fast on one engine and slow on 
 CPU; each engine gets its own fingerprint and therefore its own latency tables.
 
 To add an engine, subclass :class:`Engine` in a module of this package and add an instance to
-:data:`ENGINES`. An engine that measures on another machine (LiteRT on a phone, a board over ssh)
-returns from :meth:`Engine.timer` a handle to a model it has shipped there, and runs the protocol in a
-measurement program on that machine.
+:data:`ENGINES`. An engine that measures on another machine returns from :meth:`Engine.timer` a
+handle to a model it has shipped there and from :meth:`Engine.meter` a meter that runs the protocol
+in a measurement program on that machine.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import onnx
 
     from spaceevo.latency.fingerprint import DeviceFingerprint
-    from spaceevo.latency.measure import Timer
+    from spaceevo.latency.measure import Meter, Timer
 
 ORT_DEVICE = "cpu"
 """ONNX Runtime's CPU engine: the default ``--device``, and the engine of every ``ort_*`` figure."""
@@ -71,6 +71,19 @@ class Engine(ABC):
     def describe(self, version: str) -> str:
         return f"{self.label} {version} {self.target}"
 
+    def cpu(self) -> tuple[str, tuple[str, ...], str]:
+        """Model, ISA names and machine type of the CPU the engine runs on (this host's)."""
+        from spaceevo.latency.cpuinfo import cpu_info
+
+        return cpu_info()
+
+    def meter(self, reference: bytes, threads: int, canonical_ms: float | None) -> Meter:
+        """A reference-guarded meter around ``reference`` (not settled yet) on the scale of
+        ``canonical_ms``, if given."""
+        from spaceevo.latency.measure import StableMeter
+
+        return StableMeter(self.timer(reference, threads), canonical_ms)
+
     @abstractmethod
     def _version(self) -> str:
         """The version; ImportError when the package is missing, UsageError when it cannot run here."""
@@ -82,14 +95,6 @@ class Engine(ABC):
     @abstractmethod
     def classifier(self, model: onnx.ModelProto, threads: int) -> Classifier:
         """``model`` (with a dynamic batch dimension) compiled for evaluation with ``threads`` threads."""
-
-
-def random_input(shape: list[int], dtype: np.dtype, seed: int = 0) -> np.ndarray:
-    """A random tensor of ``shape``: uint8 codes for a quantized input, else standard normal floats."""
-    rng = np.random.default_rng(seed)
-    if np.dtype(dtype) == np.uint8:
-        return rng.integers(0, 256, size=shape, dtype=np.uint8)
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 def _registry() -> dict[str, Engine]:
@@ -113,3 +118,8 @@ def get_engine(device: str) -> Engine:
 def timer(model: onnx.ModelProto | bytes, fingerprint: DeviceFingerprint) -> Timer:
     """``model`` prepared for timing on the engine and thread count of ``fingerprint``."""
     return get_engine(fingerprint.engine).timer(model, fingerprint.threads)
+
+
+def meter(reference: bytes, fingerprint: DeviceFingerprint, canonical_ms: float | None) -> Meter:
+    """A meter guarded by ``reference`` on the engine and thread count of ``fingerprint``."""
+    return get_engine(fingerprint.engine).meter(reference, fingerprint.threads, canonical_ms)
