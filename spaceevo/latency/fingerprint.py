@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from spaceevo.errors import UsageError
 from spaceevo.latency.cpuinfo import ISA_FLAGS
@@ -27,7 +27,13 @@ OVERRIDE_FIELDS = ("cpu_model", "isa")
 
 @dataclass(frozen=True)
 class DeviceFingerprint:
-    """CPU model, ISA flags, machine, inference engine (its ``--device`` name) and version, threads."""
+    """CPU model, ISA flags, machine, inference engine (its ``--device`` name) and version, threads.
+
+    ``device`` is the ``--device`` the fingerprint was probed through, to reach the engine again:
+    ``ssh://…`` for a device measured over ssh, whose fingerprint is otherwise the one the device
+    would give itself (its CPU, ``engine`` the engine run there), so its tables are the device's
+    own. It is not part of what figures are valid for, and never stored (it may name a user).
+    """
 
     cpu_model: str
     isa: tuple[str, ...]
@@ -35,6 +41,7 @@ class DeviceFingerprint:
     engine: str
     engine_version: str
     threads: int
+    device: str = field(default="", compare=False, repr=False)
 
     @property
     def has_vnni(self) -> bool:
@@ -54,7 +61,13 @@ class DeviceFingerprint:
                 "cpu_model": self.cpu_model, "isa": self.isa, "machine": self.machine,
                 "ort_version": self.engine_version, "provider": LEGACY_PROVIDER, "threads": self.threads,
             }
-        return asdict(self)
+        return self._fields()
+
+    def _fields(self) -> dict:
+        """The fields that identify the device, without :attr:`device`."""
+        data = asdict(self)
+        del data["device"]
+        return data
 
     @property
     def slug(self) -> str:
@@ -68,7 +81,7 @@ class DeviceFingerprint:
         return f"{cpu}_{isa}_{tag}{version}_t{self.threads}_{digest}"
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = self._fields()
         data["isa"] = list(self.isa)
         data["slug"] = self.slug
         data["reduce_range"] = self.reduce_range
@@ -136,8 +149,9 @@ def _overridden(model: str, isa: tuple[str, ...]) -> tuple[str, tuple[str, ...]]
 
 
 def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerprint:
-    """Fingerprint of this host for the engine ``device`` names (:mod:`spaceevo.latency.engines`);
-    tests and CI can replace its CPU model and ISA flags with ``$SPACEEVO_FINGERPRINT_OVERRIDE``."""
+    """Fingerprint of the device ``device`` names (:mod:`spaceevo.latency.engines`): this host, or
+    the one an ``ssh://`` device reaches; tests and CI can replace its CPU model and ISA flags with
+    ``$SPACEEVO_FINGERPRINT_OVERRIDE``."""
     engine = get_engine(device)
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
@@ -151,4 +165,5 @@ def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerpri
         engine=engine.name,
         engine_version=version,
         threads=threads,
+        device=device,
     )

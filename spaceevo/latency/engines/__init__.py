@@ -19,7 +19,8 @@ CPU; each engine gets its own fingerprint and therefore its own latency tables.
 To add an engine, subclass :class:`Engine` in a module of this package and add an instance to
 :data:`ENGINES`. An engine that measures on another machine returns from :meth:`Engine.timer` a
 handle to a model it has shipped there and from :meth:`Engine.meter` a meter that runs the protocol
-in a measurement program on that machine.
+in a measurement program on that machine: ``--device ssh://[user@]host[:port][/ENGINE]``
+(:mod:`spaceevo.latency.engines.ssh`) runs ``ENGINE`` on a device reached over ssh.
 """
 
 from __future__ import annotations
@@ -105,21 +106,38 @@ def _registry() -> dict[str, Engine]:
 
 
 ENGINES: dict[str, Engine] = _registry()
-"""Every engine by its ``--device`` name; the CLI's ``--device`` choices."""
+"""Every engine by its ``--device`` name; ``--device`` also takes ``ssh://`` devices (:func:`get_engine`)."""
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is a ``--device`` value; a :class:`UsageError` saying the allowed ones otherwise."""
+    from spaceevo.latency.engines.ssh import SSH_FORM, SshDevice
+
+    if SshDevice.claims(device):
+        SshDevice.parse(device)
+    elif device not in ENGINES:
+        raise UsageError(f"unknown device '{device}'; allowed: {', '.join(ENGINES)}, or {SSH_FORM}")
+    return device
 
 
 def get_engine(device: str) -> Engine:
-    """The engine ``--device device`` names; a :class:`UsageError` listing the engines otherwise."""
-    if device not in ENGINES:
-        raise UsageError(f"unknown device '{device}'; allowed: {', '.join(ENGINES)}")
-    return ENGINES[device]
+    """The engine ``--device device`` names (one instance per ``ssh://`` device, connected when first
+    used); a :class:`UsageError` saying the allowed values otherwise."""
+    from spaceevo.latency.engines.ssh import SshDevice, ssh_engine
+
+    check_device(device)
+    return ssh_engine(SshDevice.parse(device)) if SshDevice.claims(device) else ENGINES[device]
+
+
+def _engine_of(fingerprint: DeviceFingerprint) -> Engine:
+    return get_engine(fingerprint.device or fingerprint.engine)
 
 
 def timer(model: onnx.ModelProto | bytes, fingerprint: DeviceFingerprint) -> Timer:
-    """``model`` prepared for timing on the engine and thread count of ``fingerprint``."""
-    return get_engine(fingerprint.engine).timer(model, fingerprint.threads)
+    """``model`` prepared for timing on the device and thread count of ``fingerprint``."""
+    return _engine_of(fingerprint).timer(model, fingerprint.threads)
 
 
 def meter(reference: bytes, fingerprint: DeviceFingerprint, canonical_ms: float | None) -> Meter:
-    """A meter guarded by ``reference`` on the engine and thread count of ``fingerprint``."""
-    return get_engine(fingerprint.engine).meter(reference, fingerprint.threads, canonical_ms)
+    """A meter guarded by ``reference`` on the device and thread count of ``fingerprint``."""
+    return _engine_of(fingerprint).meter(reference, fingerprint.threads, canonical_ms)
