@@ -31,7 +31,9 @@ from spaceevo.latency.engines.ssh import REMOTE_PYTHON_ENV, SSH_CONFIG_ENV, SshD
 from spaceevo.latency.fingerprint import device_fingerprint
 from spaceevo.latency.measure import MeasureConfig
 from spaceevo.latency.reference import REFERENCE_SEGMENT, stable_meter
-from spaceevo.latency.segments import segment_model
+from spaceevo.latency.segments import required_segments, segment_model
+from spaceevo.latency.table import TABLE_FILE, LatencyTable, measure_segments
+from spaceevo.space import load_space
 
 SSHD = Path("/usr/sbin/sshd")
 QUICK = MeasureConfig(warmup=5, rounds=5, runs_per_round=5, min_round_s=0.0)
@@ -239,3 +241,15 @@ def test_a_remote_without_onnxruntime_is_named(remote: Server, monkeypatch: pyte
     with pytest.raises(UsageError, match=r"lacks onnxruntime; install there: .* -m pip install onnxruntime") as error:
         device_fingerprint(remote.device)
     assert "numpy" not in str(error.value).split("lacks")[1].split(";")[0]
+
+
+def test_a_resumed_table_is_measured_on_the_remote_device(remote: Server, tmp_path: Path) -> None:
+    """A table read back from disk keeps the way to the device, so a resumed build times there."""
+    fingerprint = device_fingerprint(remote.device)
+    LatencyTable.open(tmp_path, fingerprint, create=True)
+    table = LatencyTable.open(tmp_path, fingerprint)
+    assert table.fingerprint.device == remote.device
+    assert remote.device not in (tmp_path / fingerprint.slug / TABLE_FILE).read_text()
+    segments = required_segments(load_space("tiny"))[:2]
+    measure_segments(table, segments, workers=1, meter=stable_meter(fingerprint, settle_s=0.1))
+    assert all(s.key in LatencyTable.open(tmp_path, fingerprint).entries for s in segments)

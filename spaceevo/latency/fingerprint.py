@@ -44,6 +44,11 @@ class DeviceFingerprint:
     device: str = field(default="", compare=False, repr=False)
 
     @property
+    def option(self) -> str:
+        """The ``--device`` value that reaches the device: :attr:`device`, else the engine's name."""
+        return self.device or self.engine
+
+    @property
     def has_vnni(self) -> bool:
         return any(f in self.isa for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 

@@ -207,7 +207,8 @@ class LatencyTable:
                 f"  here:   {expected.describe()}\n"
                 f"Build a table for this device with 'spaceevo latency build'."
             )
-        table = cls(path=Path(path), fingerprint=fingerprint, header=header)
+        # ``expected`` equals the header's and also knows how to reach the device (``device``)
+        table = cls(path=Path(path), fingerprint=expected or fingerprint, header=header)
         corrupt: list[tuple[int, str]] = []
         for number, line in enumerate(lines[1:], start=2):
             if not line.strip():
@@ -242,7 +243,7 @@ class LatencyTable:
         raise ArtifactError(
             f"no latency table for this device under {tables}{hint}.\n"
             f"  device: {fingerprint.describe()}\n"
-            f"Build one with 'spaceevo latency build --space SPACE --device {fingerprint.engine}'."
+            f"Build one with 'spaceevo latency build --space SPACE --device {fingerprint.option}'."
         )
 
     def append(self, entries: Sequence[TableEntry]) -> None:

@@ -129,15 +129,11 @@ def get_engine(device: str) -> Engine:
     return ssh_engine(SshDevice.parse(device)) if SshDevice.claims(device) else ENGINES[device]
 
 
-def _engine_of(fingerprint: DeviceFingerprint) -> Engine:
-    return get_engine(fingerprint.device or fingerprint.engine)
-
-
 def timer(model: onnx.ModelProto | bytes, fingerprint: DeviceFingerprint) -> Timer:
     """``model`` prepared for timing on the device and thread count of ``fingerprint``."""
-    return _engine_of(fingerprint).timer(model, fingerprint.threads)
+    return get_engine(fingerprint.option).timer(model, fingerprint.threads)
 
 
 def meter(reference: bytes, fingerprint: DeviceFingerprint, canonical_ms: float | None) -> Meter:
     """A meter guarded by ``reference`` on the device and thread count of ``fingerprint``."""
-    return _engine_of(fingerprint).meter(reference, fingerprint.threads, canonical_ms)
+    return get_engine(fingerprint.option).meter(reference, fingerprint.threads, canonical_ms)
