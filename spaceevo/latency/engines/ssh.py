@@ -14,7 +14,8 @@ off. The remote needs Python 3 (``$SPACEEVO_REMOTE_PYTHON``, default ``python3``
 ONNX Runtime; ``ENGINE`` (default ``cpu``) is the engine run there.
 
 The device's fingerprint is the one it would give itself (its CPU, the engine's version there), so
-its tables are the device's own, named without host or user.
+its tables are the device's own, named without host or user. Accuracy (top-1) is computed by the same
+engine on this machine, where the test set is.
 """
 
 from __future__ import annotations
@@ -328,10 +329,9 @@ class SshEngine(Engine):
         return RemoteMeter(RemoteTimer(self.session, reference, threads), canonical_ms)
 
     def classifier(self, model: onnx.ModelProto, threads: int) -> Classifier:
-        raise UsageError(
-            f"--device {self.device} measures latency only; evaluate accuracy with --device {self.device.engine} "
-            "here (the same engine gives the same top-1)"
-        )
+        """The same engine on this machine: top-1 is a property of the model and the engine, and
+        test sets stay here."""
+        return ENGINES[self.device.engine].classifier(model, threads)
 
 
 _ENGINES: dict[SshDevice, SshEngine] = {}
