@@ -80,6 +80,7 @@ class SshDevice:
 
     @staticmethod
     def claims(device: str) -> bool:
+        """Whether ``device`` is meant as an ssh device (then :meth:`parse` says if it is well formed)."""
         return device.startswith(SSH_SCHEME)
 
     @classmethod
