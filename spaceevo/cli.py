@@ -40,13 +40,26 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _device(text: str) -> str:
+    """An argparse type for ``--device``: an engine of the registry or an ``ssh://`` device."""
+    from spaceevo.latency.engines import check_device
+
+    try:
+        return check_device(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_engine(parser: argparse.ArgumentParser, purpose: str) -> None:
-    """``--device``: the inference engine, choices from :data:`spaceevo.latency.engines.ENGINES`."""
+    """``--device``: the inference engine, from :data:`spaceevo.latency.engines.ENGINES`, here or on
+    a device reached over ssh."""
     from spaceevo.latency.engines import DEFAULT_DEVICE, ENGINES
+    from spaceevo.latency.engines.ssh import SSH_FORM
 
     engines = ", ".join(f"{name} ({e.label} {e.target})" for name, e in ENGINES.items())
-    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=list(ENGINES),
-                        help=f"{purpose}: {engines} (default: {DEFAULT_DEVICE})")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, type=_device,
+                        help=f"{purpose}: {engines}, or {SSH_FORM} to run ENGINE (default cpu) on a device "
+                             f"reached over ssh (default: {DEFAULT_DEVICE})")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:

@@ -266,7 +266,7 @@ def output_dtype(model: onnx.ModelProto) -> int:
 
 
 def test_segment_models_have_quantized_boundaries(tiny_required):
-    from spaceevo.latency.engines.onnxruntime_cpu import make_session, random_feed
+    from spaceevo.latency.engines.ort_session import make_session, random_feed
 
     by_key = {s.key: s for s in tiny_required}
     first = by_key["conv:i1:o16:k3:e0:s1:h24:none:f32in"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.engines import timer
-from spaceevo.latency.measure import LatencyStats, MeasureConfig, StableMeter
+from spaceevo.latency.measure import LatencyStats, MeasureConfig, Meter
 from spaceevo.nn.static import build_static
 from spaceevo.quant.export import export_fp32, quantize_ptq
 from spaceevo.space import Architecture
@@ -61,7 +61,7 @@ def measure_models(
     models: Sequence[onnx.ModelProto | bytes],
     fingerprint: DeviceFingerprint,
     config: MeasureConfig = WHOLE_MEASURE,
-    meter: StableMeter | None = None,
+    meter: Meter | None = None,
 ) -> list[LatencyStats]:
     """Time several models interleaved (round-robin), guarded by the reference model."""
     from spaceevo.latency.reference import stable_meter

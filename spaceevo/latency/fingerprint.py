@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 from spaceevo.errors import UsageError
+from spaceevo.latency.cpuinfo import ISA_FLAGS
 from spaceevo.latency.engines import ENGINES, ORT_DEVICE, get_engine
-from spaceevo.latency.engines.onnxruntime_cpu import PROVIDER as LEGACY_PROVIDER
+from spaceevo.latency.engines.ort_session import PROVIDER as LEGACY_PROVIDER
 
-ISA_FLAGS = {
-    "avx2": "avx2",
-    "avx512f": "avx512",
-    "avx512_vnni": "avx512_vnni",
-    "avx_vnni": "avx_vnni",
-    "amx_int8": "amx_int8",
-    "asimd": "neon",
-    "asimddp": "neon_dotprod",
-    "i8mm": "neon_i8mm",
-}
 LEGACY_ENGINE = ORT_DEVICE
 """Tables made before engines existed were all ONNX Runtime's CPU execution provider; their headers
 name ``ort_version`` and ``provider`` instead of the engine (:meth:`DeviceFingerprint.from_dict`)."""
@@ -38,7 +27,13 @@ OVERRIDE_FIELDS = ("cpu_model", "isa")
 
 @dataclass(frozen=True)
 class DeviceFingerprint:
-    """CPU model, ISA flags, machine, inference engine (its ``--device`` name) and version, threads."""
+    """CPU model, ISA flags, machine, inference engine (its ``--device`` name) and version, threads.
+
+    ``device`` is the ``--device`` the fingerprint was probed through, to reach the engine again:
+    ``ssh://…`` for a device measured over ssh, whose fingerprint is otherwise the one the device
+    would give itself (its CPU, ``engine`` the engine run there), so its tables are the device's
+    own. It is not part of what figures are valid for, and never stored (it may name a user).
+    """
 
     cpu_model: str
     isa: tuple[str, ...]
@@ -46,6 +41,12 @@ class DeviceFingerprint:
     engine: str
     engine_version: str
     threads: int
+    device: str = field(default="", compare=False, repr=False)
+
+    @property
+    def option(self) -> str:
+        """The ``--device`` value that reaches the device: :attr:`device`, else the engine's name."""
+        return self.device or self.engine
 
     @property
     def has_vnni(self) -> bool:
@@ -65,7 +66,13 @@ class DeviceFingerprint:
                 "cpu_model": self.cpu_model, "isa": self.isa, "machine": self.machine,
                 "ort_version": self.engine_version, "provider": LEGACY_PROVIDER, "threads": self.threads,
             }
-        return asdict(self)
+        return self._fields()
+
+    def _fields(self) -> dict:
+        """The fields that identify the device, without :attr:`device`."""
+        data = asdict(self)
+        del data["device"]
+        return data
 
     @property
     def slug(self) -> str:
@@ -79,7 +86,7 @@ class DeviceFingerprint:
         return f"{cpu}_{isa}_{tag}{version}_t{self.threads}_{digest}"
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = self._fields()
         data["isa"] = list(self.isa)
         data["slug"] = self.slug
         data["reduce_range"] = self.reduce_range
@@ -108,20 +115,6 @@ class DeviceFingerprint:
             f"{self.cpu_model} [{', '.join(self.isa) or 'no SIMD flags'}], {engine}, {self.threads} thread(s), "
             f"reduce_range={self.reduce_range}"
         )
-
-
-def _cpu_info() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("model name", "hardware", "cpu model") and value.strip():
-                model = value.strip()
-            elif key in ("flags", "features"):
-                flags.update(value.split())
-    return model, flags
 
 
 def _overridden(model: str, isa: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
@@ -161,19 +154,21 @@ def _overridden(model: str, isa: tuple[str, ...]) -> tuple[str, tuple[str, ...]]
 
 
 def device_fingerprint(device: str = "cpu", threads: int = 1) -> DeviceFingerprint:
-    """Fingerprint of this host for the engine ``device`` names (:mod:`spaceevo.latency.engines`);
-    tests and CI can replace its CPU model and ISA flags with ``$SPACEEVO_FINGERPRINT_OVERRIDE``."""
+    """Fingerprint of the device ``device`` names (:mod:`spaceevo.latency.engines`): this host, or
+    the one an ``ssh://`` device reaches; tests and CI can replace its CPU model and ISA flags with
+    ``$SPACEEVO_FINGERPRINT_OVERRIDE``."""
     engine = get_engine(device)
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     version = engine.version()
-    model, flags = _cpu_info()
-    model, isa = _overridden(model, tuple(sorted({name for flag, name in ISA_FLAGS.items() if flag in flags})))
+    model, isa, machine = engine.cpu()
+    model, isa = _overridden(model, isa)
     return DeviceFingerprint(
         cpu_model=model,
         isa=isa,
-        machine=platform.machine(),
+        machine=machine,
         engine=engine.name,
         engine_version=version,
         threads=threads,
+        device=device,
     )

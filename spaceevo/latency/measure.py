@@ -109,7 +109,33 @@ def fast_tail(values: Sequence[float]) -> float:
     return float(np.quantile(np.asarray(values, dtype=float), FAST_QUANTILE))
 
 
-class StableMeter:
+def random_input(shape: list[int], dtype: np.dtype, seed: int = 0) -> np.ndarray:
+    """A timed model's pinned input: uint8 codes for a quantized input, else standard normal floats."""
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype) == np.uint8:
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+class Meter(ABC):
+    """Reference-guarded measurement: :class:`StableMeter` here, or an engine's stand-in that runs
+    the same protocol on another machine (:mod:`spaceevo.latency.engines.ssh`)."""
+
+    #: The reference's undisturbed latency that figures are expressed in (a table's scale, or
+    #: :attr:`baseline_ms`), and the reference's latency measured by :meth:`settle`.
+    canonical_ms: float | None
+    baseline_ms: float | None
+
+    @abstractmethod
+    def settle(self, seconds: float = 2.0, runs: int = 200) -> float:
+        """Measure the reference now; sets and returns :attr:`baseline_ms`."""
+
+    @abstractmethod
+    def measure(self, timers: Sequence[Timer], config: MeasureConfig) -> list[LatencyStats]:
+        """Time ``timers`` interleaved, in reference units, one :class:`LatencyStats` each."""
+
+
+class StableMeter(Meter):
     """Interleaved measurement expressed in units of a reference model (see the module docstring)."""
 
     def __init__(self, reference: Timer, canonical_ms: float | None = None):

@@ -145,7 +145,7 @@ class LatencyPredictor:
         if not path.exists():
             raise ArtifactError(
                 f"the latency table at {table.folder} is not calibrated for '{hyperspace.name}'; "
-                f"run 'spaceevo latency build --space {hyperspace.name} --device {table.fingerprint.engine}'"
+                f"run 'spaceevo latency build --space {hyperspace.name} --device {table.fingerprint.option}'"
             )
         return cls(table, Calibration.load(path), fit_regressor(table, hyperspace))
 
@@ -156,7 +156,7 @@ class LatencyPredictor:
             return self.regressor.predict(segment)
         raise ArtifactError(
             f"the latency table at {self.table.folder} lacks segment {segment.key} and has no model for "
-            f"its kind; run 'spaceevo latency build --space SPACE --device {self.table.fingerprint.engine}' for this "
+            f"its kind; run 'spaceevo latency build --space SPACE --device {self.table.fingerprint.option}' for this "
             f"subnet's hyperspace"
         )
 

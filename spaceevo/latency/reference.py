@@ -10,8 +10,8 @@ from functools import lru_cache
 
 from spaceevo.blocks import block_kind
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.engines import timer
-from spaceevo.latency.measure import StableMeter
+from spaceevo.latency.engines import meter
+from spaceevo.latency.measure import Meter
 from spaceevo.latency.segments import Segment, segment_model
 
 REFERENCE_SEGMENT = Segment(
@@ -29,9 +29,10 @@ def reference_model(reduce_range: bool) -> bytes:
 
 def stable_meter(
     fingerprint: DeviceFingerprint, canonical_ms: float | None = None, settle_s: float = 2.0
-) -> StableMeter:
-    """A settled :class:`StableMeter` for this device, on the scale of ``canonical_ms`` if given
-    (a latency table's reference latency), else of the reference's latency measured now."""
-    meter = StableMeter(timer(reference_model(fingerprint.reduce_range), fingerprint), canonical_ms)
-    meter.settle(settle_s)
-    return meter
+) -> Meter:
+    """A settled :class:`~spaceevo.latency.measure.StableMeter` (or a remote engine's equivalent)
+    for this device, on the scale of ``canonical_ms`` if given (a latency table's reference
+    latency), else of the reference's latency measured now."""
+    guarded = meter(reference_model(fingerprint.reduce_range), fingerprint, canonical_ms)
+    guarded.settle(settle_s)
+    return guarded

@@ -38,7 +38,7 @@ from spaceevo.errors import ArtifactError, DeviceMismatchError
 from spaceevo.io import atomic_write_text, writing
 from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.engines import timer
-from spaceevo.latency.measure import MeasureConfig, StableMeter, Timer
+from spaceevo.latency.measure import MeasureConfig, Meter, Timer
 from spaceevo.latency.segments import Segment, segment_model
 
 FORMAT = "spaceevo-latency-table/2"
@@ -207,7 +207,8 @@ class LatencyTable:
                 f"  here:   {expected.describe()}\n"
                 f"Build a table for this device with 'spaceevo latency build'."
             )
-        table = cls(path=Path(path), fingerprint=fingerprint, header=header)
+        # ``expected`` equals the header's and also knows how to reach the device (``device``)
+        table = cls(path=Path(path), fingerprint=expected or fingerprint, header=header)
         corrupt: list[tuple[int, str]] = []
         for number, line in enumerate(lines[1:], start=2):
             if not line.strip():
@@ -242,7 +243,7 @@ class LatencyTable:
         raise ArtifactError(
             f"no latency table for this device under {tables}{hint}.\n"
             f"  device: {fingerprint.describe()}\n"
-            f"Build one with 'spaceevo latency build --space SPACE --device {fingerprint.engine}'."
+            f"Build one with 'spaceevo latency build --space SPACE --device {fingerprint.option}'."
         )
 
     def append(self, entries: Sequence[TableEntry]) -> None:
@@ -329,7 +330,7 @@ def _build_models(args: tuple[list[Segment], bool]) -> list[bytes]:
     return [segment_model(s, reduce_range=reduce_range) for s in segments]
 
 
-def _timed_passes(timers: Sequence[Timer], meter: StableMeter) -> list[tuple[float, float]]:
+def _timed_passes(timers: Sequence[Timer], meter: Meter) -> list[tuple[float, float]]:
     """(ms, disagreement) per timer from two passes with different group compositions, plus a
     third pass for the timers whose first two figures disagree by more than :data:`DISAGREEMENT`.
 
@@ -360,7 +361,7 @@ def measure_segments(
     *,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
-    meter: StableMeter | None = None,
+    meter: Meter | None = None,
 ) -> None:
     """Export, quantize and time ``segments``, appending to ``table`` as they finish.
 

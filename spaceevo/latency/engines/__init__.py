@@ -17,9 +17,10 @@ the engine runs them, so one INT8 network can be fast on one engine and slow on 
 CPU; each engine gets its own fingerprint and therefore its own latency tables.
 
 To add an engine, subclass :class:`Engine` in a module of this package and add an instance to
-:data:`ENGINES`. An engine that measures on another machine (LiteRT on a phone, a board over ssh)
-returns from :meth:`Engine.timer` a handle to a model it has shipped there, and runs the protocol in a
-measurement program on that machine.
+:data:`ENGINES`. An engine that measures on another machine returns from :meth:`Engine.timer` a
+handle to a model it has shipped there and from :meth:`Engine.meter` a meter that runs the protocol
+in a measurement program on that machine: ``--device ssh://[user@]host[:port][/ENGINE]``
+(:mod:`spaceevo.latency.engines.ssh`) runs ``ENGINE`` on a device reached over ssh.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     import onnx
 
     from spaceevo.latency.fingerprint import DeviceFingerprint
-    from spaceevo.latency.measure import Timer
+    from spaceevo.latency.measure import Meter, Timer
 
 ORT_DEVICE = "cpu"
 """ONNX Runtime's CPU engine: the default ``--device``, and the engine of every ``ort_*`` figure."""
@@ -74,6 +75,19 @@ class Engine(ABC):
     def describe(self, version: str) -> str:
         return f"{self.label} {version} {self.target}"
 
+    def cpu(self) -> tuple[str, tuple[str, ...], str]:
+        """Model, ISA names and machine type of the CPU the engine runs on (this host's)."""
+        from spaceevo.latency.cpuinfo import cpu_info
+
+        return cpu_info()
+
+    def meter(self, reference: bytes, threads: int, canonical_ms: float | None) -> Meter:
+        """A reference-guarded meter around ``reference`` (not settled yet) on the scale of
+        ``canonical_ms``, if given."""
+        from spaceevo.latency.measure import StableMeter
+
+        return StableMeter(self.timer(reference, threads), canonical_ms)
+
     @abstractmethod
     def _version(self) -> str:
         """The version; ImportError when the package is missing, UsageError when it cannot run here."""
@@ -87,14 +101,6 @@ class Engine(ABC):
         """``model`` (with a dynamic batch dimension) compiled for evaluation with ``threads`` threads."""
 
 
-def random_input(shape: list[int], dtype: np.dtype, seed: int = 0) -> np.ndarray:
-    """A random tensor of ``shape``: uint8 codes for a quantized input, else standard normal floats."""
-    rng = np.random.default_rng(seed)
-    if np.dtype(dtype) == np.uint8:
-        return rng.integers(0, 256, size=shape, dtype=np.uint8)
-    return rng.standard_normal(shape).astype(np.float32)
-
-
 def _registry() -> dict[str, Engine]:
     from spaceevo.latency.engines.onnxruntime_cpu import OnnxRuntimeCpu
     from spaceevo.latency.engines.openvino_cpu import OpenVinoCpu
@@ -103,16 +109,34 @@ def _registry() -> dict[str, Engine]:
 
 
 ENGINES: dict[str, Engine] = _registry()
-"""Every engine by its ``--device`` name; the CLI's ``--device`` choices."""
+"""Every engine by its ``--device`` name; ``--device`` also takes ``ssh://`` devices (:func:`get_engine`)."""
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is a ``--device`` value; a :class:`UsageError` saying the allowed ones otherwise."""
+    from spaceevo.latency.engines.ssh import SSH_FORM, SshDevice
+
+    if SshDevice.claims(device):
+        SshDevice.parse(device)
+    elif device not in ENGINES:
+        raise UsageError(f"unknown device '{device}'; allowed: {', '.join(ENGINES)}, or {SSH_FORM}")
+    return device
 
 
 def get_engine(device: str) -> Engine:
-    """The engine ``--device device`` names; a :class:`UsageError` listing the engines otherwise."""
-    if device not in ENGINES:
-        raise UsageError(f"unknown device '{device}'; allowed: {', '.join(ENGINES)}")
-    return ENGINES[device]
+    """The engine ``--device device`` names (one instance per ``ssh://`` device, connected when first
+    used); a :class:`UsageError` saying the allowed values otherwise."""
+    from spaceevo.latency.engines.ssh import SshDevice, ssh_engine
+
+    check_device(device)
+    return ssh_engine(SshDevice.parse(device)) if SshDevice.claims(device) else ENGINES[device]
 
 
 def timer(model: onnx.ModelProto | bytes, fingerprint: DeviceFingerprint) -> Timer:
-    """``model`` prepared for timing on the engine and thread count of ``fingerprint``."""
-    return get_engine(fingerprint.engine).timer(model, fingerprint.threads)
+    """``model`` prepared for timing on the device and thread count of ``fingerprint``."""
+    return get_engine(fingerprint.option).timer(model, fingerprint.threads)
+
+
+def meter(reference: bytes, fingerprint: DeviceFingerprint, canonical_ms: float | None) -> Meter:
+    """A meter guarded by ``reference`` on the device and thread count of ``fingerprint``."""
+    return get_engine(fingerprint.option).meter(reference, fingerprint.threads, canonical_ms)

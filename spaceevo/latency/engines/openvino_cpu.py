@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from spaceevo.latency.engines import Classifier, Engine, random_input
-from spaceevo.latency.measure import Timer
+from spaceevo.latency.engines import Classifier, Engine
+from spaceevo.latency.measure import Timer, random_input
 
 DEVICE = "CPU"
 
