@@ -336,7 +336,7 @@ def evaluate_subnet(
             qat_float_top1 = torch_top1(run.calibrated(run.float_supernet(), chosen, datasets), chosen, test)
             supernet = run.calibrated(run.supernet(), chosen, datasets)
             fakequant_top1 = torch_top1(supernet, chosen, test)
-            int8 = qat_int8_model(supernet, chosen, float_stages)
+            int8 = qat_int8_model(supernet, chosen)
             ort_int8 = engine_top1(int8, test, chosen.resolution)
         device_int8 = (ort_int8 if run.quantization_aware else ptq_top1) if device == ORT_DEVICE else engine_top1(
             int8, test, chosen.resolution, device=device
