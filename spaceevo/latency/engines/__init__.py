@@ -11,10 +11,14 @@ facts that go with it. Each engine gives
   reference-guarded :class:`~spaceevo.latency.measure.StableMeter`) is the same for every engine;
 - :meth:`Engine.classifier`: the same model compiled for batches, for test-split top-1.
 
-Every engine takes the same exported networks: FP32 ONNX, and INT8 as QDQ ONNX (uint8 activations,
-int8 per-channel weights, from QAT or ONNX Runtime's post-training quantizer). What differs is how
-the engine runs them, so one INT8 network can be fast on one engine and slow on another on the same
-CPU; each engine gets its own fingerprint and therefore its own latency tables.
+The ONNX engines take the same exported networks: FP32 ONNX, and INT8 as QDQ ONNX (uint8
+activations, int8 per-channel weights, from QAT or ONNX Runtime's post-training quantizer). What
+differs is how the engine runs them, so one INT8 network can be fast on one engine and slow on
+another on the same CPU; each engine gets its own fingerprint and therefore its own latency tables.
+An engine with a format of its own (LiteRT's ``.tflite``) says so with :attr:`Engine.suffix` and
+makes its models from the PyTorch network with :meth:`Engine.convert`, quantizing them the way it
+deploys INT8; every place that builds a model to time or deploy (table segments, whole subnets,
+``export``, ``evaluate``) asks the engine.
 
 To add an engine, subclass :class:`Engine` in a module of this package and add an instance to
 :data:`ENGINES`. An engine that measures on another machine (LiteRT on a phone, a board over ssh)
@@ -25,7 +29,7 @@ measurement program on that machine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -33,6 +37,7 @@ from spaceevo.errors import UsageError
 
 if TYPE_CHECKING:
     import onnx
+    from torch import nn
 
     from spaceevo.latency.fingerprint import DeviceFingerprint
     from spaceevo.latency.measure import Timer
@@ -58,6 +63,20 @@ class Engine(ABC):
     #: (None: a dependency of spaceevo itself).
     package: str
     extra: str | None = None
+    #: The suffix of the engine's model files: ``.onnx`` (the exported ONNX) or its own format,
+    #: made by :meth:`convert`.
+    suffix: str = ".onnx"
+
+    @property
+    def converts(self) -> bool:
+        """True when the engine runs models of its own format rather than the exported ONNX."""
+        return self.suffix != ".onnx"
+
+    def convert(self, network: nn.Module, input_shape: Sequence[int], calibration: Sequence[np.ndarray] | None) -> bytes:
+        """``network`` (eval mode, fixed ``input_shape``) as a model of the engine's own format:
+        FP32 when ``calibration`` is None, else INT8 calibrated on those input batches. Only engines
+        that :attr:`converts` implement it."""
+        raise NotImplementedError(f"{self.label} runs the exported ONNX models; it converts nothing")
 
     def version(self) -> str:
         """The engine's version (part of the fingerprint); a :class:`UsageError` saying what to
@@ -77,26 +96,32 @@ class Engine(ABC):
 
     @abstractmethod
     def timer(self, model: onnx.ModelProto | bytes, threads: int) -> Timer:
-        """``model`` compiled for latency (batch 1, ``threads`` threads) with a random input."""
+        """``model`` (ONNX, or the engine's own format as bytes) compiled for latency (batch 1,
+        ``threads`` threads) with a random input."""
 
     @abstractmethod
-    def classifier(self, model: onnx.ModelProto, threads: int) -> Classifier:
-        """``model`` (with a dynamic batch dimension) compiled for evaluation with ``threads`` threads."""
+    def classifier(self, model: onnx.ModelProto | bytes, threads: int) -> Classifier:
+        """``model`` compiled for evaluation with ``threads`` threads: ONNX with a dynamic batch
+        dimension, or the engine's own format (which runs a batch one image at a time)."""
 
 
 def random_input(shape: list[int], dtype: np.dtype, seed: int = 0) -> np.ndarray:
-    """A random tensor of ``shape``: uint8 codes for a quantized input, else standard normal floats."""
+    """A random tensor of ``shape``: integer codes over the whole range for a quantized input (uint8,
+    int8), else standard normal floats."""
     rng = np.random.default_rng(seed)
-    if np.dtype(dtype) == np.uint8:
-        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
     return rng.standard_normal(shape).astype(np.float32)
 
 
 def _registry() -> dict[str, Engine]:
     from spaceevo.latency.engines.onnxruntime_cpu import OnnxRuntimeCpu
+    from spaceevo.latency.engines.litert import LiteRt
     from spaceevo.latency.engines.openvino_cpu import OpenVinoCpu
 
-    return {engine.name: engine for engine in (OnnxRuntimeCpu(), OpenVinoCpu())}
+    return {engine.name: engine for engine in (OnnxRuntimeCpu(), OpenVinoCpu(), LiteRt())}
 
 
 ENGINES: dict[str, Engine] = _registry()
