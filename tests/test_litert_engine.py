@@ -2,7 +2,8 @@
 
 The registry entry and the message for missing packages are tested everywhere; conversion, INT8 on
 XNNPACK's quantized kernels, timing, classification and export/evaluate need the optional ``litert``
-extra (``pip install 'spaceevo[litert]'``) and are skipped without it.
+extra (``pip install 'spaceevo[litert]'``) and are skipped without it. Those that convert whole
+networks are ``slow`` (``pytest -m slow tests/test_litert_engine.py``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def test_an_int8_segment_runs_on_xnnpacks_quantized_kernels(litert_here) -> None
     assert "DELEGATE" not in [name for name, _ in _ops(plain)]
 
 
+@pytest.mark.slow  # converts several models: tens of seconds each on 2 cores
 def test_litert_classifies_as_onnx_runtime_does(litert_here) -> None:
     from spaceevo.deploy.evaluate import engine_predictions
     from spaceevo.deploy.models import calibration_images
@@ -117,6 +119,7 @@ def test_litert_classifies_as_onnx_runtime_does(litert_here) -> None:
         assert litert.shape == ort.shape and (litert == ort).mean() >= agreement
 
 
+@pytest.mark.slow  # converts several models: tens of seconds each on 2 cores
 def test_litert_measures_a_subnet_end_to_end(litert_here, tmp_path) -> None:
     from spaceevo.latency import measure_latency
 
@@ -134,6 +137,7 @@ def run_dir(litert_here, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow  # converts several models: tens of seconds each on 2 cores
 def test_export_writes_tflite_models_that_evaluate_runs(run_dir, tmp_path, capsys) -> None:
     from spaceevo.deploy import evaluate_model, export_subnet
 
