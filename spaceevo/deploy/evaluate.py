@@ -64,9 +64,10 @@ def engine_predictions(model: onnx.ModelProto | bytes, split: ImageSplit, resolu
     settings, the same kernels as at batch 1); ``batch_size=1`` runs the fixed-shape model itself, for
     graphs that bake the batch into a shape (a Reshape to a constant ``[1, ...]``, as torchvision's
     ShuffleNet channel shuffle exports). A model in the own format of an engine that converts
-    (LiteRT's ``.tflite`` bytes) runs as it is, one image at a time. ``threads`` defaults to torch's intra-op thread count. A model
-    the engine cannot load or run, or whose output is not one row of class scores per image, is an
-    :class:`ArtifactError` naming ``name``; an empty split is an :class:`ArtifactError` too.
+    (LiteRT's ``.tflite`` bytes) runs as it is, one image at a time. ``threads`` defaults to torch's
+    intra-op thread count. A model the engine cannot load or run, or whose output is not one row of
+    class scores per image, is an :class:`ArtifactError` naming ``name``; an empty split is an
+    :class:`ArtifactError` too.
     """
     engine = get_engine(device)
     engine.version()  # a missing optional engine is a UsageError, not a model that cannot load
@@ -473,24 +474,24 @@ def load_engine_model(path: Path, engine: Engine) -> tuple[bytes, tuple[int, int
     if not path.is_file():
         what = "a folder, not a file" if path.is_dir() else "no such file"
         raise UsageError(f"--model {path}: {what} (expected a {engine.suffix} model, e.g. from spaceevo export --device {engine.name})")
+    from spaceevo.latency.engines.litert import interpreter
+
     content = path.read_bytes()
     try:
-        classify = engine.classifier(content, 1)
-        logits = classify(np.zeros((1, *_input_shape(content)[1:]), dtype=np.float32))
+        shape = [int(d) for d in interpreter(content, 1).get_input_details()[0]["shape"]]
+        logits = engine.classifier(content, 1)(np.zeros((1, *shape[1:]), dtype=np.float32))
     except Exception as error:  # the runtime's own exception types
         raise ArtifactError(f"{engine.label} cannot load {path} ({_first_line(error)}): expected {CLASSIFIER}") from None
-    shape = _input_shape(content)
     if len(shape) != 4 or shape[0] != 1 or shape[2] != shape[3] or logits.ndim != 2:
         raise ArtifactError(f"{path} takes an input of shape {' x '.join(map(str, shape))}: expected {CLASSIFIER}")
     sidecar = metadata_path(path)
-    metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    return content, (int(shape[1]), int(shape[2]), int(logits.shape[1])), {k: str(v) for k, v in metadata.items()}
-
-
-def _input_shape(model: bytes) -> list[int]:
-    from spaceevo.latency.engines.litert import interpreter
-
-    return [int(d) for d in interpreter(model, 1).get_input_details()[0]["shape"]]
+    try:
+        metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ArtifactError(f"{sidecar}: unreadable metadata of {path.name} ({_first_line(error)})") from None
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{sidecar}: the metadata of {path.name} is not a JSON object")
+    return content, (shape[1], shape[2], int(logits.shape[1])), {k: str(v) for k, v in metadata.items()}
 
 
 @dataclass(frozen=True)
