@@ -21,12 +21,13 @@ from spaceevo.latency.engines import Classifier, Engine, random_input
 from spaceevo.latency.measure import Timer
 
 if TYPE_CHECKING:
+    import onnx
     from torch import nn
 
 
-def interpreter(model: bytes, threads: int) -> Any:
+def interpreter(model: onnx.ModelProto | bytes, threads: int) -> Any:
     """A LiteRT interpreter of a ``.tflite`` flatbuffer with ``threads`` threads and XNNPACK
-    (the default delegate), tensors allocated."""
+    (the default delegate), tensors allocated; an ONNX model is an :class:`ArtifactError`."""
     from ai_edge_litert.interpreter import Interpreter
 
     if not isinstance(model, (bytes, bytearray)):
@@ -58,7 +59,7 @@ def dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
 class LiteRtTimer(Timer):
     """An interpreter whose input tensor holds a random array, set once: a timed run is ``invoke()``."""
 
-    def __init__(self, model: bytes, threads: int):
+    def __init__(self, model: onnx.ModelProto | bytes, threads: int):
         self.interpreter = interpreter(model, threads)
         detail = self.interpreter.get_input_details()[0]
         self.interpreter.set_tensor(detail["index"], random_input(list(detail["shape"]), detail["dtype"]))
@@ -87,10 +88,10 @@ class LiteRt(Engine):
 
         return export_tflite(network, input_shape, calibration)
 
-    def timer(self, model: Any, threads: int) -> Timer:
+    def timer(self, model: onnx.ModelProto | bytes, threads: int) -> Timer:
         return LiteRtTimer(model, threads)
 
-    def classifier(self, model: Any, threads: int) -> Classifier:
+    def classifier(self, model: onnx.ModelProto | bytes, threads: int) -> Classifier:
         runner = interpreter(model, threads)
         source, target = runner.get_input_details()[0], runner.get_output_details()[0]
 
