@@ -166,7 +166,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from spaceevo.deploy import evaluate_model, evaluate_subnet
 
     if (args.model is None) == (args.run is None):
-        raise UsageError("give either --run DIR (with --subnet) or --model FILE.onnx")
+        raise UsageError("give either --run DIR (with --subnet) or --model FILE (.onnx, or .tflite with --device litert)")
     if args.model is not None:
         report = evaluate_model(
             args.model, data=args.data, device=args.device, threads=args.threads, tables=args.tables,
@@ -423,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stages (0 = stem) the INT8 model keeps in float: one mixed INT8/FP32 model "
                              "(QAT runs only; default: none)")
     export.add_argument("--data", default=None, help="data for BN recalibration and checks (default: the run's)")
-    _add_engine(export, "inference engine whose device fingerprint the metadata records")
+    _add_engine(export, "inference engine whose device fingerprint the metadata records; an engine with a format of its "
+                        "own (litert) also gets its models (PATH_fp32.tflite, PATH_int8.tflite)")
     export.add_argument("--threads", type=_positive_int, default=1, help="threads of that fingerprint (default: 1)")
     export.add_argument("--json", action="store_true", help="print JSON on stdout")
     export.set_defaults(handler=_export)
@@ -435,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target = evaluate.add_argument_group("what to evaluate (one of)")
     target.add_argument("--run", default=None, help="training run directory (from spaceevo train)")
-    target.add_argument("--model", default=None, help="an exported ONNX model file instead of a run")
+    target.add_argument("--model", default=None,
+                        help="an exported model file instead of a run (ONNX; .tflite with --device litert)")
     evaluate.add_argument("--subnet", default="max", help=SUBNET_HELP + " (with --run; default: max)")
     evaluate.add_argument("--data", default=None, help="data set (default: the run's, or the model's metadata)")
     evaluate.add_argument("--no-latency", action="store_true", help="skip the latency measurement")

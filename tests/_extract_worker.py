@@ -56,7 +56,7 @@ def install() -> None:
         for path in paths:
             Path(path).write_bytes(b"onnx")
         _log(f"verify {Path(str(output)).name} {subnet}")
-        return ExportReport("space", str(subnet), "qat", *paths, 0.0, 0.0, "fp32 phase")
+        return ExportReport("space", str(subnet), "qat", *paths, 0.0, 0.0, "fp32 phase", *paths, 0.0)
 
     def measure(models, *_):
         return [LatencyStats(0.01, 0.01, (0.01,) * 5) for _ in models], "latency table"

@@ -40,11 +40,11 @@ def no_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_registry_names_every_engine_and_refuses_others() -> None:
-    assert list(ENGINES)[:2] == ["cpu", "openvino"]
+    assert list(ENGINES) == ["cpu", "openvino", "litert"]
     for name, engine in ENGINES.items():
         assert engine.name == name and get_engine(name) is engine
         assert engine.tag and engine.label and engine.target and engine.package
-    with pytest.raises(UsageError, match=r"unknown device 'tpu'; allowed: cpu, openvino"):
+    with pytest.raises(UsageError, match=r"unknown device 'tpu'; allowed: cpu, openvino, litert"):
         get_engine("tpu")
 
 

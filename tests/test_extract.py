@@ -380,7 +380,7 @@ def test_answer_over_budget_is_reported_with_the_next_feasible_candidate(run_dir
         paths = (str(output) + "_fp32.onnx", str(output) + "_int8.onnx")
         for path in paths:
             Path(path).write_bytes(b"onnx")
-        return ExportReport(SPACE, str(subnet), "qat", *paths, 0.0, 0.0, "fp32 phase")
+        return ExportReport(SPACE, str(subnet), "qat", *paths, 0.0, 0.0, "fp32 phase", *paths, 0.0)
 
     measured = iter([0.6, 0.29])  # the answer is twice as slow as predicted; its fallback fits
 
@@ -416,7 +416,7 @@ def test_a_subnet_answering_several_budgets_is_exported_and_measured_once(run_di
         paths = (str(output) + "_fp32.onnx", str(output) + "_int8.onnx")
         for path, data in zip(paths, (b"fp32", b"int8")):
             Path(path).write_bytes(data)
-        return ExportReport(SPACE, str(subnet), "qat", *paths, 0.0, 0.0, "fp32 phase")
+        return ExportReport(SPACE, str(subnet), "qat", *paths, 0.0, 0.0, "fp32 phase", *paths, 0.0)
 
     def fake_measure(models, *_):
         timed.extend(models)

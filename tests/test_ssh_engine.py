@@ -133,7 +133,7 @@ def test_bad_ssh_devices_are_usage_errors(text: str, message: str) -> None:
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("tpu", "unknown device 'tpu'; allowed: cpu, openvino, or ssh://[user@]host[:port][/ENGINE]"),
+    ("tpu", "unknown device 'tpu'; allowed: cpu, openvino, litert, or ssh://[user@]host[:port][/ENGINE]"),
     ("ssh://u@h:99999", "bad ssh device 'ssh://u@h:99999': port 99999 is not in 1-65535"),
 ])
 def test_the_cli_takes_ssh_devices_and_says_what_is_allowed(bad: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:

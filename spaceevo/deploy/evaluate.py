@@ -1,6 +1,7 @@
 """Export and evaluation of trained subnets: what ``spaceevo export`` and ``spaceevo evaluate`` do.
 
-:func:`export_subnet` writes a subnet's FP32 and INT8 ONNX files with their metadata;
+:func:`export_subnet` writes a subnet's FP32 and INT8 ONNX files with their metadata (and, for an
+engine with a format of its own such as LiteRT, its ``.tflite`` files too);
 :func:`evaluate_subnet` measures, in one call, a subnet's test-split top-1 in PyTorch (FP32 and
 fake-quant INT8) and in ONNX Runtime (FP32, INT8 from QAT, INT8 from post-training quantization),
 and the FP32 and INT8 latency of the exported models on the device; :func:`evaluate_model` does the
@@ -12,6 +13,7 @@ calibration) use the held-out split carved from the training data.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from google.protobuf.message import DecodeError
 from tqdm import tqdm
 
 from spaceevo.deploy.models import (
+    engine_models,
     fp32_model,
     ptq_int8_model,
     qat_int8_model,
@@ -34,7 +37,7 @@ from spaceevo.deploy.models import (
 from spaceevo.deploy.trained import TrainedRun, open_run
 from spaceevo.errors import ArtifactError, UsageError
 from spaceevo.io import atomic_write_bytes, writable_folder
-from spaceevo.latency.engines import ORT_DEVICE, get_engine
+from spaceevo.latency.engines import ORT_DEVICE, Engine, get_engine
 from spaceevo.nn import Supernet
 from spaceevo.quant.mixed import check_float_stages
 from spaceevo.space import Subnet
@@ -44,15 +47,15 @@ from spaceevo.train.evaluate import evaluate
 EVAL_BATCH = 256
 
 
-def engine_top1(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
+def engine_top1(model: onnx.ModelProto | bytes, split: ImageSplit, resolution: int, threads: int | None = None,
                 name: str = "the model", batch_size: int = EVAL_BATCH, device: str = ORT_DEVICE) -> float:
-    """Top-1 (%) of an ONNX classifier in the engine ``device`` names on ``split`` at ``resolution``
-    (see :func:`engine_predictions`)."""
+    """Top-1 (%) of a classifier (ONNX, or the engine's own format) in the engine ``device`` names on
+    ``split`` at ``resolution`` (see :func:`engine_predictions`)."""
     predicted = engine_predictions(model, split, resolution, threads, name, batch_size, device)
     return 100.0 * float((predicted == split.targets).mean())
 
 
-def engine_predictions(model: onnx.ModelProto, split: ImageSplit, resolution: int, threads: int | None = None,
+def engine_predictions(model: onnx.ModelProto | bytes, split: ImageSplit, resolution: int, threads: int | None = None,
                        name: str = "the model", batch_size: int = EVAL_BATCH, device: str = ORT_DEVICE) -> np.ndarray:
     """The class the engine ``device`` names (:mod:`spaceevo.latency.engines`; default ONNX Runtime)
     predicts for every image of ``split`` at ``resolution``, in split order (int64): per-image
@@ -61,14 +64,18 @@ def engine_predictions(model: onnx.ModelProto, split: ImageSplit, resolution: in
     Runs a dynamic-batch copy of the model in batches of ``batch_size`` (the engine's latency
     settings, the same kernels as at batch 1); ``batch_size=1`` runs the fixed-shape model itself, for
     graphs that bake the batch into a shape (a Reshape to a constant ``[1, ...]``, as torchvision's
-    ShuffleNet channel shuffle exports). ``threads`` defaults to torch's intra-op thread count. A model
-    the engine cannot load or run, or whose output is not one row of class scores per image, is an
-    :class:`ArtifactError` naming ``name``; an empty split is an :class:`ArtifactError` too.
+    ShuffleNet channel shuffle exports). A model in the own format of an engine that converts
+    (LiteRT's ``.tflite`` bytes) runs as it is, one image at a time. ``threads`` defaults to torch's
+    intra-op thread count. A model the engine cannot load or run, or whose output is not one row of
+    class scores per image, is an :class:`ArtifactError` naming ``name``; an empty split is an
+    :class:`ArtifactError` too.
     """
     engine = get_engine(device)
     engine.version()  # a missing optional engine is a UsageError, not a model that cannot load
     try:
-        runnable = model if batch_size == 1 else with_dynamic_batch(model)
+        if isinstance(model, (bytes, bytearray)) and not engine.converts:
+            model = onnx.load_from_string(bytes(model))
+        runnable = model if batch_size == 1 or not isinstance(model, onnx.ModelProto) else with_dynamic_batch(model)
         classify = engine.classifier(runnable, threads or torch.get_num_threads())
     except Exception as error:  # engines raise their own exception types (InvalidGraph, Fail, RuntimeError, ...)
         raise ArtifactError(f"{engine.label} cannot load {name}: {_first_line(error)}") from None
@@ -125,7 +132,11 @@ class _Steps:
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What :func:`export_subnet` wrote. Top-1 figures are on the held-out split (%)."""
+    """What :func:`export_subnet` wrote. Top-1 figures are on the held-out split (%).
+
+    ``model_fp32``/``model_int8`` are the files the ``device`` engine runs: the ONNX files, or for an
+    engine with a format of its own (LiteRT) its ``.tflite`` files, whose INT8 is the engine's
+    post-training quantization (``heldout_device_int8_top1``, in that engine)."""
 
     space: str
     subnet: str
@@ -135,19 +146,28 @@ class ExportReport:
     heldout_fp32_top1: float
     heldout_int8_top1: float
     fp32_source: str
+    model_fp32: str
+    model_int8: str
+    heldout_device_int8_top1: float
     float_stages: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def output_paths(output: str | Path) -> tuple[Path, Path]:
-    """``PATH_fp32.onnx`` and ``PATH_int8.onnx`` for ``-o PATH`` (a trailing ``.onnx`` is dropped)."""
+def output_paths(output: str | Path, suffix: str = ".onnx") -> tuple[Path, Path]:
+    """``PATH_fp32.onnx`` and ``PATH_int8.onnx`` (or another model ``suffix``) for ``-o PATH`` (a
+    trailing ``.onnx`` or ``suffix`` is dropped)."""
     output = Path(output)
-    stem = output.with_suffix("") if output.suffix == ".onnx" else output
+    stem = output.with_suffix("") if output.suffix in (".onnx", suffix) else output
     if not stem.name:
         raise UsageError(f"-o {output}: give a file path stem, e.g. models/tiny_max")
-    return stem.with_name(stem.name + "_fp32.onnx"), stem.with_name(stem.name + "_int8.onnx")
+    return stem.with_name(stem.name + "_fp32" + suffix), stem.with_name(stem.name + "_int8" + suffix)
+
+
+def metadata_path(model: Path) -> Path:
+    """The JSON file next to a model without metadata properties of its own (``.tflite``)."""
+    return model.with_name(model.name + ".json")
 
 
 def _device_metadata(device: str, threads: int) -> dict[str, Any]:
@@ -194,18 +214,28 @@ def export_subnet(
     (PyTorch FP32; ONNX Runtime INT8), the device fingerprint, reduce_range and the spaceevo version.
     ``device``/``threads`` name the fingerprint recorded (the one the latency figures refer to).
     ``float_stages`` (stage indices, 0 the stem) stay in float in the INT8 model: one mixed INT8/FP32
-    network (:mod:`spaceevo.quant.mixed`), QAT only.
+    network (:mod:`spaceevo.quant.mixed`), QAT only. For an engine with a format of its own
+    (``litert``) the engine's FP32 and INT8 models are written too (``PATH_fp32.tflite``,
+    ``PATH_int8.tflite``, each with its metadata in ``<file>.json``); its INT8 is the engine's
+    post-training quantization of the whole network on the held-out images (:func:`engine_models`),
+    so ``float_stages`` cannot be given with such an engine.
     """
+    engine = get_engine(device)
+    engine.version()  # a missing engine fails now, not after the export
     fp32_path, int8_path = output_paths(output)
     writable_folder(fp32_path.parent, f"-o {output}")  # before the work, not after it
     run = open_run(run_dir)
     chosen = run.subnet(subnet)
     quantization = "qat" if run.quantization_aware and not ptq else "ptq"
+    if float_stages and engine.converts:
+        raise UsageError(f"--float-stages writes mixed INT8/FP32 ONNX; {engine.label}'s INT8 model is its own "
+                         "post-training quantization of the whole network: export with --device cpu (or another "
+                         "ONNX engine) for a mixed model")
     if float_stages and quantization != "qat":
         raise UsageError("float stages need the run's QAT model: drop --ptq (or --float-stages), "
                          "or train with a QAT phase")
     check_float_stages(len(run.space.resolve(chosen).stages), float_stages)
-    steps = _Steps(["data", "fp32", "int8", "check", "write"], show_progress, "export")
+    steps = _Steps(["data", "fp32", "int8", "check", "write"] + ["engine"] * engine.converts, show_progress, "export")
     try:
         steps("data")
         datasets = run.load_data(data)
@@ -236,6 +266,19 @@ def export_subnet(
         atomic_write_bytes(fp32_path, fp32.SerializeToString())
         atomic_write_bytes(int8_path, int8.SerializeToString())
         steps.done()
+        model_fp32, model_int8, heldout_device_int8 = fp32_path, int8_path, heldout_int8
+        if engine.converts:
+            steps("engine")
+            device_fp32, device_int8 = engine_models(engine, fp32_supernet, chosen, datasets.heldout)
+            heldout_device_int8 = engine_top1(device_int8, datasets.heldout, chosen.resolution, device=device)
+            model_fp32, model_int8 = output_paths(output, engine.suffix)
+            for path, model, values in (
+                (model_fp32, device_fp32, {"precision": "fp32", "fp32_source": fp32_source, "heldout_top1": round(heldout_fp32, 2)}),
+                (model_int8, device_int8, {"precision": "int8", "quantization": "ptq", "heldout_top1": round(heldout_device_int8, 2)}),
+            ):
+                atomic_write_bytes(path, model)
+                atomic_write_bytes(metadata_path(path), (json.dumps({**common, **values}, indent=2) + "\n").encode())
+            steps.done()
     finally:
         steps.close()
     return ExportReport(
@@ -247,6 +290,9 @@ def export_subnet(
         heldout_fp32_top1=round(heldout_fp32, 2),
         heldout_int8_top1=round(heldout_int8, 2),
         fp32_source=fp32_source,
+        model_fp32=str(model_fp32),
+        model_int8=str(model_int8),
+        heldout_device_int8_top1=round(heldout_device_int8, 2),
         float_stages=tuple(sorted(set(float_stages))),
     )
 
@@ -268,7 +314,10 @@ class SubnetEvaluation:
     FP32 and INT8 (``int8_model``: QAT, else PTQ) models timed interleaved on the device, on
     ``latency_scale`` (the latency table's when there is one); None when not measured.
     ``device_int8_top1``: that INT8 model in the engine ``device`` names (for ``cpu``, ONNX Runtime's
-    figure), to compare with PyTorch's fake-quant figure: engines may round differently.
+    figure), to compare with PyTorch's fake-quant figure: engines may round differently. For an
+    engine with a format of its own (LiteRT) the device figures (``device_int8_top1``, ``fp32_ms``,
+    ``int8_ms``) are of the engine's models instead (:func:`~spaceevo.deploy.models.engine_models`),
+    whose INT8 is always the engine's post-training quantization: ``device_int8_model`` says which.
     """
 
     space: str
@@ -286,6 +335,7 @@ class SubnetEvaluation:
     ptq_int8_top1: float | None
     device: str
     device_int8_top1: float | None
+    device_int8_model: str
     fp32_ms: float | None
     int8_ms: float | None
     latency_scale: str | None
@@ -338,8 +388,12 @@ def evaluate_subnet(
             fakequant_top1 = torch_top1(supernet, chosen, test)
             int8 = qat_int8_model(supernet, chosen)
             ort_int8 = engine_top1(int8, test, chosen.resolution)
+        engine = get_engine(device)
+        engine_fp32, engine_int8 = (fp32, int8) if not engine.converts else engine_models(
+            engine, fp32_supernet, chosen, datasets.heldout
+        )
         device_int8 = (ort_int8 if run.quantization_aware else ptq_top1) if device == ORT_DEVICE else engine_top1(
-            int8, test, chosen.resolution, device=device
+            engine_int8, test, chosen.resolution, device=device
         )
         steps.done()
         if on_models is not None:
@@ -349,7 +403,7 @@ def evaluate_subnet(
         if measure:
             from spaceevo.latency.api import measure_onnx
 
-            (fp32_stats, int8_stats), scale = measure_onnx([fp32, int8], device, threads, tables)
+            (fp32_stats, int8_stats), scale = measure_onnx([engine_fp32, engine_int8], device, threads, tables)
             fp32_ms, int8_ms = fp32_stats.ms, int8_stats.ms
         steps.done()
     finally:
@@ -370,6 +424,7 @@ def evaluate_subnet(
         ptq_int8_top1=_round(ptq_top1),
         device=device,
         device_int8_top1=_round(device_int8),
+        device_int8_model="ptq" if engine.converts else ("qat" if run.quantization_aware else "ptq"),
         fp32_ms=_round(fp32_ms, 4),
         int8_ms=_round(int8_ms, 4),
         latency_scale=scale,
@@ -426,12 +481,42 @@ def classifier_shape(model: onnx.ModelProto, path: Path) -> tuple[int, int, int 
     return int(dims[1]), int(dims[2]), out_dims[1] if len(out_dims) == 2 else None
 
 
+def load_engine_model(path: Path, engine: Engine) -> tuple[bytes, tuple[int, int, int | None], dict[str, str]]:
+    """A model file in the own format of an ``engine`` that converts (``.tflite``): its bytes,
+    (channels, resolution, classes) as :func:`classifier_shape` gives them, and its metadata (the
+    JSON file :func:`export_subnet` writes next to it; empty without one). :class:`UsageError` if
+    there is no such file, :class:`ArtifactError` naming it if the engine cannot load it or it is
+    not an image classifier."""
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise UsageError(f"--model {path}: {what} (expected a {engine.suffix} model, e.g. from spaceevo export --device {engine.name})")
+    from spaceevo.latency.engines.litert import interpreter
+
+    content = path.read_bytes()
+    try:
+        shape = [int(d) for d in interpreter(content, 1).get_input_details()[0]["shape"]]
+        logits = engine.classifier(content, 1)(np.zeros((1, *shape[1:]), dtype=np.float32))
+    except Exception as error:  # the runtime's own exception types
+        raise ArtifactError(f"{engine.label} cannot load {path} ({_first_line(error)}): expected {CLASSIFIER}") from None
+    if len(shape) != 4 or shape[0] != 1 or shape[2] != shape[3] or logits.ndim != 2:
+        raise ArtifactError(f"{path} takes an input of shape {' x '.join(map(str, shape))}: expected {CLASSIFIER}")
+    sidecar = metadata_path(path)
+    try:
+        metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ArtifactError(f"{sidecar}: unreadable metadata of {path.name} ({_first_line(error)})") from None
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{sidecar}: the metadata of {path.name} is not a JSON object")
+    return content, (shape[1], shape[2], int(logits.shape[1])), {k: str(v) for k, v in metadata.items()}
+
+
 @dataclass(frozen=True)
 class ModelEvaluation:
-    """What :func:`evaluate_model` measured on an exported ONNX file: test-split top-1 (%) in ONNX
-    Runtime and in the engine ``device`` names (the same figure for ``cpu``), and latency on that
-    engine (ms, on ``latency_scale``; None when not measured). ``space``, ``subnet`` and
-    ``precision`` come from the model's metadata (None for a model spaceevo did not export)."""
+    """What :func:`evaluate_model` measured on an exported model file: test-split top-1 (%) in ONNX
+    Runtime (None for a model in another engine's format, ``.tflite``) and in the engine ``device``
+    names (the same figure for ``cpu``), and latency on that engine (ms, on ``latency_scale``; None
+    when not measured). ``space``, ``subnet`` and ``precision`` come from the model's metadata
+    (None for a model spaceevo did not export)."""
 
     model: str
     space: str | None
@@ -439,7 +524,7 @@ class ModelEvaluation:
     precision: str | None
     data: str
     test_images: int
-    ort_top1: float
+    ort_top1: float | None
     device: str
     device_top1: float
     ms: float | None
@@ -461,15 +546,26 @@ def evaluate_model(
     """Test-split top-1 (ONNX Runtime and the device's engine) and device latency of an exported model file.
 
     The data set is ``data`` or the one in the model's metadata (``embedded`` if it has none); the
-    resolution is the model's input size.
+    resolution is the model's input size. An engine with a format of its own (``litert``) evaluates
+    files of that format (``.tflite``, with the metadata :func:`export_subnet` writes next to them).
     """
     from spaceevo.train.data import load_data
 
-    get_engine(device).version()
+    engine = get_engine(device)
+    engine.version()
     path = Path(path)
-    model = load_onnx(path)
-    channels, resolution, classes = classifier_shape(model, path)
-    metadata = read_metadata(model)
+    model: onnx.ModelProto | bytes
+    if engine.converts:
+        if path.suffix != engine.suffix:
+            raise UsageError(
+                f"--device {device} runs {engine.suffix} models, not {path.name}; export one with "
+                f"'spaceevo export --device {device}'"
+            )
+        model, (channels, resolution, classes), metadata = load_engine_model(path, engine)
+    else:
+        model = load_onnx(path)
+        channels, resolution, classes = classifier_shape(model, path)
+        metadata = read_metadata(model)
     spec = DataSpec.parse(data or metadata.get("data", "embedded"))
     spec.check()
     datasets = load_data(spec, resolution, seed=0)
@@ -478,7 +574,7 @@ def evaluate_model(
         raise UsageError(f"{path} takes {channels} input channel(s), expected {expected}; give --data of the model")
     if classes is not None and classes != datasets.num_classes:
         raise UsageError(f"{path} outputs {classes} classes, expected {expected}; give --data of the model")
-    top1 = engine_top1(model, datasets.test, resolution, name=str(path))
+    top1 = None if engine.converts else engine_top1(model, datasets.test, resolution, name=str(path))
     device_top1 = top1 if device == ORT_DEVICE else engine_top1(model, datasets.test, resolution, name=str(path), device=device)
     ms = scale = None
     if measure:

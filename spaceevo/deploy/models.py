@@ -6,6 +6,9 @@
 * INT8 (PTQ): ONNX Runtime's ``quantize_static`` of the FP32 model (QDQ, U8S8, per-channel,
   ``reduce_range`` as the device needs), calibrated on held-out images; the baseline QAT is
   compared against.
+* For an engine with a format of its own (LiteRT), its FP32 and INT8 models of the same static
+  network (:func:`engine_models`): INT8 is the engine's post-training quantization, calibrated on
+  the same held-out images (QAT's learned scales are not carried over).
 
 Models have a fixed input shape ``1 x C x R x R`` (what is deployed and timed).
 :func:`with_dynamic_batch` gives a copy that takes any batch size, for fast evaluation.
@@ -20,6 +23,7 @@ from typing import Collection, Mapping
 import numpy as np
 import onnx
 
+from spaceevo.latency.engines import Engine
 from spaceevo.nn import Supernet
 from spaceevo.quant.export import export_fp32, quantize_ptq
 from spaceevo.space import Subnet
@@ -49,19 +53,33 @@ def qat_int8_model(supernet: Supernet, subnet: Subnet, float_stages: Collection[
     return export_int8(extract_qat(supernet, subnet).eval(), None, input_shape(supernet, subnet), float_stages)
 
 
-def ptq_int8_model(
-    fp32: onnx.ModelProto, calibration: ImageSplit, resolution: int, *, reduce_range: bool,
-    images: int = PTQ_CALIBRATION_IMAGES,
-) -> onnx.ModelProto:
-    """``quantize_static`` of ``fp32`` calibrated on the first ``images`` of ``calibration`` (seeded order)."""
-    loader = make_loader(calibration.with_resolution(resolution), 1, True, seed=EVAL_SEED, workers=0, distributed=False)
+def calibration_images(split: ImageSplit, resolution: int, images: int = PTQ_CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """The first ``images`` of ``split`` (seeded order) at ``resolution``, one ``1 x C x R x R`` batch each."""
+    loader = make_loader(split.with_resolution(resolution), 1, True, seed=EVAL_SEED, workers=0, distributed=False)
     batches = []
     for x, _ in loader:
         batches.append(x.numpy().astype(np.float32))
         if len(batches) >= images:
             break
+    return batches
+
+
+def ptq_int8_model(
+    fp32: onnx.ModelProto, calibration: ImageSplit, resolution: int, *, reduce_range: bool,
+    images: int = PTQ_CALIBRATION_IMAGES,
+) -> onnx.ModelProto:
+    """``quantize_static`` of ``fp32`` calibrated on the first ``images`` of ``calibration`` (seeded order)."""
     with tempfile.TemporaryDirectory() as work_dir:
-        return quantize_ptq(fp32, batches, reduce_range=reduce_range, work_dir=work_dir)
+        return quantize_ptq(fp32, calibration_images(calibration, resolution, images), reduce_range=reduce_range, work_dir=work_dir)
+
+
+def engine_models(engine: Engine, supernet: Supernet, subnet: Subnet, calibration: ImageSplit) -> tuple[bytes, bytes]:
+    """FP32 and INT8 models of ``subnet`` in the own format of an ``engine`` that converts, from an
+    FP32 supernet whose BN is calibrated for it; INT8 is the engine's post-training quantization
+    calibrated on the images :func:`ptq_int8_model` calibrates on."""
+    static = supernet.extract(subnet).eval()
+    shape = input_shape(supernet, subnet)
+    return engine.convert(static, shape, None), engine.convert(static, shape, calibration_images(calibration, subnet.resolution))
 
 
 def with_dynamic_batch(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -196,15 +196,15 @@ def _verify(
                 bar.set_postfix_str(f"export {result.budget_ms:g} ms", refresh=True)
                 report = export_subnet(run.run.path, result.subnet, extraction.directory / stem, device=device, threads=threads, show_progress=False)
                 result.onnx_fp32, result.onnx_int8 = report.onnx_fp32, report.onnx_int8
-                int8 = Path(report.onnx_int8).read_bytes()
-                models += [Path(report.onnx_fp32).read_bytes(), int8]
+                device_int8 = Path(report.model_int8).read_bytes()  # the ONNX, or the engine's own model
+                models += [Path(report.model_fp32).read_bytes(), device_int8]
                 bar.update(1)
                 bar.set_postfix_str(f"test top-1 {result.budget_ms:g} ms", refresh=True)
                 resolution = run.space.subnet(result.subnet).resolution
-                int8_model = onnx.load_from_string(int8)
+                int8_model = onnx.load_from_string(Path(report.onnx_int8).read_bytes())
                 result.test_ort_int8_top1 = round(engine_top1(int8_model, test, resolution, threads), 2)
                 result.test_device_int8_top1 = result.test_ort_int8_top1 if device == ORT_DEVICE else round(
-                    engine_top1(int8_model, test, resolution, threads, device=device), 2
+                    engine_top1(device_int8, test, resolution, threads, device=device), 2
                 )
                 bar.update(1)
             bar.set_postfix_str("latency", refresh=True)

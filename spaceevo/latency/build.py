@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from spaceevo.errors import EncodingError
-from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
+from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_int8_model
 from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.predictor import BoundaryModel, Calibration, CalibrationSample, LatencyPredictor, fit_regressor
 from spaceevo.latency.reference import stable_meter
@@ -135,7 +135,7 @@ def build_latency_table(
               unit="subnet", disable=not show_progress, dynamic_ncols=True) as bar:
         for i in range(0, len(archs), CALIBRATION_GROUP):
             group = archs[i : i + CALIBRATION_GROUP]
-            models = [subnet_models(a, fingerprint).int8 for a in group]
+            models = [subnet_int8_model(a, fingerprint) for a in group]
             stats = measure_models(models, fingerprint, WHOLE_MEASURE, meter)
             for arch, st in zip(group, stats):
                 total, cuts, elements = predictor.segment_features(arch)

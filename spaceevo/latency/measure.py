@@ -110,10 +110,13 @@ def fast_tail(values: Sequence[float]) -> float:
 
 
 def random_input(shape: list[int], dtype: np.dtype, seed: int = 0) -> np.ndarray:
-    """A timed model's pinned input: uint8 codes for a quantized input, else standard normal floats."""
+    """A timed model's pinned input: integer codes over the whole range for a quantized input
+    (uint8, int8), else standard normal floats."""
     rng = np.random.default_rng(seed)
-    if np.dtype(dtype) == np.uint8:
-        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
     return rng.standard_normal(shape).astype(np.float32)
 
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from spaceevo.blocks import block_kind
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.engines import meter
+from spaceevo.latency.engines import ORT_DEVICE, meter
 from spaceevo.latency.measure import Meter
 from spaceevo.latency.segments import Segment, segment_model
 
@@ -23,8 +23,9 @@ REFERENCE_SEGMENT = Segment(
 
 
 @lru_cache(maxsize=4)
-def reference_model(reduce_range: bool) -> bytes:
-    return segment_model(REFERENCE_SEGMENT, reduce_range=reduce_range)
+def reference_model(reduce_range: bool, device: str = ORT_DEVICE) -> bytes:
+    """The reference segment's INT8 model for the engine ``device`` names."""
+    return segment_model(REFERENCE_SEGMENT, reduce_range=reduce_range, device=device)
 
 
 def stable_meter(
@@ -32,7 +33,8 @@ def stable_meter(
 ) -> Meter:
     """A settled :class:`~spaceevo.latency.measure.StableMeter` (or a remote engine's equivalent)
     for this device, on the scale of ``canonical_ms`` if given (a latency table's reference
-    latency), else of the reference's latency measured now."""
-    guarded = meter(reference_model(fingerprint.reduce_range), fingerprint, canonical_ms)
+    latency), else of the reference's latency measured now. The reference model is the one of the
+    engine that runs there (its own format when it converts)."""
+    guarded = meter(reference_model(fingerprint.reduce_range, fingerprint.engine), fingerprint, canonical_ms)
     guarded.settle(settle_s)
     return guarded

@@ -1,4 +1,4 @@
-"""Segments: the separately timed pieces of a network, and the ONNX INT8 models that time them.
+"""Segments: the separately timed pieces of a network, and the INT8 models that time them.
 
 A network is cut into segments at block boundaries: every block is one segment, the classifier head
 is the last. Inside a whole INT8 network the tensor between two blocks stays uint8, so a block's
@@ -6,7 +6,9 @@ segment model takes and returns uint8 (its input QuantizeLinear and output Dequa
 removed); only the first segment takes the float image (and pays the input QuantizeLinear) and only
 the head returns float logits. What stand-alone segments still pay and a whole network does not (the
 NCHW↔NHWC transposes at each cut, one session call each) is the boundary cost that
-:mod:`spaceevo.latency.predictor` fits against whole networks.
+:mod:`spaceevo.latency.predictor` fits against whole networks. An engine with its own format
+(:attr:`~spaceevo.latency.engines.Engine.converts`) times its own INT8 model of each segment instead;
+what its segments pay at the cuts is fitted the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spaceevo.latency.engines import ORT_DEVICE, get_engine
 from spaceevo.nn.static import Block, Head
 from spaceevo.quant.export import export_fp32, quantize_ptq, strip_io_quantization
 from spaceevo.blocks import BlockSpec, conv_output_size
@@ -134,8 +137,10 @@ def required_segments(hyperspace: Hyperspace) -> list[Segment]:
     return [found[k] for k in sorted(found)]
 
 
-def segment_model(segment: Segment, *, reduce_range: bool, seed: int = 0) -> bytes:
-    """The INT8 (QDQ, U8S8) ONNX model of one segment, with uint8 boundaries, serialized.
+def segment_model(segment: Segment, *, reduce_range: bool, device: str = ORT_DEVICE, seed: int = 0) -> bytes:
+    """The INT8 model of one segment, serialized, in the format of the engine ``device`` names: the
+    QDQ (U8S8) ONNX with uint8 boundaries, or the engine's own INT8 model (:meth:`Engine.convert`,
+    with the boundaries the engine's converter gives it).
 
     Weights are random (latency does not depend on their values); BatchNorm statistics are
     randomised so folding produces realistic, non-identical scales.
@@ -149,11 +154,13 @@ def segment_model(segment: Segment, *, reduce_range: bool, seed: int = 0) -> byt
             layer.weight.data.uniform_(0.5, 1.5)
             layer.bias.data.uniform_(-0.5, 0.5)
     shape = (1, segment.in_channels, segment.input_size, segment.input_size)
-    fp32 = export_fp32(module, shape)
     rng = np.random.default_rng(seed)
     calibration = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+    engine = get_engine(device)
+    if engine.converts:
+        return engine.convert(module, shape, calibration)
+    fp32 = export_fp32(module, shape)
     with tempfile.TemporaryDirectory() as work_dir:
         int8 = quantize_ptq(fp32, calibration, reduce_range=reduce_range, work_dir=work_dir)
     int8 = strip_io_quantization(int8, strip_input=not segment.first, strip_output=not segment.last)
     return int8.SerializeToString()
-

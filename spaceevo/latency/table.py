@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 from spaceevo.errors import ArtifactError, DeviceMismatchError
 from spaceevo.io import atomic_write_text, writing
 from spaceevo.latency.fingerprint import DeviceFingerprint
-from spaceevo.latency.engines import timer
+from spaceevo.latency.engines import get_engine, timer
 from spaceevo.latency.measure import MeasureConfig, Meter, Timer
 from spaceevo.latency.segments import Segment, segment_model
 
@@ -322,12 +322,20 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
         process.terminate()
 
 
-def _build_models(args: tuple[list[Segment], bool]) -> list[bytes]:
+def _worker_context(fingerprint: DeviceFingerprint) -> multiprocessing.context.BaseContext | None:
+    """How build workers start: forked (the default) for the ONNX engines; started fresh for an engine
+    that converts, because a process forked after its converter ran (the reference model is
+    converted before the workers start) inherits the converter's locks held by threads that do not
+    exist in the child, and hangs (seen with LiteRT: workers blocked at 0 % CPU)."""
+    return multiprocessing.get_context("spawn") if get_engine(fingerprint.engine).converts else None
+
+
+def _build_models(args: tuple[list[Segment], bool, str]) -> list[bytes]:
     import torch
 
     torch.set_num_threads(1)
-    segments, reduce_range = args
-    return [segment_model(s, reduce_range=reduce_range) for s in segments]
+    segments, reduce_range, device = args
+    return [segment_model(s, reduce_range=reduce_range, device=device) for s in segments]
 
 
 def _timed_passes(timers: Sequence[Timer], meter: Meter) -> list[tuple[float, float]]:
@@ -363,7 +371,8 @@ def measure_segments(
     progress: Callable[[int], None] | None = None,
     meter: Meter | None = None,
 ) -> None:
-    """Export, quantize and time ``segments``, appending to ``table`` as they finish.
+    """Export, quantize (or convert, :func:`segment_model`) and time ``segments``, appending to
+    ``table`` as they finish.
 
     Models are built in ``workers`` processes a chunk at a time; timing happens while the workers
     are idle (:func:`_timed_passes`, on the table's reference scale), so building never disturbs a
@@ -379,12 +388,12 @@ def measure_segments(
         meter = stable_meter(fingerprint, table.reference_ms)
         if table.reference_ms is None:
             table.set_reference(meter.baseline_ms)
-    pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init)
+    pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init, mp_context=_worker_context(fingerprint))
     try:
         for chunk in chunks:
             per_worker = max(1, -(-len(chunk) // max(1, workers)))
             parts = [chunk[i : i + per_worker] for i in range(0, len(chunk), per_worker)]
-            models = [m for built in pool.map(_build_models, [(p, fingerprint.reduce_range) for p in parts]) for m in built]
+            models = [m for built in pool.map(_build_models, [(p, fingerprint.reduce_range, fingerprint.engine) for p in parts]) for m in built]
             figures = _timed_passes([timer(m, fingerprint) for m in models], meter)
             for start in range(0, len(chunk), GROUP_SIZE):
                 group = chunk[start : start + GROUP_SIZE]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from spaceevo.latency.build import sample_architectures
-from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_models
+from spaceevo.latency.endtoend import WHOLE_MEASURE, measure_models, subnet_int8_model
 from spaceevo.latency.fingerprint import DeviceFingerprint
 from spaceevo.latency.predictor import LatencyPredictor
 from spaceevo.latency.reference import stable_meter
@@ -102,7 +102,7 @@ def validate_predictor(
     with tqdm(total=samples, desc="validate", unit="subnet", disable=not show_progress, dynamic_ncols=True) as bar:
         for i in range(0, samples, GROUP):
             group = archs[i : i + GROUP]
-            models = [subnet_models(a, fingerprint).int8 for a in group]
+            models = [subnet_int8_model(a, fingerprint) for a in group]
             stats = measure_models(models + models, fingerprint, WHOLE_MEASURE, meter)
             first += stats[: len(group)]
             second += stats[len(group) :]

@@ -11,10 +11,14 @@ facts that go with it. Each engine gives
   reference-guarded :class:`~spaceevo.latency.measure.StableMeter`) is the same for every engine;
 - :meth:`Engine.classifier`: the same model compiled for batches, for test-split top-1.
 
-Every engine takes the same exported networks: FP32 ONNX, and INT8 as QDQ ONNX (uint8 activations,
-int8 per-channel weights, from QAT or ONNX Runtime's post-training quantizer). What differs is how
-the engine runs them, so one INT8 network can be fast on one engine and slow on another on the same
-CPU; each engine gets its own fingerprint and therefore its own latency tables.
+The ONNX engines take the same exported networks: FP32 ONNX, and INT8 as QDQ ONNX (uint8
+activations, int8 per-channel weights, from QAT or ONNX Runtime's post-training quantizer). What
+differs is how the engine runs them, so one INT8 network can be fast on one engine and slow on
+another on the same CPU; each engine gets its own fingerprint and therefore its own latency tables.
+An engine with a format of its own (LiteRT's ``.tflite``) says so with :attr:`Engine.suffix` and
+makes its models from the PyTorch network with :meth:`Engine.convert`, quantizing them the way it
+deploys INT8; every place that builds a model to time or deploy (table segments, whole subnets,
+``export``, ``evaluate``) asks the engine.
 
 To add an engine, subclass :class:`Engine` in a module of this package and add an instance to
 :data:`ENGINES`. An engine that measures on another machine returns from :meth:`Engine.timer` a
@@ -26,7 +30,7 @@ in a measurement program on that machine: ``--device ssh://[user@]host[:port][/E
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -34,6 +38,7 @@ from spaceevo.errors import UsageError
 
 if TYPE_CHECKING:
     import onnx
+    from torch import nn
 
     from spaceevo.latency.fingerprint import DeviceFingerprint
     from spaceevo.latency.measure import Meter, Timer
@@ -62,6 +67,20 @@ class Engine(ABC):
     #: Number formats (names of :mod:`spaceevo.quant.formats`) the engine runs with kernels of their
     #: own; others it would have to emulate. Every engine runs the QDQ INT8 (U8S8) models.
     native_formats: frozenset[str] = frozenset({"int8"})
+    #: The suffix of the engine's model files: ``.onnx`` (the exported ONNX) or its own format,
+    #: made by :meth:`convert`.
+    suffix: str = ".onnx"
+
+    @property
+    def converts(self) -> bool:
+        """True when the engine runs models of its own format rather than the exported ONNX."""
+        return self.suffix != ".onnx"
+
+    def convert(self, network: nn.Module, input_shape: Sequence[int], calibration: Sequence[np.ndarray] | None) -> bytes:
+        """``network`` (eval mode, fixed ``input_shape``) as a model of the engine's own format:
+        FP32 when ``calibration`` is None, else INT8 calibrated on those input batches. Only engines
+        that :attr:`converts` implement it."""
+        raise NotImplementedError(f"{self.label} runs the exported ONNX models; it converts nothing")
 
     def version(self) -> str:
         """The engine's version (part of the fingerprint); a :class:`UsageError` saying what to
@@ -94,18 +113,21 @@ class Engine(ABC):
 
     @abstractmethod
     def timer(self, model: onnx.ModelProto | bytes, threads: int) -> Timer:
-        """``model`` compiled for latency (batch 1, ``threads`` threads) with a random input."""
+        """``model`` (ONNX, or the engine's own format as bytes) compiled for latency (batch 1,
+        ``threads`` threads) with a random input."""
 
     @abstractmethod
-    def classifier(self, model: onnx.ModelProto, threads: int) -> Classifier:
-        """``model`` (with a dynamic batch dimension) compiled for evaluation with ``threads`` threads."""
+    def classifier(self, model: onnx.ModelProto | bytes, threads: int) -> Classifier:
+        """``model`` compiled for evaluation with ``threads`` threads: ONNX with a dynamic batch
+        dimension, or the engine's own format (which runs a batch one image at a time)."""
 
 
 def _registry() -> dict[str, Engine]:
     from spaceevo.latency.engines.onnxruntime_cpu import OnnxRuntimeCpu
+    from spaceevo.latency.engines.litert import LiteRt
     from spaceevo.latency.engines.openvino_cpu import OpenVinoCpu
 
-    return {engine.name: engine for engine in (OnnxRuntimeCpu(), OpenVinoCpu())}
+    return {engine.name: engine for engine in (OnnxRuntimeCpu(), OpenVinoCpu(), LiteRt())}
 
 
 ENGINES: dict[str, Engine] = _registry()
