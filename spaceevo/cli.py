@@ -288,7 +288,7 @@ def _extract(args: argparse.Namespace) -> None:
     result = extract_subnets(
         args.run, parse_latency_budgets(args.latency_budget), num_budgets=args.num_budgets, preset=args.preset,
         trials=args.trials, storage=args.storage, seed=args.seed, verify=not args.no_verify, device=args.device,
-        threads=args.threads, tables=args.tables,
+        threads=args.threads, tables=args.tables, finetune=args.finetune_epochs,
     )
     data = result.to_dict()
     if args.json:
@@ -311,6 +311,10 @@ def _extract(args: argparse.Namespace) -> None:
             f = r.fallback
             print(f"  fallback: {f.subnet}  predicted {f.predicted_int8_ms:.4g} ms  measured {f.measured_int8_ms} ms  "
                   f"held-out {f.heldout_int8_top1:.2f}%  {f.onnx_int8}")
+        tuned = r.deployed().finetuned
+        if tuned is not None:
+            print(f"  fine-tuned ({tuned.epochs} FP32 + {tuned.qat_epochs} QAT epochs, {tuned.train_s:.0f} s): held-out INT8 "
+                  f"{tuned.heldout_int8_top1:.2f}%  test ORT INT8 {tuned.test_ort_int8_top1:.2f}%  {tuned.onnx_int8}")
     _print_table([("latency budgets", result.budgets.describe())]
                  + [("predictor (k-fold)", f"Spearman {data['predictor']['spearman']}, RMSE {data['predictor']['rmse']} points")]
                  + [(k, data[k]) for k in ("pareto_csv", "pareto_png", "evaluated_csv", "predictor_json", "storage", "evaluated",
@@ -327,6 +331,7 @@ def _run(args: argparse.Namespace) -> None:
     report = run_pipeline(
         args.run, parse_latency_budgets(args.latency_budget), num_budgets=args.num_budgets, hyperspace=args.space,
         data=args.data, preset=args.preset, seed=args.seed, device=args.device, threads=args.threads, tables=args.tables,
+        finetune_epochs=args.finetune_epochs,
     )
     _emit(args, report.to_dict(), report_rows(report))
 
@@ -531,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--seed", type=_non_negative_int, default=0, help="search seed (default: 0)")
     extract.add_argument("--no-verify", action="store_true",
                          help="skip export, latency measurement and test top-1 of the winners")
+    _add_finetune(extract)
     _add_device(extract)
     extract.add_argument("--json", action="store_true", help="print JSON on stdout")
     extract.set_defaults(
@@ -548,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", default="default", choices=["smoke", "default"],
                      help="size of every step: smoke (minutes, for checks) or default (default: default)")
     run.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every step (default: 0)")
+    _add_finetune(run)
     _add_device(run)
     run.add_argument("--json", action="store_true", help="print JSON on stdout")
     run.set_defaults(handler=_run, interrupt_hint="interrupted; finished steps are saved, run the same command again to continue")
@@ -561,6 +568,12 @@ def _add_latency_budgets(parser: argparse.ArgumentParser, range_of: str) -> None
                              "printed)")
     parser.add_argument("--num-budgets", type=_positive_int, default=None, metavar="N",
                         help="with --latency-budget auto: how many budgets (default: 3)")
+
+
+def _add_finetune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--finetune-epochs", type=_non_negative_int, default=0, metavar="N",
+                        help="fine-tune each budget's subnet for N FP32 epochs distilled from the supernet's largest, "
+                             "then one QAT epoch, and export it too (default: 0, the supernet's weights only)")
 
 
 def _add_qt_options(parser: argparse.ArgumentParser) -> None:

@@ -70,14 +70,17 @@ def run_pipeline(
     device: str = "cpu",
     threads: int = 1,
     tables: str | Path | None = None,
+    finetune_epochs: int = 0,
     show_progress: bool = True,
 ) -> PipelineReport:
     """Search the space, train its supernet, extract and verify one INT8 subnet per budget
-    (``auto``: ``num_budgets``, default 3, spread over this device's latency range)."""
+    (``auto``: ``num_budgets``, default 3, spread over this device's latency range), each
+    fine-tuned for ``finetune_epochs`` FP32 epochs and one QAT epoch when that is > 0."""
     from spaceevo.errors import UsageError
     from spaceevo.latency import api as latency_api
     from spaceevo.search.budgets import choose_budgets, hyperspace_range
     from spaceevo.extraction.api import extract_subnets
+    from spaceevo.extraction.finetune import check_finetune_epochs
     from spaceevo.search.pipeline import search_space
     from spaceevo.space import load_hyperspace
     from spaceevo.train.data import DataSpec
@@ -87,6 +90,7 @@ def run_pipeline(
         raise UsageError(f"unknown preset '{preset}'; allowed: {', '.join(PRESETS)}")
     requested = AUTO if latency_budgets_ms == AUTO else check_budgets(latency_budgets_ms)
     count = check_count(num_budgets, requested)
+    check_finetune_epochs(finetune_epochs)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UsageError(f"--threads must be an integer >= 1, got {threads!r}")
     hyper = load_hyperspace(hyperspace)
@@ -123,7 +127,7 @@ def run_pipeline(
     step(f"3/3 extraction at {', '.join(f'{b:g}' for b in choice.budgets_ms)} ms")
     extracted = extract_subnets(
         run / "supernet", list(choice.budgets_ms), preset=preset, seed=seed, verify=True, device=device,
-        threads=threads, tables=tables, show_progress=show_progress,
+        threads=threads, tables=tables, finetune=finetune_epochs, show_progress=show_progress,
     )
     report = PipelineReport(
         run_dir=run,
@@ -155,5 +159,17 @@ def report_rows(report: PipelineReport) -> list[tuple[str, object]]:
             f"test (device INT8) {result.get('test_device_int8_top1')} %, {result.get('onnx_int8')}"
             + (f"  [{result['note']}]" if result.get("note") else ""),
         ))
+        tuned = _deployed(result).get("finetuned")
+        if tuned:
+            rows.append((f"  fine-tuned ({tuned['epochs']}+{tuned['qat_epochs']} epochs)",
+                         f"held-out {tuned['heldout_int8_top1']:.2f} %, test (ORT INT8) {tuned['test_ort_int8_top1']} %, "
+                         f"{tuned['onnx_int8']}"))
     rows += [("pareto", report.extraction["pareto_png"]), ("report", str(report.report_path))]
     return rows
+
+
+def _deployed(result: dict[str, Any]) -> dict[str, Any]:
+    """The deployed answer of one budget's result dict: the last of its fallback chain."""
+    while result.get("fallback"):
+        result = result["fallback"]
+    return result

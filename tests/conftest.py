@@ -8,6 +8,8 @@ it, so the suite behaves the same on every CPU. See DEVELOPERS.md.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import signal
 from pathlib import Path
 from typing import Iterator
@@ -84,6 +86,18 @@ def latency_tables(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(DEFAULT_ROOT_ENV, str(root))
         yield root
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smoke-trained supernet of tiny-1111-0000 with its QAT phase, shared by the modules that only
+    read it (copy it before writing into it)."""
+    from spaceevo.cli import main
+
+    run = tmp_path_factory.mktemp("smoke_run") / "run"
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--space", "tiny-1111-0000", "--run", str(run), "--preset", "smoke", "--json"]) == 0
+    return run
 
 
 @pytest.fixture(scope="module")

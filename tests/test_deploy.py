@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -25,11 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("deploy") / "run"
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", "--space", SPACE, "--run", str(run), "--preset", "smoke", "--json"]) == 0
-    return run
+def run_dir(smoke_run) -> Path:
+    return smoke_run
 
 
 @pytest.fixture(scope="module")

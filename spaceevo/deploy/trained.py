@@ -13,19 +13,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
 from spaceevo.errors import ArtifactError, SpaceEvoError
 from spaceevo.nn import Supernet
 from spaceevo.space import CandidateSpace, Subnet, load_space, require_candidate_space
-from spaceevo.train.bn import recalibrate_bn
+from spaceevo.train.bn import recompute_bn_statistics
 from spaceevo.train.checkpoint import RunDir, check_space, load_checkpoint, read_run_record
 from spaceevo.train.config import TrainConfig
 from spaceevo.train.data import DataSpec, Datasets, make_loader
 from spaceevo.train.loop import EVAL_SEED, load_space_data
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -112,14 +113,18 @@ class TrainedRun:
     def calibrated(self, supernet: Supernet, subnet: Subnet, datasets: Datasets) -> Supernet:
         """``supernet`` with ``subnet`` active and its BatchNorm statistics recalibrated on the
         held-out split (the training run's number of calibration images), in eval mode."""
+        supernet.set_active(subnet)
+        return self.calibrated_static(supernet, subnet.resolution, datasets)
+
+    def calibrated_static(self, model: M, resolution: int, datasets: Datasets) -> M:
+        """``model`` (a static network, or a supernet with its subnet active) with its BatchNorm
+        statistics recalibrated as :meth:`calibrated` does, at ``resolution``, in eval mode."""
         batch = min(self.config.batch_size, self.config.calibration_images)
         loader = make_loader(
-            datasets.heldout.with_resolution(subnet.resolution), batch, True, seed=EVAL_SEED, workers=0,
-            distributed=False,
+            datasets.heldout.with_resolution(resolution), batch, True, seed=EVAL_SEED, workers=0, distributed=False,
         )
-        with torch.no_grad():
-            recalibrate_bn(supernet, subnet, loader, math.ceil(self.config.calibration_images / batch))
-        return supernet
+        recompute_bn_statistics(model, loader, resolution, math.ceil(self.config.calibration_images / batch))
+        return model
 
 
 def open_run(run_dir: str | Path) -> TrainedRun:

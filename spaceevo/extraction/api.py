@@ -36,6 +36,7 @@ import torch
 
 from spaceevo.deploy.trained import TrainedRun, open_run
 from spaceevo.errors import UsageError
+from spaceevo.extraction.finetune import FinetuneConfig, check_finetune_epochs, finetune_answers
 from spaceevo.extraction.fitness import HeldoutFitness
 from spaceevo.extraction.front import (
     DIRECTIONS,
@@ -222,6 +223,7 @@ def extract_subnets(
     device: str = "cpu",
     threads: int = 1,
     tables: str | Path | None = None,
+    finetune: int | FinetuneConfig = 0,
     show_progress: bool = True,
 ) -> ExtractResult:
     """The most accurate subnet (held-out INT8 top-1) predicted at or under every budget, from one
@@ -233,7 +235,14 @@ def extract_subnets(
     in ``RUN/extract/study.db``); the same call again reuses every evaluation and verification, and
     other processes can join with the same storage URL and settings. ``threads`` is the device's ONNX
     Runtime thread count (the latency table's fingerprint) and torch's during the call.
+    ``finetune``: fine-tune the subnet deployed for every budget for that many FP32 epochs, then
+    one QAT epoch (or as a :class:`~spaceevo.extraction.finetune.FinetuneConfig` says; 0: no
+    fine-tuning), export it and measure it (:mod:`spaceevo.extraction.finetune`); results get
+    ``finetuned`` next to the supernet weights' figures.
     """
+    finetune_config = finetune if isinstance(finetune, FinetuneConfig) else (
+        FinetuneConfig(epochs=check_finetune_epochs(finetune)) if finetune else None
+    )
     requested = AUTO if latency_budgets_ms == AUTO else check_budgets(latency_budgets_ms)
     count = check_count(num_budgets, requested)
     front_config(preset, trials)
@@ -244,14 +253,14 @@ def extract_subnets(
             run_dir, preset=preset, trials=trials, storage=storage, seed=seed, device=device, threads=threads,
             tables=tables, show_progress=show_progress,
         )
-        return _extract(extraction, requested, count, verify, device, threads, tables, show_progress)
+        return _extract(extraction, requested, count, verify, device, threads, tables, finetune_config, show_progress)
     finally:
         torch.set_num_threads(torch_threads)
 
 
 def _extract(
     extraction: Extraction, requested: LatencyBudgets, count: int, verify: bool, device: str, threads: int,
-    tables: str | Path | None, show_progress: bool,
+    tables: str | Path | None, finetune: FinetuneConfig | None, show_progress: bool,
 ) -> ExtractResult:
     choice = extraction.budgets(requested, count)
     extraction.check(choice.budgets_ms)
@@ -265,6 +274,9 @@ def _extract(
     scale, verified_here = None, 0
     if verify:
         scale, verified_here = verify_results(extraction, results, device, threads, tables, show_progress)
+    if finetune is not None:
+        finetune_answers(extraction.run, results, finetune, extraction.fitness.datasets, show_progress=show_progress)
+    if verify or finetune is not None:
         write_pareto_csv(paths[1], results)
     return ExtractResult(
         results, len(points), extraction.fitness.evaluations, len(non_dominated(points)), quality,
@@ -277,7 +289,8 @@ def _extract(
 EVALUATED_COLUMNS = ["trial", "subnet", "predicted_int8_ms", "heldout_int8_top1", "on_front"]
 PARETO_COLUMNS = [
     "budget_ms", "subnet", "predicted_int8_ms", "heldout_int8_top1", "evaluated", "pareto_optimal",
-    "measured_int8_ms", "measured_fp32_ms", "test_ort_int8_top1", "test_device_int8_top1", "over_budget", "note",
+    "measured_int8_ms", "measured_fp32_ms", "test_ort_int8_top1", "test_device_int8_top1", "over_budget",
+    "finetuned_heldout_int8_top1", "finetuned_test_ort_int8_top1", "finetuned_onnx_int8", "note",
 ]
 
 
@@ -291,8 +304,16 @@ def _csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_pareto_csv(path: Path, results: Sequence[BudgetResult]) -> Path:
-    """``pareto.csv``: one row per budget."""
-    return atomic_write_text(path, _csv(PARETO_COLUMNS, [r.to_dict() for r in results]))
+    """``pareto.csv``: one row per budget (the fine-tuned figures are those of its deployed answer)."""
+    rows = []
+    for result in results:
+        finetuned = result.deployed().finetuned
+        rows.append({**result.to_dict(), **({} if finetuned is None else {
+            "finetuned_heldout_int8_top1": finetuned.heldout_int8_top1,
+            "finetuned_test_ort_int8_top1": finetuned.test_ort_int8_top1,
+            "finetuned_onnx_int8": finetuned.onnx_int8,
+        })})
+    return atomic_write_text(path, _csv(PARETO_COLUMNS, rows))
 
 
 def write_artifacts(

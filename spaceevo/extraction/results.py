@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from spaceevo.extraction.finetune import FinetunedSubnet
 from spaceevo.extraction.predictor import PredictorQuality
 from spaceevo.search.budgets import BudgetChoice
 
@@ -16,7 +17,8 @@ class BudgetResult:
     many evaluated subnets were). Latencies in ms (measured ones on the latency table's scale, by the
     ``--device`` engine), top-1 in %: ``test_ort_int8_top1`` in ONNX Runtime, ``test_device_int8_top1``
     in the ``--device`` engine (the same figure for ``cpu``); the measured figures and the test top-1
-    stay None without verification."""
+    stay None without verification. ``finetuned``: the deployed subnet (:meth:`deployed`) after
+    fine-tuning, when asked for."""
 
     budget_ms: float
     subnet: str
@@ -34,6 +36,14 @@ class BudgetResult:
     over_budget: bool | None = None
     note: str | None = None
     fallback: BudgetResult | None = None
+    finetuned: FinetunedSubnet | None = None
+
+    def deployed(self) -> BudgetResult:
+        """The answer deployed for this budget: the last of its chain of fallbacks (itself without one)."""
+        result = self
+        while result.fallback is not None:
+            result = result.fallback
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,4 +1,4 @@
-"""BatchNorm recalibration of one subnet of a weight-sharing supernet.
+"""BatchNorm recalibration of one subnet of a weight-sharing supernet (or of a static network).
 
 During sandwich training every BatchNorm sees the statistics of whichever subnet ran last, so its
 running averages fit no subnet in particular. Before any evaluation the statistics of the subnet
@@ -33,32 +33,43 @@ def _device(model: nn.Module) -> torch.device:
 def recalibrate_bn(supernet: nn.Module, subnet: Subnet, loader: Iterable, batches: int | None = None) -> int:
     """Recompute every BatchNorm's running statistics for ``subnet``; return the images used.
 
-    Activates ``subnet``, resets all running statistics, then forwards up to ``batches`` batches of
-    ``loader`` (all when None) resized to the subnet's resolution, in training mode without
-    gradients and with cumulative averaging. Leaves the supernet in evaluation mode with the BN
-    momenta it had. Deterministic for a deterministic loader (no shuffling, or a seeded one).
+    Activates ``subnet``, then :func:`recompute_bn_statistics` at the subnet's resolution: the
+    supernet is left in evaluation mode.
+    """
+    supernet.set_active(subnet)
+    return recompute_bn_statistics(supernet, loader, subnet.resolution, batches)
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, loader: Iterable, resolution: int, batches: int | None = None) -> int:
+    """Recompute every BatchNorm's running statistics of ``model`` (a static network, or a supernet
+    with its subnet active); return the images used.
+
+    Resets all running statistics, then forwards up to ``batches`` batches of ``loader`` (all when
+    None) resized to ``resolution``, in training mode without gradients and with cumulative
+    averaging. Leaves the model in evaluation mode with the BN momenta it had. Deterministic for a
+    deterministic loader (no shuffling, or a seeded one).
     """
     if batches is not None and batches < 1:
         raise ValueError(f"batches must be at least 1, got {batches}")
-    supernet.set_active(subnet)
-    norms = batchnorms(supernet)
+    norms = batchnorms(model)
     momenta = [bn.momentum for bn in norms]
-    device = _device(supernet)
+    device = _device(model)
     images = 0
     try:
         for bn in norms:
             bn.reset_running_stats()
             bn.momentum = None
-        supernet.train()
+        model.train()
         for index, (x, _) in enumerate(loader):
             if batches is not None and index >= batches:
                 break
-            supernet(resize_batch(x.to(device, non_blocking=True), subnet.resolution))
+            model(resize_batch(x.to(device, non_blocking=True), resolution))
             images += x.shape[0]
     finally:
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
-        supernet.eval()
+        model.eval()
     return images
 
 

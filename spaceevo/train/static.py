@@ -28,7 +28,9 @@ from spaceevo.train.sandwich import distillation_loss
 class StaticTask(Task):
     """One static ``model`` trained on the batches of ``loader`` (see the module doc).
 
-    ``rng`` draws the resolution of each batch from ``resolutions`` (None: batches as loaded);
+    ``rng`` draws the resolution of each batch from ``resolutions`` (None: batches as loaded); the
+    ``teacher`` sees each batch at ``teacher_resolution`` (None: as the student does), as the
+    sandwich rule's largest subnet sees it at its own resolution;
     inputs are converted to ``memory_format`` (the model's). ``evaluate(model)`` gives the figures
     of each epoch's record (the model in whatever mode it leaves it; training sets it back).
     ``prepare_qat(model)`` returns the model the ``qat`` phase trains."""
@@ -40,6 +42,7 @@ class StaticTask(Task):
         *,
         label_smoothing: float = 0.0,
         teacher: nn.Module | None = None,
+        teacher_resolution: int | None = None,
         resolutions: Sequence[int] | None = None,
         rng: random.Random | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
@@ -52,6 +55,7 @@ class StaticTask(Task):
         self.loader = loader
         self.label_smoothing = label_smoothing
         self.teacher = teacher.eval() if teacher is not None else None
+        self.teacher_resolution = teacher_resolution
         self.resolutions = tuple(resolutions or ())
         self.rng = rng
         self.memory_format = memory_format
@@ -69,17 +73,19 @@ class StaticTask(Task):
         device = next(model.parameters()).device
 
         def step(batch: tuple[torch.Tensor, torch.Tensor], epoch: int) -> StepOutput:
-            images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            if self.resolutions:
-                images = resize_batch(images, self.rng.choice(self.resolutions))
+            loaded, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            images = resize_batch(loaded, self.rng.choice(self.resolutions)) if self.resolutions else loaded
             images = images.contiguous(memory_format=self.memory_format)
+            teacher_images = images if self.teacher_resolution is None else (
+                resize_batch(loaded, self.teacher_resolution).contiguous(memory_format=self.memory_format)
+            )
             model.train()
             optimization.optimizer.zero_grad(set_to_none=True)
             with optimization.autocast():
                 logits = model(images).float()
                 if self.teacher is not None:
                     with torch.no_grad():
-                        target = F.softmax(self.teacher(images).float(), dim=1)
+                        target = F.softmax(self.teacher(teacher_images).float(), dim=1)
             if self.teacher is not None:
                 loss = distillation_loss(logits, target)
             else:
