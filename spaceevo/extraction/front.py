@@ -10,17 +10,34 @@ and retries the trial of a killed worker (:mod:`spaceevo.storage`).
 
 The sampler (:class:`FrontSampler`) is model-based. The first trials are the smallest and the
 largest subnet (so every budget the space can meet has an answer) and random subnets spread over
-the size levels of the space; after :attr:`FrontConfig.initial` of them, each trial is the best of
-many candidates (mutations and crossovers of the two best non-dominated layers of the evaluated
-subnets, and random subnets; never one evaluated or being evaluated) by predicted **hypervolume
-improvement** of the front, from the accuracy predictor (:mod:`spaceevo.extraction.predictor`, with
-its ensemble spread as an optimism bonus: a little exploration) and the latency predictor.
+the size levels of the space. After :attr:`FrontConfig.initial` of them each trial is the best of
+many candidates (never one evaluated or being evaluated), of one of two kinds:
 
-Why hypervolume: with the reference point at the slowest subnet's latency, the 2-D hypervolume of
-the front is the integral, over every budget between the fastest and the slowest subnet, of the
-best top-1 at or under that budget. Its improvement is thus the improvement of the best subnet under
-a budget, summed over all budgets the front may be asked for: the budgets of an ``extract`` call
-are not known when the study is run (a re-run with other budgets reuses it).
+- **whole front** (a share :attr:`FrontConfig.global_share` of the model-based trials, drawn from
+  the trial's seeded generator): mutations and crossovers of the two best non-dominated layers of
+  the evaluated subnets, and random subnets, ranked by predicted **hypervolume improvement** of the
+  front, from the accuracy predictor (:mod:`spaceevo.extraction.predictor`, with its ensemble spread
+  as an optimism bonus: a little exploration) and the latency predictor. With the reference point
+  at the slowest subnet's latency, the 2-D hypervolume is the integral, over every budget, of the
+  best top-1 at or under it: this keeps the front good for budgets asked for later;
+- **one budget** (the other trials, and every trial of the last :attr:`FrontConfig.refine` share of
+  the search: a local refinement phase): the budget aimed at least so far (trials carry the budget
+  they were chosen for in the user attribute ``focus_budget_ms``; ties: the budget whose answer lies
+  furthest below it, relative to the budget, i.e. the largest hole in the front), and for it the
+  candidate of largest predicted top-1 plus spread among mutations (at the gene rate and half of it)
+  and crossovers of its current answer and of the best evaluated subnets in and just below its
+  window, kept only if predicted in the window: latency in [0.9 B, B] (above the previous budget if
+  that window holds no candidate; the next budget if neither does; a whole-front trial if no budget
+  has a candidate).
+
+The budgets aimed at are the study's user attribute ``budgets_ms``: ``extract`` records the budgets of
+its first call there before the search runs, and keeps them (a later call, a resumed search or a
+second worker samples for the same budgets; a call with other budgets is answered from the same
+evaluations). A study without it (a search run directly) aims at 8 budgets spread evenly from the
+smallest subnet's latency to the largest's. Why budget trials: 200 whole-front trials on the
+default run left the middle of the range thin (five of ten budgets shared one answer, 0.6-1.3
+points below searching each budget alone, docs/RESULTS.md); the answer of a budget is the maximum
+of noisy held-out scores just under it, which more evaluations there raise.
 
 At most one worker evaluates a subnet: the sampler writes the chosen subnet into the trial as soon
 as it has chosen it, and a trial whose subnet another COMPLETE trial or a lower-numbered RUNNING one
@@ -177,8 +194,8 @@ def hypervolume_improvement(
 class FrontSampler(BaseSampler):
     """Chooses each trial's whole genome (relative sampling); see the module docstring.
 
-    Deterministic: the choice is a function of the seed, the trial number and the study's trials,
-    so one worker with the same seed runs the same search."""
+    Deterministic: the choice is a function of the seed, the trial number, the study's trials and
+    its recorded budgets, so one worker with the same seed runs the same search."""
 
     def __init__(self, space: CandidateSpace, predict_ms: Callable[[Subnet], float], config: FrontConfig,
                  seed: int, high_ms: float):
