@@ -35,7 +35,7 @@ from spaceevo.extraction.front import (
 from spaceevo.extraction.genome import Genome, crossover, mutate, random_subnet
 from spaceevo.extraction.predictor import AccuracyPredictor, cross_validate, features, spearman
 from spaceevo.extraction.results import BudgetResult
-from spaceevo.storage import open_storage
+from spaceevo.storage import open_storage, retry_stale_trial
 from spaceevo.extraction.verify import _fallback, verify_results
 from spaceevo.latency.api import load_predictor
 from spaceevo.latency.measure import LatencyStats
@@ -355,6 +355,32 @@ def test_a_subnet_taken_by_another_trial_is_pruned_not_evaluated(predict_ms) -> 
     search.study.optimize(search.objective, n_trials=1)
     last = search.study.get_trials()[-1]
     assert last.state == TrialState.PRUNED and last.user_attrs["subnet"] == taken and len(fitness.calls) == calls
+
+
+@pytest.mark.parametrize("suggested", [0, 1, 17], ids=["no parameter", "one parameter", "half the parameters"])
+def test_retry_of_a_killed_trial_evaluates_the_subnet_it_chose(predict_ms, suggested) -> None:
+    """A worker killed after the sampler wrote its trial's subnet but before the trial had suggested every
+    parameter (one storage write each): the heartbeat's retry inherits the subnet and only those parameters,
+    and must evaluate that subnet, not one completed by a new choice."""
+    space = load_space(SPACE)
+    genome, fitness = Genome(space), target_fitness(space)
+    search = front_search(InMemoryStorage(), predict_ms, fitness, config=FrontConfig(trials=4, initial=2))
+    search.run(progress=False)
+    study = search.study
+    killed = study.ask()
+    assert killed.relative_params  # the sampler chooses (and writes) the subnet before the first parameter
+    for name, distribution in list(genome.distributions.items())[:suggested]:
+        killed.suggest_categorical(name, distribution.choices)
+    chosen = study._storage.get_trial(killed._trial_id).user_attrs["subnet"]
+    study.tell(killed, state=TrialState.FAIL)  # what the heartbeat does to a killed worker's trial
+    retry_stale_trial(study, study._storage.get_trial(killed._trial_id))
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert chosen in study.sampler._seen(study.get_trials()), "a queued retry's subnet is taken"
+    calls = len(fitness.calls)
+    study.optimize(search.objective, n_trials=1)
+    retry = study.get_trials()[queued.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["subnet"] == chosen
+    assert genome.subnet(retry.params).encode() == chosen and fitness.calls[calls:] == [chosen]
 
 
 # ---- extract on a smoke-trained supernet ----------------------------------------------------------

@@ -43,7 +43,9 @@ At most one worker evaluates a subnet: the sampler writes the chosen subnet into
 as it has chosen it, and a trial whose subnet another COMPLETE trial or a lower-numbered RUNNING one
 holds is PRUNED without evaluation. The bound: two workers evaluate the same subnet only if both
 choose it within one storage write of each other (then each evaluates it at most once; a finished
-evaluation is seen by every later choice).
+evaluation is seen by every later choice). The retry of a killed worker's trial inherits the subnet
+that trial chose (and the parameters it had suggested, one storage write each, before it died): the
+sampler evaluates exactly that subnet again, and other workers see it as taken while it is queued.
 """
 
 from __future__ import annotations
@@ -209,6 +211,9 @@ class FrontSampler(BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         if not search_space:
             return {}
+        chosen = trial.user_attrs.get(SUBNET)
+        if chosen is not None:  # a retry: its killed trial's subnet (and focus), whichever parameters were suggested
+            return self.genome.params(self._subnet(chosen))
         subnet, focus = self.choose(study.get_trials(deepcopy=False), trial.number, study.user_attrs.get(BUDGETS))
         if focus is not None:
             study._storage.set_trial_user_attr(trial._trial_id, FOCUS, focus)
@@ -225,10 +230,11 @@ class FrontSampler(BaseSampler):
         return self._parsed[encoding]
 
     def _seen(self, trials: Sequence[FrozenTrial]) -> set[str]:
-        """Subnets evaluated, being evaluated or queued (a retry of a killed worker's trial)."""
+        """Subnets evaluated, being evaluated or queued (an enqueued subnet, or a retry of a killed
+        worker's trial: it holds the subnet that trial chose)."""
         seen = set()
         for t in trials:
-            if t.state in (TrialState.COMPLETE, TrialState.RUNNING) and SUBNET in t.user_attrs:
+            if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING) and SUBNET in t.user_attrs:
                 seen.add(t.user_attrs[SUBNET])
             elif t.state == TrialState.WAITING and t.system_attrs.get("fixed_params"):
                 seen.add(self.genome.subnet(t.system_attrs["fixed_params"]).encode())
