@@ -20,7 +20,10 @@ from spaceevo.deploy.evaluate import ExportReport
 from spaceevo.errors import UsageError
 from spaceevo.extraction.api import extract_subnets, open_extraction
 from spaceevo.extraction.front import (
+    BUDGETS,
     DIRECTIONS,
+    FOCUS,
+    WINDOW,
     Evaluated,
     FrontConfig,
     FrontSampler,
@@ -80,7 +83,8 @@ def target_fitness(space):
     return fitness
 
 
-def front_search(storage, predict_ms, fitness, seed: int = 0, config: FrontConfig | None = None) -> FrontSearch:
+def front_search(storage, predict_ms, fitness, seed: int = 0, config: FrontConfig | None = None,
+                 budgets: list[float] | None = None) -> FrontSearch:
     space = load_space(SPACE)
     config = config or FrontConfig(trials=40, initial=10, candidates=200)
     (_, smallest), (high_ms, largest) = space_latency_range(space, predict_ms)
@@ -88,7 +92,36 @@ def front_search(storage, predict_ms, fitness, seed: int = 0, config: FrontConfi
         storage=storage, study_name="front-test", directions=list(DIRECTIONS), load_if_exists=True,
         sampler=FrontSampler(space, predict_ms, config, seed, high_ms),
     )
+    if budgets is not None and BUDGETS not in study.user_attrs:
+        study.set_user_attr(BUDGETS, budgets)
     return FrontSearch(study, space, predict_ms, fitness, config, (smallest, largest))
+
+
+def tradeoff_fitness(space, predict_ms):
+    """Accuracy that grows with latency (log) plus closeness to a hidden target: the best subnet
+    under each budget is a different one, and the search has to find it in each interval."""
+    closeness = target_fitness(space)
+    calls: list[str] = []
+
+    def fitness(subnet: Subnet) -> float:
+        calls.append(subnet.encode())
+        return float(20 * np.log(predict_ms(subnet)) + 0.3 * closeness(subnet))
+
+    fitness.calls = calls  # type: ignore[attr-defined]
+    return fitness
+
+
+def budgets_of(predict_ms, count: int) -> list[float]:
+    (low_ms, _), (high_ms, _) = space_latency_range(load_space(SPACE), predict_ms)
+    return [low_ms + (high_ms - low_ms) * i / count for i in range(1, count + 1)]
+
+
+def answers(search: FrontSearch, budgets: list[float], fitness) -> list[float]:
+    """Each budget's answer (the best evaluated subnet predicted at or under it), scored by ``fitness``."""
+    points = evaluated(search.study.get_trials())
+    space = load_space(SPACE)
+    return [fitness(space.subnet(max((p for p in points if p.predicted_int8_ms <= b), key=lambda p: p.heldout_top1).subnet))
+            for b in budgets]
 
 
 def hypervolume(points: list[tuple[float, float]], high_ms: float, floor: float) -> float:
@@ -200,6 +233,71 @@ def test_front_search_is_reproducible_and_records_every_subnet_as_a_trial(predic
         runs.append([(t.user_attrs["subnet"], t.values) for t in trials])
     assert runs[0] == runs[1]  # same seed, one worker: the same search
     assert runs[0] != runs[2]
+
+
+def test_budget_trials_land_in_their_window_and_improve_the_answers(predict_ms) -> None:
+    space = load_space(SPACE)
+    budgets = budgets_of(predict_ms, 5)
+    config = FrontConfig(trials=60, initial=12, candidates=200)
+    aimed = front_search(InMemoryStorage(), predict_ms, tradeoff_fitness(space, predict_ms), config=config, budgets=budgets)
+    aimed.run(progress=False)
+    trials = [t for t in aimed.study.get_trials() if t.state == TrialState.COMPLETE]
+    focused = [t for t in trials if FOCUS in t.user_attrs]
+    assert len(focused) >= (config.trials - config.initial) // 2  # most model-based trials aim at a budget
+    assert all(FOCUS not in t.user_attrs for t in trials[: config.initial])
+    for t in focused:  # in the budget's window (or above the previous budget when the window had no candidate)
+        budget = t.user_attrs[FOCUS]
+        assert budget in budgets
+        previous = max([b for b in budgets if b < budget], default=0.0)
+        assert min(previous, WINDOW * budget) < t.values[1] <= budget
+    counts = [sum(t.user_attrs[FOCUS] == b for t in focused) for b in budgets]
+    assert max(counts) - min(counts) <= 1  # round robin over the budgets
+
+    # the whole-front sampler alone (no budget trials): the answers per budget are no better
+    front_only = FrontConfig(trials=60, initial=12, candidates=200, global_share=1.0, refine=0.0)
+    plain = front_search(InMemoryStorage(), predict_ms, tradeoff_fitness(space, predict_ms), config=front_only, budgets=budgets)
+    plain.run(progress=False)
+    assert all(FOCUS not in t.user_attrs for t in plain.study.get_trials())
+    score = tradeoff_fitness(space, predict_ms)
+    mine, theirs = answers(aimed, budgets, score), answers(plain, budgets, score)
+    assert sum(mine) >= sum(theirs), (mine, theirs)
+
+
+def test_budgets_recorded_in_the_study_make_resumed_and_fresh_searches_alike(tmp_path, predict_ms) -> None:
+    space = load_space(SPACE)
+    budgets = budgets_of(predict_ms, 3)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    fitness = tradeoff_fitness(space, predict_ms)
+
+    def dies_at_25(subnet: Subnet) -> float:
+        if len(fitness.calls) == 25:
+            raise KeyboardInterrupt
+        return fitness(subnet)
+
+    with pytest.raises(KeyboardInterrupt):
+        front_search(open_storage(url, heartbeat=True), predict_ms, dies_at_25, budgets=budgets).run(progress=False)
+    # resumed with other budgets: the study keeps (and samples for) the first ones
+    resumed = front_search(open_storage(url, heartbeat=True), predict_ms, tradeoff_fitness(space, predict_ms), budgets=[0.3])
+    resumed.run(progress=False)
+    assert resumed.study.user_attrs[BUDGETS] == budgets
+    fresh = front_search(InMemoryStorage(), predict_ms, tradeoff_fitness(space, predict_ms), budgets=budgets)
+    fresh.run(progress=False)
+    subnets = [(t.user_attrs["subnet"], t.user_attrs.get(FOCUS)) for t in resumed.study.get_trials() if t.state == TrialState.COMPLETE]
+    assert subnets[:25] == [(t.user_attrs["subnet"], t.user_attrs.get(FOCUS)) for t in fresh.study.get_trials()][:25]
+    assert {f for _, f in subnets[25:] if f is not None} == set(budgets)  # after the resume: still the first budgets
+
+
+def test_without_budgets_the_sampler_aims_at_budgets_spread_over_the_range(predict_ms) -> None:
+    space = load_space(SPACE)
+    (_, _), (high_ms, _) = space_latency_range(space, predict_ms)
+    sampler = FrontSampler(space, predict_ms, FrontConfig(trials=10, initial=2), 0, high_ms)
+    done = [Evaluated("a", 50.0, 0.1, 0), Evaluated("b", 60.0, high_ms, 1)]
+    targets = sampler.targets(done, None)
+    assert len(targets) == 8 and targets[-1] == pytest.approx(high_ms) and 0.1 < targets[0] < targets[1]
+    assert sampler.targets(done, [0.5, 0.2, 0.5]) == [0.2, 0.5]
+    for bad in (dict(global_share=1.5), dict(refine=-0.1)):
+        with pytest.raises(UsageError, match="global_share, refine"):
+            FrontConfig(trials=10, initial=2, **bad)
 
 
 def test_front_is_non_dominated_and_beats_as_many_random_subnets(predict_ms) -> None:
@@ -314,6 +412,8 @@ def test_extract_answers_every_budget_from_the_front_writes_the_artifacts_and_re
     assert again.evaluated_here == 0 and [r.to_dict() for r in again.results] == [r.to_dict() for r in result.results]
     other = extract_subnets(run_dir, [0.25, 0.4, 0.6], **kwargs)  # other budgets: answered from the same front
     assert other.evaluated_here == 0 and all(r.predicted_int8_ms <= r.budget_ms for r in other.results)
+    study = open_extraction(run_dir, preset=TINY_SEARCH, tables=latency_tables, show_progress=False).study
+    assert study.user_attrs[BUDGETS] == [0.3, 0.5]  # the budgets the search aimed at: the first call's
 
 
 def test_budget_below_the_smallest_subnet_names_the_smallest_latency(run_dir, predict_ms, latency_tables, capsys) -> None:

@@ -2,9 +2,10 @@
 latency budget answered from it, the answers verified on the device.
 
 1. The front search (:mod:`spaceevo.extraction.front`) in an Optuna study, one per supernet, fitness
-   and seed, in ``RUN/extract/study.db`` unless a storage URL is given. It runs until the study
-   holds the preset's number of evaluated subnets: a re-run (with the same or other budgets) finds
-   it complete and evaluates nothing.
+   and seed, in ``RUN/extract/study.db`` unless a storage URL is given. The budgets of the first call
+   are recorded in the study (user attribute ``budgets_ms``) and most trials aim at them. It runs
+   until the study holds the preset's number of evaluated subnets: a re-run (with the same or other
+   budgets) finds it complete and evaluates nothing.
 2. Every budget B is answered with the most accurate evaluated subnet whose predicted INT8 latency
    is at most B (ties: the faster). A budget below the smallest subnet is a :class:`UsageError`;
    one above the largest subnet says so in a note. The smallest and the largest subnet are always
@@ -39,6 +40,7 @@ from spaceevo.errors import UsageError
 from spaceevo.extraction.finetune import FinetuneConfig, check_finetune_epochs, finetune_answers
 from spaceevo.extraction.fitness import HeldoutFitness
 from spaceevo.extraction.front import (
+    BUDGETS,
     DIRECTIONS,
     Evaluated,
     FrontConfig,
@@ -108,6 +110,13 @@ class Extraction:
                     f"smallest achievable predicted INT8 latency is {low_ms:.4g} ms ({smallest.encode()}); give "
                     f"budgets from {low_ms:.4g} ms up, or 'auto'"
                 )
+
+    def aim(self, budgets_ms: Sequence[float]) -> None:
+        """Record the budgets the front search aims at in the study, unless it records some already:
+        every worker and every resumed run of one study samples for the same budgets (a later call
+        with other budgets is answered from the same evaluations)."""
+        if BUDGETS not in self.study.user_attrs:
+            self.study.set_user_attr(BUDGETS, [float(b) for b in budgets_ms])
 
     def search(self) -> None:
         """Run, resume or join the front search until the study holds ``config.trials`` subnets."""
@@ -265,6 +274,7 @@ def _extract(
     choice = extraction.budgets(requested, count)
     extraction.check(choice.budgets_ms)
     atomic_write_json(extraction.directory / BUDGETS_FILE, choice.to_dict())
+    extraction.aim(choice.budgets_ms)
     extraction.search()
     results = extraction.answer(choice.budgets_ms)
     points = extraction.evaluated()

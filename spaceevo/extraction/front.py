@@ -10,17 +10,34 @@ and retries the trial of a killed worker (:mod:`spaceevo.storage`).
 
 The sampler (:class:`FrontSampler`) is model-based. The first trials are the smallest and the
 largest subnet (so every budget the space can meet has an answer) and random subnets spread over
-the size levels of the space; after :attr:`FrontConfig.initial` of them, each trial is the best of
-many candidates (mutations and crossovers of the two best non-dominated layers of the evaluated
-subnets, and random subnets; never one evaluated or being evaluated) by predicted **hypervolume
-improvement** of the front, from the accuracy predictor (:mod:`spaceevo.extraction.predictor`, with
-its ensemble spread as an optimism bonus: a little exploration) and the latency predictor.
+the size levels of the space. After :attr:`FrontConfig.initial` of them each trial is the best of
+many candidates (never one evaluated or being evaluated), of one of two kinds:
 
-Why hypervolume: with the reference point at the slowest subnet's latency, the 2-D hypervolume of
-the front is the integral, over every budget between the fastest and the slowest subnet, of the
-best top-1 at or under that budget. Its improvement is thus the improvement of the best subnet under
-a budget, summed over all budgets the front may be asked for: the budgets of an ``extract`` call
-are not known when the study is run (a re-run with other budgets reuses it).
+- **whole front** (a share :attr:`FrontConfig.global_share` of the model-based trials, drawn from
+  the trial's seeded generator): mutations and crossovers of the two best non-dominated layers of
+  the evaluated subnets, and random subnets, ranked by predicted **hypervolume improvement** of the
+  front, from the accuracy predictor (:mod:`spaceevo.extraction.predictor`, with its ensemble spread
+  as an optimism bonus: a little exploration) and the latency predictor. With the reference point
+  at the slowest subnet's latency, the 2-D hypervolume is the integral, over every budget, of the
+  best top-1 at or under it: this keeps the front good for budgets asked for later;
+- **one budget** (the other trials, and every trial of the last :attr:`FrontConfig.refine` share of
+  the search: a local refinement phase): the budget aimed at least so far (trials carry the budget
+  they were chosen for in the user attribute ``focus_budget_ms``; ties: the budget whose answer lies
+  furthest below it, relative to the budget, i.e. the largest hole in the front), and for it the
+  candidate of largest predicted top-1 plus spread among mutations (at the gene rate and half of it)
+  and crossovers of its current answer and of the best evaluated subnets in and just below its
+  window, kept only if predicted in the window: latency in [0.9 B, B] (above the previous budget if
+  that window holds no candidate; the next budget if neither does; a whole-front trial if no budget
+  has a candidate).
+
+The budgets aimed at are the study's user attribute ``budgets_ms``: ``extract`` records the budgets of
+its first call there before the search runs, and keeps them (a later call, a resumed search or a
+second worker samples for the same budgets; a call with other budgets is answered from the same
+evaluations). A study without it (a search run directly) aims at 8 budgets spread evenly from the
+smallest subnet's latency to the largest's. Why budget trials: 200 whole-front trials on the
+default run left the middle of the range thin (five of ten budgets shared one answer, 0.6-1.3
+points below searching each budget alone, docs/RESULTS.md); the answer of a budget is the maximum
+of noisy held-out scores just under it, which more evaluations there raise.
 
 At most one worker evaluates a subnet: the sampler writes the chosen subnet into the trial as soon
 as it has chosen it, and a trial whose subnet another COMPLETE trial or a lower-numbered RUNNING one
@@ -35,7 +52,7 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -53,6 +70,13 @@ from spaceevo.extraction.predictor import AccuracyPredictor
 from spaceevo.space import CandidateSpace, Subnet
 
 SUBNET, PREDICTED_MS = "subnet", "predicted_int8_ms"
+#: study user attribute: the latency budgets (ms) the search aims at; trial user attribute: the
+#: budget a trial was chosen for (absent: chosen for the whole front)
+BUDGETS, FOCUS = "budgets_ms", "focus_budget_ms"
+#: budgets aimed at when the study records none: spread evenly over the evaluated latency range
+DEFAULT_TARGETS = 8
+#: a budget's window: predicted latency in [WINDOW * B, B] (widened to the previous budget if empty)
+WINDOW = 0.9
 DIRECTIONS = ("maximize", "minimize")
 
 
@@ -61,7 +85,9 @@ class FrontConfig:
     """Sizes of a front search: ``trials`` subnets evaluated in all (across workers), the first
     ``initial`` of them spread at random, then ``candidates`` screened by the predictors per trial;
     ``exploration`` weighs the predictor's spread, ``mutate_prob`` is the per-gene mutation rate;
-    ``heldout_images`` the held-out images the fitness counts (None: the whole held-out split)."""
+    ``heldout_images`` the held-out images the fitness counts (None: the whole held-out split);
+    ``global_share`` the share of model-based trials that improve the whole front (the others improve
+    one budget's answer), ``refine`` the share of all trials, at the end, that only improve budgets."""
 
     trials: int
     initial: int
@@ -69,13 +95,16 @@ class FrontConfig:
     exploration: float = 1.0
     mutate_prob: float = 0.1
     heldout_images: int | None = None
+    global_share: float = 0.25
+    refine: float = 0.2
 
     def __post_init__(self) -> None:
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 2:
             raise UsageError(f"--trials must be an integer >= 2, got {self.trials!r}")
-        if not 2 <= self.initial or self.candidates < 1 or self.exploration < 0 or not 0 < self.mutate_prob <= 1:
-            raise UsageError(f"a front search needs initial >= 2, candidates >= 1, exploration >= 0 and "
-                             f"0 < mutate_prob <= 1, got {self}")
+        if (not 2 <= self.initial or self.candidates < 1 or self.exploration < 0 or not 0 < self.mutate_prob <= 1
+                or not 0 <= self.global_share <= 1 or not 0 <= self.refine <= 1):
+            raise UsageError(f"a front search needs initial >= 2, candidates >= 1, exploration >= 0, "
+                             f"0 < mutate_prob <= 1 and global_share, refine in [0, 1], got {self}")
 
 
 #: ``smoke`` checks the pipeline in seconds (12 subnets on 256 held-out images); ``default`` evaluates
@@ -94,8 +123,7 @@ def front_config(preset: str | FrontConfig, trials: int | None = None) -> FrontC
         preset = PRESETS[preset]
     if trials is None:
         return preset
-    return FrontConfig(trials, min(preset.initial, max(2, trials // 4)), preset.candidates, preset.exploration,
-                       preset.mutate_prob, preset.heldout_images)
+    return replace(preset, trials=trials, initial=min(preset.initial, max(2, trials // 4)))
 
 
 # ---- the front ----------------------------------------------------------------------------------
@@ -168,8 +196,8 @@ def hypervolume_improvement(
 class FrontSampler(BaseSampler):
     """Chooses each trial's whole genome (relative sampling); see the module docstring.
 
-    Deterministic: the choice is a function of the seed, the trial number and the study's trials,
-    so one worker with the same seed runs the same search."""
+    Deterministic: the choice is a function of the seed, the trial number, the study's trials and
+    its recorded budgets, so one worker with the same seed runs the same search."""
 
     def __init__(self, space: CandidateSpace, predict_ms: Callable[[Subnet], float], config: FrontConfig,
                  seed: int, high_ms: float):
@@ -184,9 +212,11 @@ class FrontSampler(BaseSampler):
         if not search_space:
             return {}
         chosen = trial.user_attrs.get(SUBNET)
-        if chosen is not None:  # a retry: its killed trial's subnet, whichever of its parameters were suggested
+        if chosen is not None:  # a retry: its killed trial's subnet (and focus), whichever parameters were suggested
             return self.genome.params(self._subnet(chosen))
-        subnet = self.propose(study.get_trials(deepcopy=False), trial.number)
+        subnet, focus = self.choose(study.get_trials(deepcopy=False), trial.number, study.user_attrs.get(BUDGETS))
+        if focus is not None:
+            study._storage.set_trial_user_attr(trial._trial_id, FOCUS, focus)
         study._storage.set_trial_user_attr(trial._trial_id, SUBNET, subnet.encode())  # seen by the other workers at once
         return self.genome.params(subnet)
 
@@ -210,8 +240,23 @@ class FrontSampler(BaseSampler):
                 seen.add(self.genome.subnet(t.system_attrs["fixed_params"]).encode())
         return seen
 
-    def propose(self, trials: Sequence[FrozenTrial], number: int) -> Subnet:
-        """The subnet of trial ``number`` given the study's ``trials``."""
+    def propose(self, trials: Sequence[FrozenTrial], number: int, budgets: Sequence[float] | None = None) -> Subnet:
+        """The subnet of trial ``number`` given the study's ``trials`` (and the budgets it aims at)."""
+        return self.choose(trials, number, budgets)[0]
+
+    def targets(self, done: Sequence[Evaluated], budgets: Sequence[float] | None) -> list[float]:
+        """The budgets aimed at: the study's, or :data:`DEFAULT_TARGETS` spread evenly over the
+        evaluated latency range (smallest subnet) to the largest subnet."""
+        if budgets:
+            return sorted({float(b) for b in budgets})
+        low = min(e.predicted_int8_ms for e in done)
+        if not self.high_ms > low:
+            return [self.high_ms]
+        return [low + (self.high_ms - low) * i / DEFAULT_TARGETS for i in range(1, DEFAULT_TARGETS + 1)]
+
+    def choose(self, trials: Sequence[FrozenTrial], number: int,
+               budgets: Sequence[float] | None = None) -> tuple[Subnet, float | None]:
+        """The subnet of trial ``number`` and the budget it was chosen for (None: the whole front)."""
         config, rng = self.config, random.Random(f"front:{self.seed}:{number}")
         done, seen = evaluated(trials), self._seen(trials)
         if len(done) < config.initial:
@@ -219,10 +264,25 @@ class FrontSampler(BaseSampler):
                 subnet = random_subnet(self.space, rng, ((number % config.initial) + rng.random()) / config.initial)
                 if subnet.encode() not in seen:
                     break
-            return subnet
+            return subnet, None
         subnets = [self._subnet(e.subnet) for e in done]
         top1 = np.asarray([e.heldout_top1 for e in done])
         model = AccuracyPredictor.fit(self.space, subnets, top1, self.seed)
+        refining = len(done) >= config.trials - round(config.refine * config.trials)
+        if refining or rng.random() >= config.global_share:
+            chosen = self._for_budget(trials, done, self.targets(done, budgets), model, seen, rng)
+            if chosen is not None:
+                return chosen
+        return self._for_front(done, model, seen, rng), None
+
+    def _ucb(self, model: AccuracyPredictor, pool: Sequence[Subnet]) -> np.ndarray:
+        mean, spread = model.predict(pool)
+        return mean + self.config.exploration * spread
+
+    def _for_front(self, done: Sequence[Evaluated], model: AccuracyPredictor, seen: set[str],
+                   rng: random.Random) -> Subnet:
+        """The candidate of largest predicted hypervolume improvement of the whole front."""
+        config = self.config
         first = non_dominated(done)
         second = non_dominated([e for e in done if e not in set(first)])
         parents = [self._subnet(e.subnet) for e in first + second]
@@ -240,13 +300,65 @@ class FrontSampler(BaseSampler):
         if not candidates:
             return random_subnet(self.space, rng)  # the objective prunes it if it is taken
         pool = list(candidates.values())
-        mean, spread = model.predict(pool)
         ms = np.asarray([self.predict_ms(c) for c in pool])
         gain, above = hypervolume_improvement(
-            [(e.predicted_int8_ms, e.heldout_top1) for e in done], ms, mean + config.exploration * spread, self.high_ms
+            [(e.predicted_int8_ms, e.heldout_top1) for e in done], ms, self._ucb(model, pool), self.high_ms
         )
         best = int(np.argmax(gain)) if gain.max() > 0 else int(np.argmax(above))
         return pool[best]
+
+    def _for_budget(self, trials: Sequence[FrozenTrial], done: Sequence[Evaluated], targets: Sequence[float],
+                    model: AccuracyPredictor, seen: set[str], rng: random.Random) -> tuple[Subnet, float] | None:
+        """A candidate for the budget aimed at least so far (ties: the one whose answer lies furthest
+        below it, relative to the budget: the largest hole in the front): the most promising
+        (predicted top-1 plus spread) new subnet predicted in the budget's window, from mutations and
+        crossovers of its answer and the best evaluated subnets in and around the window. The next
+        budget if no candidate lands in the window; None if none lands in any."""
+        aimed = {float(b): 0 for b in targets}
+        for t in trials:
+            if t.state in (TrialState.COMPLETE, TrialState.RUNNING) and t.user_attrs.get(FOCUS) in aimed:
+                aimed[t.user_attrs[FOCUS]] += 1
+        low_ms = min(e.predicted_int8_ms for e in done)
+        order = []
+        for i, budget in enumerate(targets):
+            feasible = [e for e in done if e.predicted_int8_ms <= budget]
+            if feasible:
+                answer = max(feasible, key=lambda e: (e.heldout_top1, -e.predicted_int8_ms, -e.trial))
+                order.append((aimed[float(budget)], -(budget - answer.predicted_int8_ms) / budget, i))
+        for *_, i in sorted(order):
+            budget = targets[i]
+            previous = targets[i - 1] if i else low_ms - 1e-9
+            pool = self._window_candidates(done, max(previous, WINDOW * budget), budget, seen, rng)
+            if not pool and previous < WINDOW * budget:
+                pool = self._window_candidates(done, previous, budget, seen, rng)
+            if pool:
+                return pool[int(np.argmax(self._ucb(model, pool)))], float(budget)
+        return None
+
+    def _window_candidates(self, done: Sequence[Evaluated], low: float, high: float, seen: set[str],
+                           rng: random.Random) -> list[Subnet]:
+        """New subnets predicted in (``low``, ``high``] ms: mutations (at the configured gene rate
+        and half of it) and crossovers of the best evaluated subnets in and around the window."""
+        config = self.config
+        near = sorted((e for e in done if 0.8 * low <= e.predicted_int8_ms <= high),
+                      key=lambda e: (-e.heldout_top1, e.predicted_int8_ms, e.trial))
+        inside = [e for e in near if low < e.predicted_int8_ms]
+        answer = max((e for e in done if e.predicted_int8_ms <= high),
+                     key=lambda e: (e.heldout_top1, -e.predicted_int8_ms, -e.trial))
+        parents = [self._subnet(e.subnet) for e in dict.fromkeys([answer, *inside[:4], *near[:4]])]
+        candidates: dict[str, Subnet] = {}
+        for _ in range(max(1, config.candidates // 4)):
+            draw = rng.random()
+            if draw < 0.35:
+                child = mutate(self.space, parents[0], rng, config.mutate_prob / 2)
+            elif draw < 0.7 or len(parents) < 2:
+                child = mutate(self.space, rng.choice(parents), rng, config.mutate_prob)
+            else:
+                child = crossover(*rng.sample(parents, 2), rng)
+            key = child.encode()
+            if key not in seen and key not in candidates and low < self.predict_ms(child) <= high:
+                candidates[key] = child
+        return list(candidates.values())
 
 
 # ---- running it ---------------------------------------------------------------------------------
