@@ -6,18 +6,18 @@ measures, and removes, part of that cost at a small price:
 
 1. **FP32 phase** (``epochs``): the subnet's static network, initialised from the FP32 supernet
    (BatchNorm recalibrated for it), is trained on the run's training split by distillation from the
-   supernet's largest subnet at its own resolution (KL at temperature 1, the sandwich rule's loss and
-   targets: the largest subnet at the student's resolution gives targets twice as far from what the
-   student learnt, KL 0.16 against 0.08 on the default run's smallest subnet), with SGD and a cosine
-   schedule from ``lr`` (a hundredth of the supernet's peak by default: the weights are already trained,
-   and a tenth of it lost 1-2 points in the first epochs).
+   supernet's largest subnet at the largest subnet's own resolution: the sandwich rule's loss (KL at
+   temperature 1) and targets. The largest subnet at the student's resolution gives targets twice as
+   far from what the student learnt (KL 0.16 against 0.08 on the default run's smallest subnet) and
+   cost it a point in the first epoch. SGD with a cosine schedule from ``lr``, by default a hundredth
+   of the supernet's peak: the weights are already trained.
 2. **QAT phase** (``qat_epochs``): LSQ+ quantizers are put at the network's quantization points
    (initialised from its first batch, ``reduce_range`` as the run's) and it is trained on, still
    distilled, at ``qat_lr`` for at most ``qat_steps_per_epoch`` steps per epoch (the run's QAT recipe).
 3. BatchNorm statistics are recalibrated on held-out images, as for every subnet taken from the
-   supernet (:meth:`~spaceevo.deploy.trained.TrainedRun.calibrated`), so that both are measured alike:
-   training-mode statistics of augmented batches cost this network about a point. The result is exported as FP32 ONNX (the final weights, quantizers off) and INT8 QDQ ONNX (the
-   learned scales; with ``qat_epochs`` 0, ONNX Runtime's post-training quantization of the FP32
+   supernet (:meth:`~spaceevo.deploy.trained.TrainedRun.calibrated`), so that both are measured
+   alike. The result is exported as FP32 ONNX (the final weights, quantizers off) and INT8 QDQ ONNX
+   (the learned scales; with ``qat_epochs`` 0, ONNX Runtime's post-training quantization of the FP32
    model, as ``spaceevo export --ptq``), and its INT8 top-1 measured in ONNX Runtime on the held-out
    and the test split.
 
@@ -29,6 +29,7 @@ re-run reuses a finished fine-tuning (``result.json``) and any other config star
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -40,7 +41,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import onnx
 import torch
 from torch import nn
 
@@ -208,8 +208,7 @@ def finetune_subnet(
 
         task = StaticTask(
             student, loader, teacher=teacher, teacher_resolution=largest.resolution, resolutions=(subnet.resolution,),
-            rng=random.Random(config.seed),
-            prepare_qat=quantization_aware, evaluate=evaluate,
+            rng=random.Random(config.seed), prepare_qat=quantization_aware, evaluate=evaluate,
         )
         optimizer = partial(make_optimizer, momentum=run.config.momentum, weight_decay=run.config.weight_decay)
         qat_steps = min(steps, config.qat_steps_per_epoch or steps)
@@ -263,8 +262,6 @@ def finetune_subnet(
 
 def _float_copy(model: nn.Module) -> nn.Module:
     """The fine-tuned network with every quantizer off: its FP32 model."""
-    import copy
-
     from spaceevo.quant.lsq import set_quant_mode
 
     float_model = copy.deepcopy(model).cpu().eval()

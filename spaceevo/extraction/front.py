@@ -108,7 +108,8 @@ class FrontConfig:
 
 
 #: ``smoke`` checks the pipeline in seconds (12 subnets on 256 held-out images); ``default`` evaluates
-#: 200 subnets on the whole held-out split (~3 s each on 2 cores for the tiny default run: ~10 minutes).
+#: 200 subnets on the whole held-out split (3-6 s each on one core for the tiny default run; aimed at
+#: the budgets, the search evaluates larger subnets: ~17-20 minutes estimated, RESULTS.md).
 PRESETS: dict[str, FrontConfig] = {
     "smoke": FrontConfig(trials=12, initial=6, heldout_images=256),
     "default": FrontConfig(trials=200, initial=40),
