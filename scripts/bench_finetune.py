@@ -1,19 +1,19 @@
 """Fine-tuned against supernet-weight answers of ``spaceevo extract --finetune-epochs N``, paired on the
 same test images.
 
-Reads ``RUN/extract/pareto.csv`` of a run extracted with ``--finetune-epochs N`` (verified, so each
-budget has its supernet-weight INT8 model and its fine-tuned one), runs both INT8 models in ONNX
+Reads what ``spaceevo extract --finetune-epochs N --json`` printed (verified, so each budget's
+deployed answer has its supernet-weight INT8 model and its fine-tuned one), runs both INT8 models in ONNX
 Runtime on the run's test split and prints, per distinct answer, the test top-1 of each and the
 paired bootstrap 95 % interval of the difference (images resampled); then the mean difference over
 the answers with images and answers resampled (:func:`spaceevo.stats.paired_bootstrap`).
 
-    python scripts/bench_finetune.py --run runs/tiny/supernet [--json]
+    spaceevo extract --run runs/tiny/supernet --finetune-epochs 3 --json > extract.json
+    python scripts/bench_finetune.py --run runs/tiny/supernet --results extract.json [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from spaceevo.stats import paired_bootstrap
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="training run directory, extracted with --finetune-epochs N")
+    parser.add_argument("--results", required=True, help="the JSON that spaceevo extract --finetune-epochs N --json printed")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default: 2)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
@@ -35,20 +36,23 @@ def main() -> None:
     run = open_run(args.run)
     test = run.load_data().test
     labels = np.asarray(test.targets)
-    rows = list(csv.DictReader((Path(args.run) / "extract" / "pareto.csv").open()))
     answers: dict[str, dict] = {}
-    for row in rows:
-        if not row["finetuned_onnx_int8"]:
-            raise SystemExit(f"{args.run}: budget {row['budget_ms']} ms has no fine-tuned model; extract with --finetune-epochs N")
+    for result in json.loads(Path(args.results).read_text())["results"]:
+        row = result
+        while row.get("fallback"):
+            row = row["fallback"]
+        if not row.get("finetuned") or not row.get("onnx_int8"):
+            raise SystemExit(f"{args.results}: budget {result['budget_ms']} ms has no verified or no fine-tuned model; "
+                             "extract with --finetune-epochs N and verification")
         entry = answers.setdefault(row["subnet"], {"subnet": row["subnet"], "budgets_ms": [], "row": row})
-        entry["budgets_ms"].append(float(row["budget_ms"]))
+        entry["budgets_ms"].append(float(result["budget_ms"]))
 
     differences, report = [], []
     for entry in answers.values():
         row = entry["row"]
         resolution = run.space.subnet(row["subnet"]).resolution
         correct = {}
-        for name, path in (("supernet", row["onnx_int8"]), ("finetuned", row["finetuned_onnx_int8"])):
+        for name, path in (("supernet", row["onnx_int8"]), ("finetuned", row["finetuned"]["onnx_int8"])):
             predictions = engine_predictions(onnx.load(path), test, resolution, args.threads, name=path)
             correct[name] = (predictions == labels).astype(np.float64) * 100.0
         difference = correct["finetuned"] - correct["supernet"]
@@ -56,8 +60,8 @@ def main() -> None:
         interval = paired_bootstrap(difference)
         report.append({
             "subnet": row["subnet"], "budgets_ms": entry["budgets_ms"], "predicted_int8_ms": float(row["predicted_int8_ms"]),
-            "measured_int8_ms": float(row["measured_int8_ms"]) if row["measured_int8_ms"] else None,
-            "heldout_supernet": float(row["heldout_int8_top1"]), "heldout_finetuned": float(row["finetuned_heldout_int8_top1"]),
+            "measured_int8_ms": row["measured_int8_ms"], "finetune_s": row["finetuned"]["train_s"],
+            "heldout_supernet": float(row["heldout_int8_top1"]), "heldout_finetuned": float(row["finetuned"]["heldout_int8_top1"]),
             "test_supernet": round(float(correct["supernet"].mean()), 2), "test_finetuned": round(float(correct["finetuned"].mean()), 2),
             "gain_points": round(interval.mean, 2), "ci95": [round(interval.low, 2), round(interval.high, 2)],
         })
