@@ -398,6 +398,21 @@ def stop(tmp_path: Path, how: str) -> dict[str, TableEntry]:
     return kept
 
 
+def test_a_stopped_pool_has_closed_its_manager_wakeup_before_exit() -> None:
+    """Python 3.11's exit hook writes to each live pool manager's wakeup pipe unlocked while the
+    manager may be closing it ("Bad file descriptor" printed at exit after Ctrl-C, seen in CI):
+    stopping a pool waits for its manager, so the pipe is closed before the hook runs."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=2)
+    futures = [pool.submit(time.sleep, 30) for _ in range(4)]
+    while not any(f.running() for f in futures):
+        time.sleep(0.01)
+    manager, wakeup = pool._executor_manager_thread, pool._executor_manager_thread_wakeup
+    table_module._stop_workers(pool)
+    assert manager is not None and not manager.is_alive() and wakeup._closed
+
+
 @needs_proc
 @pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
 def test_stopped_build_leaves_no_workers(tmp_path, how):

@@ -313,13 +313,25 @@ def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
     os._exit(1)
 
 
+MANAGER_EXIT_S = 10.0
+"""How long a stopped pool's manager thread may take to notice its killed workers and end."""
+
+
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Stop a pool at once (an interrupt or error): drop queued work and kill the workers instead
-    of waiting for the models they are building."""
+    of waiting for the models they are building; then let the pool's manager thread end.
+
+    Waiting for it matters at exit: Python 3.11's ``concurrent.futures`` exit hook wakes every live
+    manager thread through a pipe that the thread closes when it ends, without a lock (locked since
+    CPython gh-125451), so a build stopped by Ctrl-C could end with an "Exception ignored ... Bad
+    file descriptor" traceback printed by the interpreter's shutdown."""
     processes = list((pool._processes or {}).values())  # no public way before Python 3.14
+    manager = pool._executor_manager_thread
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
+    if manager is not None:
+        manager.join(MANAGER_EXIT_S)
 
 
 def _worker_context(fingerprint: DeviceFingerprint) -> multiprocessing.context.BaseContext | None:
