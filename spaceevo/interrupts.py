@@ -4,12 +4,15 @@ Python raises ``KeyboardInterrupt`` wherever the main thread is when SIGINT arri
 finalizer (a weakref callback or ``__del__``, which SQLAlchemy and Optuna run all the time) it is
 printed as "Exception ignored" and dropped, and the command runs on to the end. Within
 :func:`recorded_interrupts` every SIGINT is also recorded, and long loops call
-:func:`raise_if_interrupted` at safe points, where a dropped interrupt is raised again.
+:func:`raise_if_interrupted` at safe points, where a dropped interrupt is raised again; a recorded
+interrupt that a finalizer dropped is not printed either (``sys.unraisablehook``): Ctrl-C gives the
+command's own message, never a traceback.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -31,11 +34,19 @@ def recorded_interrupts() -> Iterator[None]:
         yield
         return
     _pending = False
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info: object) -> None:
+        if not (_pending and isinstance(getattr(info, "exc_value", None), KeyboardInterrupt)):
+            previous_hook(info)  # a recorded interrupt is raised again at the next safe point: not printed
+
     signal.signal(signal.SIGINT, _record)
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
         _pending = False
 
 
